@@ -1,0 +1,186 @@
+"""The model bundle's manifest: one schema shared by the writer (export/) and the device (pure).
+
+A bundle is a folder (or a .tar of it)::
+
+    manifest.json      this schema, canonical JSON (sorted keys, UTF-8)
+    manifest.sig       Ed25519 signature over the exact bytes of manifest.json (optional)
+    models/<name>.onnx one file per model, sha256 in the manifest
+    samples/<file>     a few images; their expected outputs live in the manifest
+
+The model is described by data so the code stays generic: layout, thresholds, classes and
+short codes come from here, never from model-specific branches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+Layout = Literal["yolov5", "yolov8", "end2end"]
+_CODE = re.compile(r"^[a-z0-9]{1,8}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """One ONNX model of the bundle."""
+
+    name: str = Field(description="unique key: 'global' or the expert's group name")
+    file: str = Field(description="path inside the bundle, e.g. models/global.onnx")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    role: Literal["global", "expert"]
+    group: str | None = Field(default=None, description="the expert's group; None for global")
+    classes: list[str] = Field(min_length=1, description="class names in output index order")
+    imgsz: int = Field(gt=0, description="square letterboxed input size in pixels")
+    layout: Layout = Field(description="yolov5 (objectness, as MegaDetector v5), yolov8 (v8/11), end2end")
+    input_name: str = "images"
+    conf_threshold: float = Field(default=0.25, ge=0, le=1, description="default per-box floor")
+    class_thresholds: dict[str, float] = Field(default_factory=dict, description="per-class overrides")
+    iou_threshold: float = Field(default=0.45, gt=0, le=1)
+    frozen_layers: int = Field(default=0, ge=0, description="layers identical to the global backbone")
+    backbone_sha256: str | None = Field(default=None, description="hash of the frozen tensors, if shared")
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"model file must be a relative path inside the bundle, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelEntry:
+        if self.role == "expert" and not self.group:
+            raise ValueError(f"expert model {self.name!r} needs a group")
+        unknown = set(self.class_thresholds) - set(self.classes)
+        if unknown:
+            raise ValueError(f"model {self.name!r}: thresholds for unknown classes {sorted(unknown)}")
+        return self
+
+    def threshold(self, species: str) -> float:
+        return self.class_thresholds.get(species, self.conf_threshold)
+
+
+class SampleEntry(_Strict):
+    """A sample image with what each model is expected to output on it (self-test)."""
+
+    file: str
+    expected: dict[str, list[dict]] = Field(
+        description="model name -> detections (Detection.to_dict form) at the model's thresholds"
+    )
+
+
+class CascadeSettings(_Strict):
+    """Defaults for the cascade decision; the device config may override them."""
+
+    route_threshold: float = Field(default=0.25, ge=0, le=1, description="global score that routes")
+    expert_floor: float = Field(
+        default=0.3, ge=0, le=1, description="weakest expert vote accepted in the all-experts pass"
+    )
+    gate_threshold: float | None = Field(
+        default=None,
+        description="global best-animal score below which an empty frame skips the all-experts pass "
+        "(calibrated on validation data; None = never skip)",
+    )
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    bundle_version: str = Field(min_length=1, description="e.g. 2026.11.1; shown in status messages")
+    created: str = Field(description="ISO 8601 UTC")
+    models: list[ModelEntry] = Field(min_length=1)
+    groups: dict[str, list[str]] = Field(description="group name -> species")
+    codes: dict[str, str] = Field(description="species -> short code for compact messages, e.g. lyn")
+    cascade: CascadeSettings = Field(default_factory=CascadeSettings)
+    samples: list[SampleEntry] = Field(default_factory=list)
+    provenance: dict = Field(default_factory=dict, description="dataset hash, training args, metrics")
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate model names: {names}")
+        globals_ = [m for m in self.models if m.role == "global"]
+        if len(globals_) != 1:
+            raise ValueError(f"a bundle needs exactly one global model, found {len(globals_)}")
+        seen: dict[str, str] = {}
+        for g, species in self.groups.items():
+            for s in species:
+                if s in seen:
+                    raise ValueError(f"species {s!r} is in groups {seen[s]!r} and {g!r}")
+                seen[s] = g
+        for m in self.models:
+            if m.role == "expert":
+                if m.group not in self.groups:
+                    raise ValueError(f"expert {m.name!r} names unknown group {m.group!r}")
+                missing = set(self.groups[m.group]) - set(m.classes)
+                if missing:
+                    raise ValueError(f"expert {m.name!r} lacks classes of its group: {sorted(missing)}")
+        species = set(globals_[0].classes)
+        if set(seen) - species:
+            raise ValueError(f"grouped species not in the global model: {sorted(set(seen) - species)}")
+        for s, c in self.codes.items():
+            if not _CODE.match(c):
+                raise ValueError(f"code {c!r} for {s!r} must be 1-8 lowercase letters or digits")
+        if len(set(self.codes.values())) != len(self.codes):
+            raise ValueError("species codes must be unique")
+        return self
+
+    # --- lookups -------------------------------------------------------------------------
+    @property
+    def global_model(self) -> ModelEntry:
+        return next(m for m in self.models if m.role == "global")
+
+    @property
+    def experts(self) -> dict[str, ModelEntry]:
+        """group name -> expert model."""
+        return {m.group: m for m in self.models if m.role == "expert" and m.group}
+
+    def group_of(self, species: str) -> str | None:
+        for g, members in self.groups.items():
+            if species in members:
+                return g
+        return None
+
+    def code(self, species: str) -> str:
+        return self.codes.get(species, species[:8].lower())
+
+    # --- bytes ---------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """Canonical bytes: what is hashed and signed."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "manifest.json") -> Manifest:
+        try:
+            raw = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not JSON ({e})") from None
+        return cls.model_validate(raw)
+
+
+def species_codes(species: list[str], known: dict[str, str] | None = None) -> dict[str, str]:
+    """Short unique codes for species names (e.g. 'Lynx pardinus' -> 'lypa'), stable for a list.
+
+    ``known`` codes (e.g. the paper's table codes) win; others derive from the name.
+    """
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for s in species:
+        if known and s in known:
+            code = known[s]
+        else:
+            words = re.findall(r"[a-z0-9]+", s.lower()) or ["sp"]
+            code = (words[0][:2] + words[1][:2]) if len(words) > 1 else words[0][:4]
+            base, i = code, 2
+            while code in used:
+                code = f"{base[:6]}{i}"
+                i += 1
+        used.add(code)
+        out[s] = code
+    return out
