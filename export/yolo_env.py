@@ -50,7 +50,6 @@ def ultralytics() -> ModuleType:
     """Import ultralytics with the offline switches set."""
     prepare_offline()
     import ultralytics as ul
-
     from ultralytics.utils import SETTINGS
 
     # No hub sync, no telemetry, no tensorboard/wandb/mlflow callbacks that reach out.
@@ -63,7 +62,7 @@ def ultralytics() -> ModuleType:
     return ul
 
 
-def YOLO(model: str | os.PathLike):  # noqa: N802 - mirrors ultralytics' name
+def YOLO(model: str | os.PathLike):
     """ultralytics.YOLO from a local file or a model yaml; never a hub name that downloads."""
     p = str(model)
     if not (p.endswith((".yaml", ".yml")) or Path(p).is_file()):

@@ -1,0 +1,212 @@
+"""Write (and sign) the model bundle the device runs: ONNX models, manifest, samples.
+
+`camtrap-export bundle` exports every model to ONNX, checks each against PyTorch, picks a
+few sample images from the dataset and records what every model outputs on them (the
+device's self-test compares against these), then writes manifest.json and, with --sign,
+an Ed25519 signature over its exact bytes. No pickle enters a bundle.
+`camtrap-export keygen` makes the key pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from edge.manifest import CascadeSettings, Manifest, ModelEntry, SampleEntry, species_codes
+
+log = logging.getLogger(__name__)
+
+# The paper's species codes (Table 3) win where a species name matches.
+PAPER_CODES = {
+    "Bos taurus": "bos", "Capra pyrenaica": "capi", "Cervus elaphus": "cer", "Dama dama": "dam",
+    "Equus caballus": "equ", "Felis silvestris": "fsi", "Genetta genetta": "gen",
+    "Herpestes ichneumon": "her",
+    "Lepus granatensis": "lep", "Lynx pardinus": "lyn", "Martes foina": "mafo", "Meles meles": "mel",
+    "Oryctolagus cuniculus": "ory", "Ovis aries": "ovar", "Ovis orientalis": "ovor", "Rattus rattus": "rara",
+    "Sus scrofa": "sus", "Vulpes vulpes": "vul", "Capreolus capreolus": "caca", "Canis familiaris": "can",
+    "Canis lupus": "can", "Felis catus": "fel", "Mustela": "mus", "Lutra lutra": "lut",
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _weights(run: Path) -> Path:
+    for p in (run / "weights" / "best.pt", run / "weights" / "last.pt", run):
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"{run}: no weights/best.pt (is this a training run folder?)")
+
+
+def _images_for_samples(data_yaml: Path | None, n: int) -> list[Path]:
+    """A few val/test images for the self-test: animals first, at least one empty."""
+    if data_yaml is None:
+        return []
+    d = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(d.get("path") or Path(data_yaml).parent)
+    picked: list[Path] = []
+    empties: list[Path] = []
+    for split in ("test", "val"):
+        if not d.get(split):
+            continue
+        img_dir = root / d[split]
+        for img in sorted(img_dir.glob("*")):
+            lbl = root / "labels" / split / (img.stem + ".txt")
+            has = lbl.is_file() and lbl.read_text().strip() != ""
+            (picked if has else empties).append(img)
+        if len(picked) >= n:
+            break
+    return picked[: max(n - 1, 1)] + empties[:1]
+
+
+def _run_onnx(path: Path, entry: ModelEntry, images: list[np.ndarray]) -> list[list[dict]]:
+    """Reference outputs with ONNX Runtime on the CPU and the device's own decoder."""
+    import onnxruntime as ort
+
+    from edge.vision import decode, letterbox
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    out = []
+    thresholds = {c: entry.threshold(c) for c in entry.classes}
+    for img in images:
+        x, lb = letterbox(img, entry.imgsz)
+        raw = sess.run(None, {name: x[None]})[0][0]
+        dets = decode(raw, entry.layout, entry.classes, lb, conf=thresholds, iou=entry.iou_threshold,
+                      model=entry.name)
+        out.append([d.to_dict() for d in dets])
+    return out
+
+
+def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out: Path,
+                 data: Path | None = None, sign_key: Path | None = None, version: str | None = None,
+                 n_samples: int = 4, conf: float = 0.25, parity: bool = True) -> Manifest:
+    from export.grouping import read_groups
+    from export.onnx import export_onnx, parity_check
+
+    groups = read_groups(groups_file)
+    run_meta = _read_json(global_run / "run.json")
+    if data is None and run_meta.get("args", {}).get("data"):
+        data = Path(run_meta["args"]["data"])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "models").mkdir(parents=True)
+    (tmp / "samples").mkdir()
+    try:
+        sample_paths = _images_for_samples(data, n_samples)
+        sample_imgs = [cv2.imread(str(p)) for p in sample_paths]
+        plan: list[tuple[str, str, str | None, Path, dict]] = [
+            ("global", "global", None, global_run, run_meta)]
+        for g in groups:
+            edir = experts_dir / g
+            if not edir.is_dir():
+                raise FileNotFoundError(f"{experts_dir}: no expert for group {g!r} (expected {edir})")
+            plan.append((g, "expert", g, edir, _read_json(edir / "expert.json")))
+        entries: list[ModelEntry] = []
+        provenance: dict = {"models": {}}
+        for name, role, group, run, meta in plan:
+            w = _weights(run)
+            exp = export_onnx(w, tmp / "models" / f"{name}.onnx")
+            if parity and sample_imgs:
+                parity_check(w, exp, sample_imgs, conf=conf)
+            entries.append(ModelEntry(
+                name=name, file=f"models/{name}.onnx", sha256=sha256_file(exp.onnx_path), role=role,
+                group=group, classes=exp.classes, imgsz=exp.imgsz, layout=exp.layout, conf_threshold=conf,
+                frozen_layers=int(meta.get("freeze", meta.get("frozen_layers", 0)) or 0),
+                backbone_sha256=meta.get("backbone_sha256"),
+            ))
+            kept = {k: meta[k] for k in ("args", "metrics", "dataset_hash") if k in meta}
+            provenance["models"][name] = {"weights": str(w), "parity": exp.parity, **kept}
+        species = entries[0].classes
+        samples = []
+        for p in sample_paths:
+            shutil.copyfile(p, tmp / "samples" / p.name)
+            samples.append({"file": f"samples/{p.name}", "expected": {}})
+        for e in entries:
+            for s, dets in zip(samples, _run_onnx(tmp / e.file, e, sample_imgs), strict=True):
+                s["expected"][e.name] = dets
+        manifest = Manifest(
+            bundle_version=version or dt.datetime.now(dt.timezone.utc).strftime("%Y.%m.%d.%H%M"),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            models=entries, groups=groups, codes=species_codes(species, PAPER_CODES),
+            cascade=CascadeSettings(route_threshold=conf),
+            samples=[SampleEntry(**s) for s in samples],
+            provenance={**provenance, "dataset_hash": run_meta.get("dataset_hash"), "data": str(data or "")},
+        )
+        (tmp / "manifest.json").write_bytes(manifest.to_bytes())
+        if sign_key is not None:
+            from edge.signing import sign
+
+            (tmp / "manifest.sig").write_bytes(sign(manifest.to_bytes(), Path(sign_key).read_bytes()))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle %s written: %d models, %d samples%s", out, len(entries), len(samples),
+             ", signed" if sign_key else "")
+    return manifest
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    m = build_bundle(global_run=Path(args.global_run), experts_dir=Path(args.experts),
+                     groups_file=Path(args.groups), out=Path(args.out),
+                     data=Path(args.data) if args.data else None,
+                     sign_key=Path(args.sign) if args.sign else None, version=args.version,
+                     n_samples=args.samples, conf=args.conf, parity=not args.no_parity)
+    print(f"bundle {args.out}: version {m.bundle_version}, models {[e.name for e in m.models]}")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from edge.signing import generate_keypair
+
+    priv, pub = generate_keypair()
+    base = Path(args.out)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    key, pubf = base.with_suffix(".key"), base.with_suffix(".pub")
+    if key.exists() and not args.force:
+        raise ValueError(f"{key}: exists (use --force to replace a signing key)")
+    key.write_bytes(priv)
+    key.chmod(0o600)
+    pubf.write_bytes(pub)
+    print(f"private key {key} (keep it off the devices), public key {pubf} (install on devices)")
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("bundle", help="export models to ONNX and write a (signed) bundle")
+    p.add_argument("--global", dest="global_run", required=True, help="global model run folder")
+    p.add_argument("--experts", required=True, help="folder with one expert run per group")
+    p.add_argument("--groups", required=True, help="groups.yaml")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--data", help="data.yaml to take sample images from (default: the global run's)")
+    p.add_argument("--sign", help="Ed25519 private key (PEM) from `camtrap-export keygen`")
+    p.add_argument("--version", help="bundle version (default: UTC date)")
+    p.add_argument("--samples", type=int, default=4, help="sample images for the device self-test")
+    p.add_argument("--conf", type=float, default=0.25, help="default per-class threshold")
+    p.add_argument("--no-parity", action="store_true", help="skip the PyTorch/ONNX parity check")
+    p.set_defaults(func=_cmd_bundle)
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    k.add_argument("--out", required=True, help="path prefix: writes PREFIX.key and PREFIX.pub")
+    k.add_argument("--force", action="store_true")
+    k.set_defaults(func=_cmd_keygen)

@@ -1,0 +1,126 @@
+"""ONNX export of trained models, checked against PyTorch before it may enter a bundle.
+
+Export pins the opset, fixes the image size and leaves only the batch dynamic (TensorRT
+then needs one optimisation profile over batch alone). The parity check runs the same
+letterboxed images through PyTorch and ONNX Runtime and decodes both with the device's own
+decoder (edge.vision), so what is compared is what the device will report.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+@dataclass
+class ExportedModel:
+    onnx_path: Path
+    classes: list[str]
+    imgsz: int
+    layout: str
+    parity: dict = field(default_factory=dict)
+
+
+def detect_layout(output_shape: tuple[int, ...], nc: int) -> str:
+    """Name the output layout from a raw output's shape [B, ...]."""
+    if len(output_shape) != 3:
+        raise ValueError(f"unexpected ONNX output rank {len(output_shape)}: {output_shape}")
+    _, a, b = output_shape
+    if a == 4 + nc:
+        return "yolov8"
+    if b == 6:
+        return "end2end"
+    if b == 5 + nc:
+        return "yolov5"
+    raise ValueError(f"cannot tell the output layout of shape {output_shape} for {nc} classes")
+
+
+def _fix_spatial_dims(path: Path, imgsz: int) -> None:
+    """Pin H and W of the input to imgsz, keep batch dynamic."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for i in (2, 3):
+        dims[i].ClearField("dim_param")
+        dims[i].dim_value = imgsz
+    dims[0].dim_param = "batch"
+    onnx.save(model, str(path))
+
+
+def export_onnx(weights: Path, out: Path, imgsz: int | None = None, simplify: bool = True) -> ExportedModel:
+    """Export an ultralytics checkpoint to ``out`` (an .onnx path)."""
+    from export.yolo_env import YOLO
+
+    model = YOLO(weights)
+    names = model.names
+    classes = [names[i] for i in sorted(names)]
+    imgsz = int(imgsz or model.overrides.get("imgsz") or 640)
+    try:
+        produced = Path(model.export(format="onnx", imgsz=imgsz, opset=OPSET, dynamic=True,
+                                     simplify=simplify, device="cpu", verbose=False))
+    except Exception as e:  # onnxslim failures should not block a bundle: retry plain
+        if not simplify:
+            raise
+        log.warning("ONNX export with simplify failed (%s); retrying without", e)
+        produced = Path(model.export(format="onnx", imgsz=imgsz, opset=OPSET, dynamic=True,
+                                     simplify=False, device="cpu", verbose=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(produced), out)
+    _fix_spatial_dims(out, imgsz)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    shape = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, imgsz, imgsz), np.float32)})[0].shape
+    return ExportedModel(out, classes, imgsz, detect_layout(shape, len(classes)))
+
+
+def parity_check(weights: Path, exported: ExportedModel, images: list[np.ndarray], conf: float = 0.25,
+                 iou_min: float = 0.99, score_tol: float = 1e-3) -> dict:
+    """Run PyTorch and ONNX Runtime on the same inputs; same detections or raise.
+
+    Returns {"images": n, "max_raw_diff": .., "max_score_diff": .., "detections": n}.
+    """
+    import onnxruntime as ort
+    import torch
+
+    from edge.detection import iou
+    from edge.vision import decode, letterbox
+    from export.yolo_env import YOLO
+
+    net = YOLO(weights).model.float().eval()
+    sess = ort.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"])
+    in_name = sess.get_inputs()[0].name
+    max_raw = max_score = 0.0
+    n_dets = 0
+    for k, img in enumerate(images):
+        x, lb = letterbox(img, exported.imgsz)
+        with torch.no_grad():
+            pt = net(torch.from_numpy(x[None]))
+        pt = (pt[0] if isinstance(pt, (list, tuple)) else pt).numpy()
+        ox = sess.run(None, {in_name: x[None]})[0]
+        max_raw = max(max_raw, float(np.abs(pt - ox).max()))
+        a = decode(pt[0], exported.layout, exported.classes, lb, conf=conf)
+        b = decode(ox[0], exported.layout, exported.classes, lb, conf=conf)
+        if len(a) != len(b):
+            raise ValueError(
+                f"{exported.onnx_path}: parity: image {k}: PyTorch {len(a)} vs ONNX {len(b)} detections")
+        for da, db in zip(sorted(a, key=lambda d: -d.score), sorted(b, key=lambda d: -d.score), strict=True):
+            same_box = iou(da.box, db.box) >= iou_min
+            if da.species != db.species or not same_box or abs(da.score - db.score) > score_tol:
+                raise ValueError(f"{exported.onnx_path}: parity: image {k}: {da} != {db}")
+            max_score = max(max_score, abs(da.score - db.score))
+        n_dets += len(a)
+    exported.parity = {"images": len(images), "detections": n_dets, "max_raw_diff": max_raw,
+                       "max_score_diff": max_score, "conf": conf}
+    log.info("parity %s: %d images, %d detections, max score diff %.2e, max raw diff %.2e",
+             exported.onnx_path.name, len(images), n_dets, max_score, max_raw)
+    return exported.parity
