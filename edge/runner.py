@@ -1,0 +1,103 @@
+"""Runs a bundle's models on images: letterbox -> engine -> decode -> cascade.
+
+Keeps the pure decision (edge.cascade) apart from the engines: this module only moves
+arrays. Images of a burst go through each model as one batch, and each expert sees only
+the images routed to it, so a burst of five costs one global batch plus one batch per
+expert actually needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.cascade import CascadePolicy, Decision, Route, decide, plan
+from edge.detection import Detection
+from edge.manifest import Manifest, ModelEntry
+from edge.vision import decode, letterbox_batch
+
+# Decode below every threshold so the gate and the disposal floor can see weak animals;
+# thresholds are applied by the cascade, not here.
+DECODE_FLOOR = 0.05
+
+
+class ModelRunner:
+    """One model: batches in, detections (decoded at ``floor``) out."""
+
+    def __init__(self, entry: ModelEntry, engine, floor: float = DECODE_FLOOR) -> None:
+        self.entry = entry
+        self.engine = engine
+        self.floor = floor
+        self.last_ms = 0.0
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+        if not images:
+            return []
+        batch, lbs = letterbox_batch(list(images), self.entry.imgsz)
+        t = time.perf_counter()
+        raw = self.engine.infer(batch)
+        self.last_ms = (time.perf_counter() - t) * 1000.0
+        conf = {c: min(self.floor, self.entry.threshold(c)) for c in self.entry.classes}
+        return [decode(raw[i], self.entry.layout, self.entry.classes, lb, conf=conf,
+                       iou=self.entry.iou_threshold, model=self.entry.name) for i, lb in enumerate(lbs)]
+
+
+@dataclass
+class Classified:
+    """The cascade's answer for one image, plus what the disposal rule needs."""
+
+    decision: Decision
+    max_animal_score: float  # over every model that ran, at the decode floor
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _above(dets: list[Detection], entry: ModelEntry) -> list[Detection]:
+    return [d for d in dets if d.score >= entry.threshold(d.species)]
+
+
+class CascadeRunner:
+    """The two-stage cascade over a loaded bundle's engines."""
+
+    def __init__(self, manifest: Manifest, engines: dict, policy: CascadePolicy | None = None,
+                 floor: float = DECODE_FLOOR) -> None:
+        self.manifest = manifest
+        self.policy = policy or CascadePolicy.from_manifest(manifest.cascade)
+        self.global_runner = ModelRunner(manifest.global_model, engines[manifest.global_model.name], floor)
+        self.experts = {g: ModelRunner(e, engines[e.name], floor) for g, e in manifest.experts.items()}
+        self.group_of = {s: g for g, members in manifest.groups.items() for s in members}
+
+    def classify(self, images: Sequence[np.ndarray]) -> list[Classified]:
+        """Classify a batch (e.g. a burst); returns one Classified per image, in order."""
+        g_dets = self.global_runner.detect(images)
+        g_ms = self.global_runner.last_ms / max(len(images), 1)
+        routes: list[Route] = [plan(d, self.group_of, list(self.experts), self.policy) for d in g_dets]
+        # which images each expert must see
+        wanted: dict[str, list[int]] = {g: [] for g in self.experts}
+        for i, r in enumerate(routes):
+            for g in r.groups:
+                if g in wanted:
+                    wanted[g].append(i)
+        e_dets: list[dict[str, list[Detection]]] = [{} for _ in images]
+        e_raw_best = [0.0] * len(images)
+        e_ms: dict[str, float] = {}
+        for g, idx in wanted.items():
+            if not idx:
+                continue
+            runner = self.experts[g]
+            outs = runner.detect([images[i] for i in idx])
+            e_ms[runner.entry.name] = runner.last_ms / len(idx)
+            for i, dets in zip(idx, outs, strict=True):
+                e_raw_best[i] = max([e_raw_best[i], *(d.score for d in dets)])
+                e_dets[i][g] = _above(dets, runner.entry)
+        results = []
+        for i, (gd, route) in enumerate(zip(g_dets, routes, strict=True)):
+            decision = decide(gd, e_dets[i], route, self.policy)
+            best = max([e_raw_best[i], *(d.score for d in gd)])
+            timings = {self.manifest.global_model.name: g_ms}
+            timings.update({self.experts[g].entry.name: e_ms[self.experts[g].entry.name]
+                            for g in e_dets[i] if self.experts[g].entry.name in e_ms})
+            results.append(Classified(decision, best, timings))
+        return results
