@@ -1,0 +1,796 @@
+"""The device config: one YAML file, typed, documented by its own fields.
+
+Why pydantic with ``extra="forbid"`` and a title + description on every field: an unknown or
+misspelt key is an error, not a silent default, and docs/config.md is generated from this
+module (``config_reference_markdown()``), so the reference cannot drift from the code.
+
+Secrets never live in the file in clear if you do not want them to: any string may use
+``${ENV_VAR}`` (or ``${ENV_VAR:-default}``; ``$${`` is a literal ``${``), and secret fields
+have ``*_env`` / ``*_file`` siblings. Secrets are ``SecretStr`` and are never printed.
+
+Relative paths are resolved against the config file's folder. Paths left unset derive from
+``paths.state_dir`` (default /var/lib/camtrap-edge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/camtrap-edge/config.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/camtrap-edge")
+
+
+# --- building blocks -------------------------------------------------------------------------
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        return Path(base) / value
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+"""A path that is relative to the config file's folder when not absolute (use it in sections)."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+# --- sections --------------------------------------------------------------------------------
+class DeviceSection(Section):
+    """Who this device is and where it stands (used in MQTT topics and Camtrap DP deployments)."""
+
+    id: str = Field(
+        title="Device id",
+        description="Unique name of this device; part of MQTT topics (camtrap/<id>/...), so letters, "
+        "digits, '-' and '_' only.",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+    )
+    deployment_id: str | None = Field(
+        default=None,
+        title="Deployment id",
+        description="Camtrap DP deploymentID of the current placement; change it when the camera moves. "
+        "Default: the device id.",
+        min_length=1,
+    )
+    location_id: str | None = Field(default=None, title="Location id", description="Camtrap DP locationID.")
+    location_name: str | None = Field(
+        default=None, title="Location name", description="Camtrap DP locationName, human-readable."
+    )
+    latitude: float | None = Field(
+        default=None, ge=-90, le=90, title="Latitude", description="WGS84 decimal degrees (Camtrap DP needs it)."
+    )
+    longitude: float | None = Field(
+        default=None, ge=-180, le=180, title="Longitude", description="WGS84 decimal degrees (Camtrap DP needs it)."
+    )
+    coordinate_uncertainty_m: int | None = Field(
+        default=None, ge=1, title="Coordinate uncertainty", description="Metres (Camtrap DP coordinateUncertainty)."
+    )
+    camera_model: str | None = Field(
+        default=None, title="Camera model", description="Make-model of the trap, e.g. Reconyx-HF2X."
+    )
+    camera_height_m: float | None = Field(
+        default=None, ge=0, title="Camera height", description="Metres above ground (Camtrap DP cameraHeight)."
+    )
+    timezone: str = Field(
+        default="UTC",
+        title="Camera clock time zone",
+        description="IANA zone of the camera clock; EXIF DateTimeOriginal carries no zone, so it is read "
+        "in this one (e.g. Europe/Madrid).",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_zone(cls, v: str) -> str:
+        if v != "UTC":
+            import zoneinfo
+
+            try:
+                zoneinfo.ZoneInfo(v)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {v!r} (e.g. Europe/Madrid)") from None
+        return v
+
+
+class WatchSection(Section):
+    """Where trigger images land (camera SD sync, FTP upload, rsync)."""
+
+    folders: list[ConfigPath] = Field(
+        min_length=1, title="Watched folders", description="Folders the cameras write into."
+    )
+    recursive: bool = Field(default=True, title="Recursive", description="Also watch sub-folders.")
+    polling: bool = Field(
+        default=False,
+        title="Polling observer",
+        description="Poll instead of inotify; needed for network mounts (NFS, SMB) where inotify sees "
+        "nothing.",
+    )
+    poll_interval_s: float = Field(
+        default=5.0, gt=0, title="Poll interval", description="Seconds between polls when polling is on."
+    )
+    reconcile_every_s: float = Field(
+        default=300.0,
+        gt=0,
+        title="Reconcile interval",
+        description="Seconds between full folder scans that catch files inotify missed (queue overflow, "
+        "files written while the daemon was down).",
+    )
+    settle_s: float = Field(
+        default=2.0,
+        ge=0,
+        title="Settle time",
+        description="A file's size must stay unchanged this long before it is read (half-written uploads).",
+    )
+    patterns: list[str] = Field(
+        default_factory=lambda: ["*.jpg", "*.jpeg"],
+        min_length=1,
+        title="File patterns",
+        description="Glob patterns of image names, matched case-insensitively.",
+    )
+    max_megapixels: float = Field(
+        default=50.0,
+        gt=0,
+        title="Largest image",
+        description="Images above this many megapixels are quarantined instead of decoded (memory bombs).",
+    )
+
+
+class BundleSection(Section):
+    """The model bundle the device runs."""
+
+    path: ConfigPath | None = Field(
+        default=None,
+        title="Bundle path",
+        description="Bundle folder or .tar. Default: <state_dir>/models/current.",
+    )
+    public_keys_dir: ConfigPath | None = Field(
+        default=Path("/etc/camtrap-edge/keys"),
+        title="Public keys folder",
+        description="Folder of trusted Ed25519 public keys (*.pub, PEM) for bundle signatures.",
+    )
+    require_signature: bool = Field(
+        default=True,
+        title="Require signature",
+        description="Refuse bundles without a valid signature from a trusted key (turn off only for "
+        "development).",
+    )
+
+    @model_validator(mode="after")
+    def _keys_when_required(self) -> BundleSection:
+        if self.require_signature and self.public_keys_dir is None:
+            raise ValueError("public_keys_dir: must be set when require_signature is true")
+        return self
+
+
+class EngineSection(Section):
+    """The inference backend."""
+
+    backend: Literal["onnxruntime", "tensorrt"] = Field(
+        default="onnxruntime",
+        title="Backend",
+        description="onnxruntime (any CPU; CUDA/TensorRT providers when present) or tensorrt (Jetson).",
+    )
+    precision: Literal["fp16", "fp32", "int8"] = Field(
+        default="fp16",
+        title="Precision",
+        description="TensorRT precision; int8 is calibrated on the bundle's samples and must pass an "
+        "accuracy gate against fp16.",
+    )
+    cache_dir: ConfigPath | None = Field(
+        default=None,
+        title="Engine cache",
+        description="Where built TensorRT plans and the timing cache live. Default: <state_dir>/engines.",
+    )
+    providers: list[str] = Field(
+        default_factory=list,
+        title="ONNX Runtime providers",
+        description="Execution providers in order of preference, e.g. [CUDAExecutionProvider, "
+        "CPUExecutionProvider]; empty = best available.",
+    )
+    batch_size: int = Field(
+        default=4, ge=1, le=64, title="Batch size", description="Largest batch of burst frames per inference."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, title="CPU threads", description="ONNX Runtime intra-op threads; null = library default."
+    )
+
+
+class CascadeSection(Section):
+    """Overrides of the bundle's cascade settings (unset = the bundle's value)."""
+
+    route_threshold: float | None = Field(
+        default=None, ge=0, le=1, title="Route threshold", description="Global-model score that routes to an expert."
+    )
+    expert_floor: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        title="Expert floor",
+        description="Weakest expert vote accepted in the all-experts pass.",
+    )
+    gate_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        title="Background gate",
+        description="Global best-animal score below which an empty frame skips the all-experts pass.",
+    )
+    disable_gate: bool = Field(
+        default=False,
+        title="Disable gate",
+        description="Always run the all-experts pass on empty frames, whatever the bundle says.",
+    )
+
+    @model_validator(mode="after")
+    def _gate(self) -> CascadeSection:
+        if self.disable_gate and self.gate_threshold is not None:
+            raise ValueError("gate_threshold: set gate_threshold or disable_gate, not both")
+        return self
+
+
+class EventsSection(Section):
+    """Grouping of burst frames into events (one answer per event)."""
+
+    gap_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        title="Event gap",
+        description="Frames of the same folder at most this many seconds apart belong to one event.",
+    )
+    clock: Literal["exif", "mtime"] = Field(
+        default="exif",
+        title="Clock",
+        description="exif: EXIF DateTimeOriginal, else the file mtime; mtime: always the file mtime.",
+    )
+
+
+from edge.mqtt_config import MqttConfig as MqttSection  # noqa: E402 - the mqtt: section has its own module
+
+
+class AlertsSection(Section):
+    """Watch-list species published on the alerts topic."""
+
+    species: list[str] = Field(
+        default_factory=list,
+        title="Watch-list species",
+        description="Species names (as in the bundle) or short codes (e.g. lyn) that raise an alert.",
+    )
+    min_score: float = Field(
+        default=0.5, ge=0, le=1, title="Alert score", description="Least confidence that raises an alert."
+    )
+
+
+class TelemetrySection(Section):
+    """Periodic health counters on the telemetry topic."""
+
+    every_s: float = Field(
+        default=300.0, ge=5, title="Telemetry interval", description="Seconds between telemetry messages."
+    )
+
+
+class DisposalSection(Section):
+    """What happens to empty frames once their result is committed."""
+
+    policy: Literal["keep", "move", "delete"] = Field(
+        default="keep",
+        title="Policy",
+        description="keep, move (to move_to) or delete empty frames; frames with any animal above floor "
+        "are always kept.",
+    )
+    move_to: ConfigPath | None = Field(
+        default=None,
+        title="Move target",
+        description="Folder for moved empties (policy: move); must not be inside a watched folder.",
+    )
+    audit_rate: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        title="Audit rate",
+        description="Fraction of empties kept in audit_dir for a person to check the model.",
+    )
+    audit_dir: ConfigPath | None = Field(
+        default=None, title="Audit folder", description="Where audit samples go. Default: <state_dir>/audit."
+    )
+    floor: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        title="Animal floor",
+        description="A frame in which any model saw an animal at or above this score is never disposed.",
+    )
+    min_free_mb: int = Field(
+        default=512,
+        ge=0,
+        title="Least free space",
+        description="Below this many MB free on the state filesystem, disposal stops and an alarm is "
+        "raised (a ledger that cannot commit cannot record a disposal).",
+    )
+
+    @model_validator(mode="after")
+    def _move_target(self) -> DisposalSection:
+        if self.policy == "move" and self.move_to is None:
+            raise ValueError("move_to: must be set when policy is move")
+        return self
+
+
+class LedgerSection(Section):
+    """The SQLite ledger: every image's state, its result, the message outbox (bound: mqtt.max_outbox)."""
+
+    path: ConfigPath | None = Field(
+        default=None, title="Ledger file", description="SQLite file. Default: <state_dir>/ledger.sqlite3."
+    )
+
+
+class Contributor(Section):
+    """A person or organisation credited in the Camtrap DP package."""
+
+    title: str = Field(min_length=1, title="Name", description="Person or organisation name.")
+    email: str | None = Field(default=None, title="E-mail", description="Contact address.")
+    role: Literal["contact", "principalInvestigator", "rightsHolder", "publisher", "contributor"] = Field(
+        default="contributor", title="Role", description="Camtrap DP contributor role."
+    )
+    organization: str | None = Field(default=None, title="Organisation", description="Affiliation.")
+
+
+class ProjectSection(Section):
+    """Project metadata for the Camtrap DP package (datapackage.json)."""
+
+    title: str = Field(
+        default="camtrap cascade edge deployment", min_length=1, title="Project title", description="project.title."
+    )
+    sampling_design: Literal[
+        "simpleRandom", "systematicRandom", "clusteredRandom", "experimental", "targeted", "opportunistic"
+    ] = Field(default="opportunistic", title="Sampling design", description="project.samplingDesign.")
+    contributors: list[Contributor] = Field(
+        default_factory=list,
+        title="Contributors",
+        description="People and organisations; empty = the device itself as contributor.",
+    )
+    data_license: str = Field(
+        default="CC0-1.0", title="Data licence", description="SPDX id of the licence of the data tables."
+    )
+    media_license: str = Field(
+        default="CC-BY-4.0", title="Media licence", description="SPDX id of the licence of the images."
+    )
+
+
+class RecordsSection(Section):
+    """Result files kept on the device besides the ledger."""
+
+    md_json: ConfigPath | None = Field(
+        default=None,
+        title="MegaDetector JSON",
+        description="MegaDetector batch output (format 1.6) appended with every result. "
+        "Default: <state_dir>/records/md_results.json.",
+    )
+    md_flush_every: int = Field(
+        default=50,
+        ge=1,
+        title="JSON rewrite interval",
+        description="Results between atomic rewrites of md_json (each result is journalled and fsynced at "
+        "once, so none is lost in between); a rewrite costs about 0.5 s per 50,000 images on a desktop CPU.",
+    )
+    camtrapdp_dir: ConfigPath | None = Field(
+        default=None,
+        title="Camtrap DP folder",
+        description="Where export-camtrapdp writes by default. Default: <state_dir>/records/camtrapdp.",
+    )
+    project: ProjectSection = Field(
+        default_factory=ProjectSection, title="Project", description="Camtrap DP project metadata."
+    )
+
+
+class PathsSection(Section):
+    """Where the daemon keeps its state."""
+
+    state_dir: ConfigPath = Field(
+        default=DEFAULT_STATE_DIR,
+        title="State folder",
+        description="Ledger, models, engines, records (systemd StateDirectory).",
+    )
+    quarantine_dir: ConfigPath | None = Field(
+        default=None,
+        title="Quarantine folder",
+        description="Unreadable or refused inputs are moved here. Default: <state_dir>/quarantine.",
+    )
+
+
+class Config(Section):
+    """camtrap-edge device configuration (/etc/camtrap-edge/config.yaml)."""
+
+    device: DeviceSection = Field(title="Device", description="Identity and placement of this device.")
+    watch: WatchSection = Field(title="Watch", description="Folders the cameras write into.")
+    bundle: BundleSection = Field(
+        default_factory=BundleSection, title="Bundle", description="The model bundle and its signature check."
+    )
+    engine: EngineSection = Field(
+        default_factory=EngineSection, title="Engine", description="Inference backend and precision."
+    )
+    cascade: CascadeSection = Field(
+        default_factory=CascadeSection, title="Cascade", description="Overrides of the bundle's cascade settings."
+    )
+    events: EventsSection = Field(
+        default_factory=EventsSection, title="Events", description="Grouping of bursts into events."
+    )
+    mqtt: MqttSection | None = Field(
+        default=None,
+        title="MQTT",
+        description="Broker connection; absent or null = no publishing (records and ledger only).",
+    )
+    alerts: AlertsSection = Field(
+        default_factory=AlertsSection, title="Alerts", description="Watch-list species."
+    )
+    telemetry: TelemetrySection = Field(
+        default_factory=TelemetrySection, title="Telemetry", description="Health counters."
+    )
+    disposal: DisposalSection = Field(
+        default_factory=DisposalSection, title="Disposal", description="Empty-frame policy."
+    )
+    ledger: LedgerSection = Field(
+        default_factory=LedgerSection, title="Ledger", description="SQLite ledger and outbox."
+    )
+    records: RecordsSection = Field(
+        default_factory=RecordsSection, title="Records", description="MegaDetector JSON and Camtrap DP."
+    )
+    paths: PathsSection = Field(default_factory=PathsSection, title="Paths", description="State folders.")
+
+    @model_validator(mode="after")
+    def _derive(self) -> Config:
+        """Fill paths left unset from state_dir, and refuse folders that would feed back into watch."""
+        s = self.paths.state_dir
+        self.bundle.path = self.bundle.path or s / "models" / "current"
+        self.engine.cache_dir = self.engine.cache_dir or s / "engines"
+        self.ledger.path = self.ledger.path or s / "ledger.sqlite3"
+        self.records.md_json = self.records.md_json or s / "records" / "md_results.json"
+        self.records.camtrapdp_dir = self.records.camtrapdp_dir or s / "records" / "camtrapdp"
+        self.disposal.audit_dir = self.disposal.audit_dir or s / "audit"
+        self.paths.quarantine_dir = self.paths.quarantine_dir or s / "quarantine"
+        self.device.deployment_id = self.device.deployment_id or self.device.id
+        for name, p in (
+            ("disposal.move_to", self.disposal.move_to),
+            ("disposal.audit_dir", self.disposal.audit_dir),
+            ("paths.quarantine_dir", self.paths.quarantine_dir),
+        ):
+            for w in self.watch.folders:
+                if p is not None and _inside(p, w):
+                    raise ValueError(f"{name}: {p} is inside watched folder {w} (its files would be read again)")
+        return self
+
+
+def _inside(p: Path, folder: Path) -> bool:
+    p, folder = Path(os.path.abspath(p)), Path(os.path.abspath(folder))
+    return p == folder or folder in p.parents
+
+
+# --- loading ---------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A config that cannot be used; ``lines`` holds one line per bad field."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(node: Any, where: str, problems: list[str]) -> Any:
+    """Replace ${VAR} / ${VAR:-default} in every string; collect unset variables as problems."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{where}.{k}" if where else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{where}[{i}]", problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "$" in node:
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            problems.append(f"{where}: environment variable {name} is not set")
+            return ""
+
+        return _ENV.sub(sub, node)
+    return node
+
+
+_UNION_TAG = re.compile(r"^[a-z][a-z0-9-]*(\[.*\])?$")
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    """('mqtt', 'port') -> 'mqtt.port'; list indices as [i]; pydantic's union/type tags dropped."""
+    out = ""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        fields = model.model_fields if model is not None else {}
+        if part in fields:
+            out += f".{part}" if out else part
+            model = _model_of(fields[part].annotation)
+        elif model is not None or not _UNION_TAG.match(part):
+            out += f".{part}" if out else part  # an unknown key: keep it, it is the error's subject
+            model = None
+    return out
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside X, X | None, list[X]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        m = _model_of(arg)
+        if m is not None:
+            return m
+    return None
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if isinstance(part, str) and model is not None and part in model.model_fields:
+            model = _model_of(model.model_fields[part].annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def format_errors(source: str, exc: ValidationError) -> list[str]:
+    """One line per bad field: '<file>: <field.path>: <message>' (input values are never echoed)."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(err["loc"])
+        path = _loc_to_path(loc)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key (allowed: {', '.join(_allowed_keys(loc))})"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            # validators name their sub-field first ("timezone: ..."): fold it into the path
+            token, _, tail = msg.partition(" ")
+            if path and token.startswith(path + ".") and re.fullmatch(r"[a-z_.]+", token):
+                msg = f"{token}: {tail}"  # "mqtt.prefix must end with '/'" -> path mqtt.prefix
+            head, sep, rest = msg.partition(": ")
+            if sep and re.fullmatch(r"[a-z_.]+", head):
+                if not path or head == path or head.startswith(path + "."):
+                    path, msg = head, rest  # the validator named the full path itself
+                else:
+                    path, msg = f"{path}.{head}", rest
+        if path in seen:
+            continue
+        seen.add(path)
+        lines.append(f"{source}: {path or '(top level)'}: {msg}")
+    return lines
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate an already-parsed YAML document; ConfigError lists every bad field."""
+    if data is None:
+        raise ConfigError([f"{source}: empty config (expected a mapping with at least device and watch)"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: top level must be a mapping, got {type(data).__name__}"])
+    problems: list[str] = []
+    data = _expand_env(data, "", problems)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    try:
+        return Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as e:
+        raise ConfigError(format_errors(source, e)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, expand ${ENV}, validate. Raises FileNotFoundError or ConfigError (a ValueError)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read: {e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{p}: {where}not valid YAML: {problem}"]) from None
+    return parse_config(data, str(p), base_dir=p.parent.absolute())
+
+
+# --- summary and reference -------------------------------------------------------------------
+def summary(cfg: Config) -> list[str]:
+    """A few lines a person can check at a glance; secrets appear only as 'set'."""
+    w = cfg.watch
+    mode = f"polling every {w.poll_interval_s:g} s" if w.polling else "inotify"
+    lines = [
+        f"device: {cfg.device.id} (deployment {cfg.device.deployment_id}, clock {cfg.device.timezone})",
+        f"watch: {', '.join(map(str, w.folders))} ({'recursive, ' if w.recursive else ''}{mode}, "
+        f"reconcile every {w.reconcile_every_s:g} s, patterns {' '.join(w.patterns)})",
+        f"bundle: {cfg.bundle.path} (signature "
+        + (f"required, keys in {cfg.bundle.public_keys_dir})" if cfg.bundle.require_signature else "NOT required)"),
+        f"engine: {cfg.engine.backend} {cfg.engine.precision}, batch {cfg.engine.batch_size}, "
+        f"cache {cfg.engine.cache_dir}",
+        f"events: gap {cfg.events.gap_s:g} s ({cfg.events.clock} clock)",
+    ]
+    m = cfg.mqtt
+    if m is None:
+        lines.append("mqtt: none (records and ledger only)")
+    else:
+        if m.password is not None:
+            secret = " (password inline)"
+        elif m.password_env:
+            secret = f" (password from ${m.password_env})"
+        elif m.password_file:
+            secret = f" (password from {m.password_file})"
+        else:
+            secret = ""
+        lines.append(
+            f"mqtt: {m.host}:{m.port} MQTT {m.protocol}{' TLS' if m.tls is not None else ''}"
+            + (f" as {m.username}" if m.username else "")
+            + secret
+            + f", topics {m.topic_prefix(cfg.device.id)}"
+        )
+    d = cfg.disposal
+    target = f" to {d.move_to}" if d.policy == "move" else ""
+    lines += [
+        f"alerts: {', '.join(cfg.alerts.species) or 'none'} (score >= {cfg.alerts.min_score:g})",
+        f"disposal: {d.policy}{target} (audit {d.audit_rate:.1%} to {d.audit_dir}, floor {d.floor:g}, "
+        f"stop below {d.min_free_mb} MB free)",
+        f"ledger: {cfg.ledger.path}",
+        f"records: {cfg.records.md_json}; Camtrap DP in {cfg.records.camtrapdp_dir}",
+    ]
+    return lines
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Things that are valid but probably not what was meant (e.g. before the first install)."""
+    out = [f"watch folder {f} does not exist (yet)" for f in cfg.watch.folders if not f.exists()]
+    if cfg.bundle.path is not None and not cfg.bundle.path.exists():
+        out.append(f"bundle {cfg.bundle.path} does not exist (yet)")
+    if cfg.bundle.require_signature and cfg.bundle.public_keys_dir and not cfg.bundle.public_keys_dir.is_dir():
+        out.append(f"public keys folder {cfg.bundle.public_keys_dir} does not exist")
+    return out
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " \\| ".join(names) + (" \\| null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if annotation is SecretStr:
+        return "secret"
+    if isinstance(annotation, type):
+        if issubclass(annotation, BaseModel):
+            return "section"
+        return {"str": "string", "float": "number", "int": "integer", "bool": "boolean"}.get(
+            annotation.__name__, annotation.__name__.lower().replace("posixpath", "path")
+        )
+    return str(annotation)
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "**required**"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, BaseModel):
+            return "(section)"
+        return f"`{value}`" if value != [] else "`[]`"
+    if field.default is None:
+        return "null"
+    if isinstance(field.default, bool):
+        return f"`{str(field.default).lower()}`"
+    return f"`{field.default}`"
+
+
+def _sections(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, type[BaseModel]]]:
+    yield prefix, model
+    for name, f in model.model_fields.items():
+        sub = _model_of(f.annotation)
+        if sub is not None:
+            key = f"{prefix}.{name}" if prefix else name
+            if typing.get_origin(f.annotation) is list:
+                key += "[]"
+            yield from _sections(sub, key)
+
+
+def config_reference_markdown() -> str:
+    """docs/config.md, generated from the model (a test keeps the file in step)."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- generated by edge.config.config_reference_markdown(); do not edit by hand: run",
+        "     python -m edge.config > docs/config.md -->",
+        "",
+        "One YAML file, by default `/etc/camtrap-edge/config.yaml`; check it with",
+        "`camtrap-edge check-config FILE`. Unknown keys are errors. Any string may use `${ENV_VAR}` or",
+        "`${ENV_VAR:-default}` (`$$` is a literal `$`); secrets also have `*_env` and `*_file` forms and",
+        "are never printed. Relative paths are relative to the config file's folder. See",
+        "`systemd/config.example.yaml` for a commented example.",
+        "",
+    ]
+    for key, model in _sections(Config, ""):
+        if key:
+            out += [f"## `{key}`", ""]
+        doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+        if doc:
+            out += [doc, ""]
+        out += ["| key | type | default | description |", "|---|---|---|---|"]
+        for name, f in model.model_fields.items():
+            desc = (f"**{f.title}.** " if f.title else "") + (f.description or "")
+            desc = desc.strip().replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
+            if desc and not desc.endswith("."):
+                desc += "."
+            if _model_of(f.annotation) is not None:
+                desc += f" See [`{key + '.' if key else ''}{name}`](#{(key + name).replace('.', '').lower()})."
+            out.append(f"| `{name}` | {_type_name(f.annotation)} | {_default_text(f)} | {desc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        for line in e.lines:
+            print(line)
+        return 2
+    problems = cfg.mqtt.runtime_problems() if cfg.mqtt is not None else []
+    if problems:  # valid, but would not connect on this machine (missing variable or file)
+        for line in problems:
+            print(f"{args.config}: {line}")
+        return 2
+    print(f"ok: {args.config}")
+    for line in summary(cfg):
+        print(f"  {line}")
+    for line in warnings(cfg):
+        print(f"warning: {line}")
+    return 0
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser(
+        "check-config", help="validate a device config: 'ok' and a summary, or one line per bad field"
+    )
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
+    p.set_defaults(func=_check_config)
+
+
+if __name__ == "__main__":  # python -m edge.config > docs/config.md
+    print(config_reference_markdown(), end="")

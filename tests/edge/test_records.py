@@ -1,0 +1,249 @@
+"""MegaDetector batch output 1.6, field by field against megadetector-output-format.md, and the
+crash-safety of the appending writer (real files, real fsync, a real second process)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+
+import pytest
+
+from edge.detection import Detection
+from edge.records import (
+    DETECTION_CATEGORIES,
+    MdBatchWriter,
+    md_document,
+    md_image_entry,
+    md_info,
+    normalise_box,
+    validate_md_output,
+)
+
+SPECIES = ["lynx", "wildcat", "rabbit", "person"]
+MODEL_CLASSES = {"medium": ["lynx", "wildcat"], "global": SPECIES}
+
+
+def _lynx(score=0.91, box=(100, 50, 400, 250), scores=(0.91, 0.07)) -> Detection:
+    return Detection("lynx", score, box, cls=0, model="medium", scores=scores)
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+def test_normalise_box_is_top_left_relative_and_clipped():
+    assert normalise_box((100, 50, 400, 250), 1000, 500) == (0.1, 0.1, 0.3, 0.4)
+    assert normalise_box((-20, -10, 1100, 600), 1000, 500) == (0.0, 0.0, 1.0, 1.0)
+    assert normalise_box((333.3, 0, 1000, 500), 1000, 500) == (0.3333, 0.0, 0.6667, 1.0)
+    assert normalise_box((10, 10, 10, 20), 100, 100) is None  # zero width
+    assert normalise_box((2000, 0, 3000, 10), 1000, 500) is None  # entirely outside
+    with pytest.raises(ValueError):
+        normalise_box((0, 0, 1, 1), 0, 10)
+
+
+def test_image_entry_with_animal():
+    e = md_image_entry("cam1/IMG_0001.JPG", [_lynx()], SPECIES, image_size=(1000, 500), model_classes=MODEL_CLASSES)
+    assert e == {
+        "file": "cam1/IMG_0001.JPG",
+        "detections": [
+            {"category": "1", "conf": 0.91, "bbox": [0.1, 0.1, 0.3, 0.4],
+             "classifications": [["0", 0.91], ["1", 0.07]]},
+        ],
+    }  # fmt: skip
+    assert isinstance(e["detections"][0]["conf"], float)
+
+
+def test_classifications_sorted_desc_and_own_species_included():
+    # the expert's vector ranks wildcat first? the detection's own label still appears, order is by score
+    d = Detection("wildcat", 0.55, (0, 0, 10, 10), model="medium", scores=(0.40, 0.55))
+    e = md_image_entry("x.jpg", [d], SPECIES, image_size=(10, 10), model_classes=MODEL_CLASSES)
+    assert e["detections"][0]["classifications"] == [["1", 0.55], ["0", 0.4]]
+    # without the model's class list only the label itself is listed
+    e = md_image_entry("x.jpg", [d], SPECIES, image_size=(10, 10))
+    assert e["detections"][0]["classifications"] == [["1", 0.55]]
+
+
+def test_person_is_category_2_without_classifications():
+    d = Detection("person", 0.8, (0, 0, 5, 10), model="global")
+    e = md_image_entry("p.jpg", [d], SPECIES, image_size=(10, 10))
+    assert e["detections"] == [{"category": "2", "conf": 0.8, "bbox": [0.0, 0.0, 0.5, 1.0]}]
+
+
+def test_empty_and_failure_entries():
+    assert md_image_entry("empty.jpg", [], SPECIES) == {"file": "empty.jpg", "detections": []}
+    f = md_image_entry("bad.jpg", None, SPECIES, failure="truncated JPEG")
+    assert f == {"file": "bad.jpg", "failure": "truncated JPEG", "detections": None}
+    with pytest.raises(ValueError, match="failure"):
+        md_image_entry("bad.jpg", [_lynx()], SPECIES, image_size=(10, 10), failure="x")
+    with pytest.raises(ValueError, match="'fox'"):
+        md_image_entry("f.jpg", [Detection("fox", 0.9, (0, 0, 1, 1))], SPECIES, image_size=(10, 10))
+
+
+def test_full_document_is_valid_including_failure():
+    info = md_info("camtrap-cascade global 2026.11.1", "camtrap-cascade experts 2026.11.1",
+                   typical_threshold=0.25, conservative_threshold=0.1, typical_classification_threshold=0.5)
+    images = [
+        md_image_entry("a.jpg", [_lynx()], SPECIES, image_size=(1000, 500), model_classes=MODEL_CLASSES),
+        md_image_entry("b.jpg", [], SPECIES),
+        md_image_entry("c.jpg", None, SPECIES, failure="Failure image access"),
+    ]  # fmt: skip
+    doc = md_document(info, SPECIES, images)
+    assert validate_md_output(doc) == []
+    assert doc["info"]["format_version"] == "1.6"
+    assert doc["detection_categories"] == {"1": "animal", "2": "person", "3": "vehicle"} == DETECTION_CATEGORIES
+    assert doc["classification_categories"] == {"0": "lynx", "1": "wildcat", "2": "rabbit", "3": "person"}
+    assert doc["info"]["detector_metadata"] == {"typical_detection_threshold": 0.25,
+                                                "conservative_detection_threshold": 0.1}  # fmt: skip
+    assert doc["info"]["classifier_metadata"] == {"typical_classification_threshold": 0.5}
+    assert {"detector", "classifier", "detection_completion_time", "classification_completion_time"} <= set(doc["info"])
+    json.dumps(doc, allow_nan=False)  # plain JSON
+
+
+def _valid_doc() -> dict:
+    return md_document(
+        md_info("d", "c"), SPECIES,
+        [md_image_entry("a.jpg", [_lynx()], SPECIES, image_size=(1000, 500), model_classes=MODEL_CLASSES),
+         md_image_entry("b.jpg", None, SPECIES, failure="unreadable")],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (lambda d: d["info"].pop("format_version"), "format_version"),
+        (lambda d: d["info"].__setitem__("format_version", 1.6), "format_version"),
+        (lambda d: d.pop("detection_categories"), "detection_categories"),
+        (lambda d: d.pop("images"), "images"),
+        (lambda d: d["detection_categories"].__setitem__("x", "animal"), "detection_categories"),
+        (lambda d: d["classification_categories"].__setitem__("9", " "), "non-blank"),
+        (lambda d: d["images"][0]["detections"][0].__setitem__("category", "7"), "category"),
+        (lambda d: d["images"][0]["detections"][0].__setitem__("conf", 1), "conf"),
+        (lambda d: d["images"][0]["detections"][0].__setitem__("conf", 1.5), "conf"),
+        (lambda d: d["images"][0]["detections"][0].__setitem__("bbox", [10, 10, 50, 50]), "relative"),
+        (lambda d: d["images"][0]["detections"][0].__setitem__("bbox", [0.8, 0.1, 0.5, 0.1]), "past the image"),
+        (lambda d: d["images"][0]["detections"][0].__setitem__("bbox", [0.1, 0.1, 0.5]), "bbox"),
+        (lambda d: d["images"][0]["detections"][0]["classifications"].reverse(), "descending"),
+        (lambda d: d["images"][0]["detections"][0]["classifications"].append(["42", 0.01]),
+         "classification_categories"),
+        (lambda d: d["images"][0]["detections"][0]["classifications"].append([3, 0.01]), "string-formatted"),
+        (lambda d: d["images"][1].__setitem__("detections", []), "null or absent"),
+        (lambda d: d["images"][1].__setitem__("failure", 3), "failure"),
+        (lambda d: d["images"][0].pop("detections"), "required list"),
+        (lambda d: d["images"].append(dict(d["images"][0])), "more than once"),
+        (lambda d: d["info"].__setitem__("detection_completion_time", "yesterday"), "YYYY-MM-DD"),
+        (lambda d: d["info"].__setitem__("detector_metadata", {"typical_detection_threshold": 2}), "[0, 1]"),
+        (lambda d: d["images"].append({"file": "v.mp4", "detections": []}), "frame_rate"),
+    ],
+)
+def test_validator_catches_each_rule(mutate, expect):
+    doc = _valid_doc()
+    assert validate_md_output(doc) == []
+    mutate(doc)
+    errors = validate_md_output(doc)
+    assert any(expect in e for e in errors), errors
+
+
+def test_validator_accepts_the_format_documents_video_and_null_failure_forms():
+    doc = {
+        "info": {"format_version": "1.6"},
+        "detection_categories": {"1": "animal", "2": "person"},
+        "images": [
+            {"file": "v.mp4", "frame_rate": 20, "frames_processed": [0, 20],
+             "detections": [{"category": "2", "conf": 0.871, "bbox": [0.1, 0.2, 0.3, 0.4], "frame_number": 0}]},
+            {"file": "e.jpg", "detections": [], "failure": None},
+            {"file": "f.jpg", "failure": "Failure image access"},
+        ],
+    }  # fmt: skip
+    assert validate_md_output(doc) == []
+
+
+# --- the writer -------------------------------------------------------------------------------
+def _writer(path, **kw) -> MdBatchWriter:
+    return MdBatchWriter(path, "global-2026.11.1", "cascade-2026.11.1", SPECIES, model_classes=MODEL_CLASSES, **kw)
+
+
+def test_writer_appends_and_is_valid_json_at_every_step(tmp_path):
+    path = tmp_path / "md.json"
+    with _writer(path, flush_every=2) as w:
+        assert validate_md_output(json.loads(path.read_text())) == []  # created valid and empty
+        w.add("a.jpg", [_lynx()], image_size=(1000, 500))
+        w.add("b.jpg", [])
+        doc = json.loads(path.read_text())  # flushed after 2
+        assert [im["file"] for im in doc["images"]] == ["a.jpg", "b.jpg"]
+        w.add("c.jpg", failure="truncated JPEG")
+        assert len(json.loads(path.read_text())["images"]) == 2  # not flushed yet, but journalled
+        assert w.journal_path.read_text().count("\n") == 1
+    doc = json.loads(path.read_text())
+    assert validate_md_output(doc) == []
+    assert [im["file"] for im in doc["images"]] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert doc["images"][2] == {"file": "c.jpg", "failure": "truncated JPEG", "detections": None}
+    assert w.journal_path.stat().st_size == 0
+
+
+def _crash_child(path: str, n: int) -> None:
+    w = _writer(path, flush_every=1000)
+    for i in range(n):
+        w.add(f"img{i}.jpg", [_lynx()] if i % 2 else [], image_size=(1000, 500))
+    os._exit(0)  # no close, no flush: as if the power went
+
+
+def test_crash_without_close_loses_nothing(tmp_path):
+    path = tmp_path / "md.json"
+    p = multiprocessing.get_context("fork").Process(target=_crash_child, args=(str(path), 5))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert validate_md_output(json.loads(path.read_text())) == []  # the JSON on disk is valid
+    assert json.loads(path.read_text())["images"] == []  # ...but stale
+    with open(w_journal := path.with_name("md.json.journal"), "ab") as f:
+        f.write(b'{"image": {"file": "torn.jpg", "detec')  # a torn last line, as a crash mid-write leaves
+    with _writer(path) as w:
+        assert len(w) == 5  # replayed from the journal; the torn line dropped
+        w.add("img5.jpg", [])
+    doc = json.loads(path.read_text())
+    assert validate_md_output(doc) == []
+    assert [im["file"] for im in doc["images"]] == [f"img{i}.jpg" for i in range(6)]
+    assert w_journal.stat().st_size == 0
+
+
+def test_reopen_appends_and_redo_replaces(tmp_path):
+    path = tmp_path / "md.json"
+    with _writer(path) as w:
+        w.add("a.jpg", [])
+        w.add("b.jpg", [])
+    with _writer(path) as w:
+        w.add("a.jpg", [_lynx()], image_size=(1000, 500))  # redone after a crash: one result per file
+    doc = json.loads(path.read_text())
+    assert validate_md_output(doc) == []
+    assert [im["file"] for im in doc["images"]] == ["b.jpg", "a.jpg"]
+    assert doc["images"][1]["detections"][0]["conf"] == 0.91
+
+
+def test_new_species_extend_ids_without_renumbering(tmp_path):
+    path = tmp_path / "md.json"
+    with _writer(path) as w:
+        w.add("a.jpg", [Detection("rabbit", 0.7, (0, 0, 5, 5), model="x")], image_size=(10, 10))
+    # a new bundle with other species and a different order
+    with MdBatchWriter(path, "g2", "c2", ["genet", "rabbit"]) as w:
+        w.add("b.jpg", [Detection("genet", 0.6, (0, 0, 5, 5), model="x")], image_size=(10, 10))
+        w.add("c.jpg", [Detection("badger", 0.6, (0, 0, 5, 5), model="x")], image_size=(10, 10))
+    doc = json.loads(path.read_text())
+    assert validate_md_output(doc) == []
+    cats = doc["classification_categories"]
+    assert cats == {"0": "lynx", "1": "wildcat", "2": "rabbit", "3": "person", "4": "genet", "5": "badger"}
+    ids = [im["detections"][0]["classifications"][0][0] for im in doc["images"]]
+    assert [cats[i] for i in ids] == ["rabbit", "genet", "badger"]
+
+
+def test_second_writer_is_refused(tmp_path):
+    path = tmp_path / "md.json"
+    with _writer(path) as w:
+        with pytest.raises(ValueError, match="another process"):
+            _writer(path)
+        w.add("a.jpg", [])  # the first writer is unharmed
+    assert [im["file"] for im in json.loads(path.read_text())["images"]] == ["a.jpg"]
+
+
+def test_existing_junk_file_is_refused(tmp_path):
+    path = tmp_path / "md.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"md\.json: not valid JSON"):
+        _writer(path)

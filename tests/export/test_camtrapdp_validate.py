@@ -1,0 +1,258 @@
+"""Camtrap DP 1.0.2 packages written by edge/records.py, validated offline with frictionless.
+
+Nothing may be fetched, and frictionless would fetch the profile and table-schema URLs of a
+package. So the validator here maps each official 1.0.2 URL to the local copy in
+tests/data/camtrap-dp-1.0.2 and checks:
+  1. the descriptor against the local Camtrap DP profile (JSON Schema draft 4, jsonschema), its
+     remote ``$ref``s resolved locally: GeoJSON from frictionless' bundled copy, the base Data
+     Package profile stood in for by frictionless' own package rules (``Package.metadata_profile``
+     and ``Package.metadata_validate``), as no local copy of specs.frictionlessdata.io exists;
+  2. every table against its local table schema with frictionless (types, formats, enums,
+     patterns, required, unique), and the foreign keys between the three tables.
+The official example package must pass it and a broken copy must fail it: proof that the
+validator is real. Sockets are blocked during the tests, so any fetch attempt fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+frictionless = pytest.importorskip("frictionless")
+jsonschema = pytest.importorskip("jsonschema")
+
+from edge.records import (  # noqa: E402
+    CAMTRAP_DP_PROFILE,
+    DEPLOYMENT_COLUMNS,
+    MEDIA_COLUMNS,
+    OBSERVATION_COLUMNS,
+    TABLE_SCHEMAS,
+    DeploymentInfo,
+    MediaResult,
+    ProjectMeta,
+    write_camtrapdp,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "camtrap-dp-1.0.2"
+LOCAL = {
+    CAMTRAP_DP_PROFILE: DATA / "camtrap-dp-profile.json",
+    **{url: DATA / f"{name}-table-schema.json" for name, url in TABLE_SCHEMAS.items()},
+}
+CAMTRAP_TABLES = ("deployments", "media", "observations")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*a, **k):
+        raise OSError("network access attempted during an offline validation test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _profile_validator():
+    from frictionless import Package
+    from frictionless import settings as fl_settings
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT4
+
+    def res(contents):
+        return Resource.from_contents(contents, default_specification=DRAFT4)
+
+    registry = Registry().with_resources([
+        ("https://specs.frictionlessdata.io/schemas/data-package.json", res(Package.metadata_profile)),
+        ("http://json.schemastore.org/geojson.json", res(fl_settings.GEOJSON_PROFILE)),
+    ])  # fmt: skip
+    profile = json.loads(LOCAL[CAMTRAP_DP_PROFILE].read_text())
+    cls = jsonschema.Draft4Validator
+    return cls(profile, registry=registry, format_checker=cls.FORMAT_CHECKER)
+
+
+def validate_camtrapdp(pkg_dir: Path) -> list[str]:
+    """Every problem found in the package at pkg_dir; [] means valid Camtrap DP 1.0.2."""
+    from frictionless import Package, Resource, Schema
+
+    errors: list[str] = []
+    desc = json.loads((pkg_dir / "datapackage.json").read_text())
+    if desc.get("profile") != CAMTRAP_DP_PROFILE:
+        errors.append(f"profile: {desc.get('profile')!r} is not the Camtrap DP 1.0.2 profile URL")
+    for e in _profile_validator().iter_errors(desc):
+        errors.append(f"descriptor {'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}")
+    base = {k: v for k, v in desc.items() if k != "profile"}  # base Data Package rules, no fetch
+    for e in Package.metadata_validate(base):
+        errors.append(f"descriptor: {e.message}")
+    resources = []
+    by_name = {r.get("name"): r for r in desc.get("resources", []) if isinstance(r, dict)}
+    for name in CAMTRAP_TABLES:
+        r = by_name.get(name)
+        if r is None:
+            errors.append(f"resource {name}: missing")
+            continue
+        if r.get("schema") not in LOCAL:
+            errors.append(f"resource {name}: schema {r.get('schema')!r} is not a Camtrap DP 1.0.2 table schema")
+            continue
+        schema = Schema.from_descriptor(json.loads(LOCAL[r["schema"]].read_text()))
+        resources.append(Resource(path=r["path"], name=name, schema=schema, basepath=str(pkg_dir)))
+    if len(resources) == len(CAMTRAP_TABLES):
+        report = Package(resources=resources, basepath=str(pkg_dir)).validate()
+        for task in report.tasks:
+            for err in task.errors:
+                errors.append(f"{task.name}: {err.message}")
+    return errors
+
+
+# --- the validator is real ------------------------------------------------------------------
+def test_official_example_is_valid():
+    assert validate_camtrapdp(DATA / "example") == []
+
+
+@pytest.mark.parametrize(
+    ("table", "old", "new", "expect"),
+    [
+        ("media.csv", ",image/jpeg,", ",jpeg,", "fileMediatype"),  # pattern
+        ("observations.csv", ",media,animal,", ",media,ghost,", "observationType"),  # enum
+        ("media.csv", "07840dcc,00a2c20d", "07840dcc,nosuchdep", "foreign"),  # foreign key
+    ],
+)
+def test_broken_copies_fail(tmp_path, table, old, new, expect):
+    pkg = tmp_path / "example"
+    shutil.copytree(DATA / "example", pkg)
+    text = (pkg / table).read_text()
+    assert old in text
+    (pkg / table).write_text(text.replace(old, new, 1))
+    errors = validate_camtrapdp(pkg)
+    assert errors and any(expect.lower() in e.lower() for e in errors), errors
+
+
+def test_descriptor_breakage_fails(tmp_path):
+    pkg = tmp_path / "example"
+    shutil.copytree(DATA / "example", pkg)
+    desc = json.loads((pkg / "datapackage.json").read_text())
+    del desc["project"]["samplingDesign"]
+    desc["temporal"] = {"start": "2020-05-30"}
+    (pkg / "datapackage.json").write_text(json.dumps(desc))
+    errors = validate_camtrapdp(pkg)
+    assert any("samplingDesign" in e for e in errors), errors
+    assert any("end" in e for e in errors), errors
+
+
+def test_column_lists_match_the_official_schemas():
+    for name, cols in (("deployments", DEPLOYMENT_COLUMNS), ("media", MEDIA_COLUMNS),
+                       ("observations", OBSERVATION_COLUMNS)):  # fmt: skip
+        schema = json.loads((DATA / f"{name}-table-schema.json").read_text())
+        assert cols == [f["name"] for f in schema["fields"]], name
+
+
+# --- what the device writes -------------------------------------------------------------------
+def _media() -> list[MediaResult]:
+    tz = timezone(timedelta(hours=2))
+    t0 = datetime(2025, 6, 1, 3, 14, 0, tzinfo=tz)
+    done = t0 + timedelta(minutes=1)
+    return [
+        MediaResult("1", "trap-07", t0, "cam1/IMG_0001.JPG", "IMG_0001.JPG",
+                    detections=(("Lynx pardinus", 0.93, (0.1, 0.2, 0.3, 0.4)),
+                                ("Oryctolagus cuniculus", 0.41, (0.6, 0.7, 0.2, 0.1))),
+                    event_id="17", classified_at=done),
+        MediaResult("2", "trap-07", t0 + timedelta(seconds=1), "cam1/IMG_0002.JPG", "IMG_0002.JPG",
+                    detections=(("Lynx pardinus", 0.88, None),), event_id="17", classified_at=done),
+        # an empty frame the device deleted: media row kept, blank observation, not public
+        MediaResult("3", "trap-07", t0 + timedelta(minutes=30), "cam1/IMG_0003.JPG", "IMG_0003.JPG",
+                    disposed="deleted", event_id="18", classified_at=done),
+        MediaResult("4", "trap-07", t0 + timedelta(minutes=31), "cam1/IMG_0004.JPG", "IMG_0004.JPG",
+                    event_id="19", classified_at=done),
+        MediaResult("5", "trap-07", t0 + timedelta(hours=2), "cam1/broken.jpg", "broken.jpg",
+                    failure="truncated JPEG"),
+        MediaResult("6", "trap-07", t0 + timedelta(hours=3), "cam1/IMG_0006.JPG", "IMG_0006.JPG",
+                    detections=(("person", 0.8, (0.0, 0.0, 0.5, 1.0)),), event_id="20", classified_at=done),
+    ]  # fmt: skip
+
+
+def test_written_package_validates_and_keeps_effort(tmp_path):
+    meta = ProjectMeta(title="Doñana pilot", contributors=({"title": "A. Ranger", "role": "contact"},),
+                       classified_by="camtrap-cascade 2026.11.1")  # fmt: skip
+    dep = DeploymentInfo("trap-07", 37.0, -6.4, camera_model="Reconyx-HF2X", coordinate_uncertainty=10)
+    path = write_camtrapdp(tmp_path / "pkg", [dep], _media(), meta)
+    assert path.name == "datapackage.json"
+    assert validate_camtrapdp(tmp_path / "pkg") == []
+
+    import csv
+
+    def rows(name):
+        with open(tmp_path / "pkg" / f"{name}.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    media = {r["mediaID"]: r for r in rows("media")}
+    obs = rows("observations")
+    assert set(media) == {"1", "2", "3", "4", "5", "6"}  # deleted frame still counted as effort
+    assert media["3"]["filePublic"] == "false" and "deleted" in media["3"]["mediaComments"]
+    by_media: dict[str, list[dict]] = {}
+    for o in obs:
+        by_media.setdefault(o["mediaID"], []).append(o)
+        assert o["observationLevel"] == "media"
+    assert [o["observationType"] for o in by_media["3"]] == ["blank"]
+    assert [o["observationType"] for o in by_media["4"]] == ["blank"]
+    assert [o["observationType"] for o in by_media["5"]] == ["unclassified"]
+    assert [o["observationType"] for o in by_media["6"]] == ["human"]
+    lynx, rabbit = by_media["1"]
+    assert (lynx["scientificName"], lynx["classificationProbability"]) == ("Lynx pardinus", "0.93")
+    assert (lynx["bboxX"], lynx["bboxY"], lynx["bboxWidth"], lynx["bboxHeight"]) == ("0.1", "0.2", "0.3", "0.4")
+    assert lynx["classificationMethod"] == "machine" and lynx["classifiedBy"] == "camtrap-cascade 2026.11.1"
+    assert lynx["eventID"] == "17" and lynx["eventStart"] == "2025-06-01T03:14:00+02:00"
+    assert rabbit["scientificName"] == "Oryctolagus cuniculus"
+    assert by_media["2"][0]["bboxX"] == ""  # no box known: left empty, still valid
+    desc = json.loads(path.read_text())
+    assert desc["profile"] == CAMTRAP_DP_PROFILE
+    assert {t["scientificName"] for t in desc["taxonomic"]} == {"Lynx pardinus", "Oryctolagus cuniculus"}
+    assert desc["temporal"] == {"start": "2025-06-01", "end": "2025-06-01"}
+    dep_row = rows("deployments")[0]
+    assert dep_row["deploymentStart"] == "2025-06-01T03:14:00+02:00"
+    assert dep_row["deploymentEnd"] == "2025-06-01T06:14:00+02:00"
+
+
+def test_bad_values_written_are_caught(tmp_path):
+    """A package with a probability above 1 must fail: the validator sees what the writer wrote."""
+    bad = [MediaResult("1", "trap-07", datetime(2025, 6, 1, tzinfo=timezone.utc), "a.jpg", "a.jpg",
+                       detections=(("Lynx pardinus", 0.9, (0.1, 0.1, 0.2, 0.2)),))]  # fmt: skip
+    write_camtrapdp(tmp_path, [DeploymentInfo("trap-07", 37.0, -6.4)], bad)
+    obs = (tmp_path / "observations.csv").read_text().replace(",0.9,", ",1.9,")
+    (tmp_path / "observations.csv").write_text(obs)
+    assert any("classificationProbability" in e for e in validate_camtrapdp(tmp_path))
+
+
+def test_export_cli_from_a_real_ledger(tmp_path, capsys):
+    """The thin CLI over edge/ledger.py: done, disposed (deleted), quarantined and waiting images."""
+    from edge.cli import main
+    from edge.ledger import Ledger
+
+    db = tmp_path / "ledger.sqlite3"
+    t0 = datetime(2025, 6, 1, 1, 14, tzinfo=timezone.utc).timestamp()  # 03:14 in Madrid (CEST)
+    lynx = {"empty": False, "width": 1000, "height": 500,
+            "detections": [{"species": "lynx", "score": 0.9, "box": [100, 50, 400, 250], "cls": 0, "model": "medium"}]}
+    with Ledger(db) as led:
+        a = led.see("/srv/cam/a/IMG_1.JPG", 100, t0 + 5, taken_at=t0)
+        b = led.see("/srv/cam/a/IMG_2.JPG", 100, t0 + 60)
+        c = led.see("/srv/cam/a/bad.jpg", 3, t0 + 70)
+        led.see("/srv/cam/a/IMG_4.JPG", 100, t0 + 80)  # not classified yet: left out
+        led.claim(3)
+        led.complete(a, lynx, event_id=1)
+        led.complete(b, {"empty": True, "detections": []}, event_id=2)
+        led.mark_disposed(b, "deleted")
+        led.quarantine(c, "truncated JPEG")
+    out = tmp_path / "pkg"
+    rc = main(["export-camtrapdp", "--ledger", str(db), "--out", str(out), "--deployment-id", "trap-07",
+               "--latitude", "37.0", "--longitude", "-6.4", "--timezone", "Europe/Madrid", "--root", "/srv/cam"])
+    assert rc == 0
+    assert "3 media (1 blank, 1 disposed on the device, 1 unreadable)" in capsys.readouterr().out
+    assert validate_camtrapdp(out) == []
+    media = (out / "media.csv").read_text()
+    obs = (out / "observations.csv").read_text()
+    assert ",a/IMG_1.JPG," in media and "IMG_4" not in media
+    assert "1_1,trap-07,1,1,2025-06-01T03:14:00+02:00" in obs  # device time zone offset
+    assert ",0.1,0.1,0.3,0.4," in obs  # pixel box normalised top-left x, y, w, h
+    assert "2_0,trap-07,2,2," in obs and ",blank," in obs
+    assert "image could not be read: truncated JPEG" in obs
