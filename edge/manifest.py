@@ -69,7 +69,13 @@ class ModelEntry(_Strict):
 class SampleEntry(_Strict):
     """A sample image with what each model is expected to output on it (self-test)."""
 
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        return ModelEntry._relative(v)
+
     file: str
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="checked on load")
     expected: dict[str, list[dict]] = Field(
         description="model name -> detections (Detection.to_dict form) at the model's thresholds"
     )

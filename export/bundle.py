@@ -139,7 +139,8 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
         samples = []
         for p in sample_paths:
             shutil.copyfile(p, tmp / "samples" / p.name)
-            samples.append({"file": f"samples/{p.name}", "expected": {}})
+            samples.append({"file": f"samples/{p.name}", "sha256": sha256_file(tmp / "samples" / p.name),
+                            "expected": {}})
         for e in entries:
             for s, dets in zip(samples, _run_onnx(tmp / e.file, e, sample_imgs), strict=True):
                 s["expected"][e.name] = dets

@@ -1,0 +1,99 @@
+"""Inference engines behind one interface (base.py), one module per backend.
+
+Importing this package registers every backend but loads no runtime: onnxruntime is imported
+when an ONNX Runtime engine is built, tensorrt and pycuda only inside a TensorRT engine's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge.engines import onnxruntime as _onnxruntime  # noqa: F401  (registers "onnxruntime")
+from edge.engines import tensorrt as _tensorrt  # noqa: F401  (registers "tensorrt")
+from edge.engines.base import (
+    Engine,
+    EngineConfig,
+    available_backends,
+    compare_detections,
+    create_engine,
+    engine_class,
+    make_config,
+    register,
+    registered_backends,
+)
+
+if TYPE_CHECKING:
+    from edge.bundle import Bundle
+    from edge.detection import Detection
+    from edge.manifest import ModelEntry
+    from edge.vision import Letterbox
+
+__all__ = [
+    "Engine", "EngineConfig", "available_backends", "compare_detections", "create_engine", "detect_batch",
+    "engine_class", "load_engines", "make_config", "read_samples", "register", "registered_backends",
+]
+
+
+def read_samples(bundle: Bundle) -> list[np.ndarray]:
+    """The bundle's sample images as BGR arrays, in manifest order."""
+    import cv2
+
+    images = []
+    for sample, path in zip(bundle.manifest.samples, bundle.sample_paths(), strict=True):
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError(f"{bundle.source}: {sample.file}: unreadable sample image")
+        images.append(img)
+    return images
+
+
+def detect_batch(raw: np.ndarray, entry: ModelEntry, letterboxes: list[Letterbox]) -> list[list[Detection]]:
+    """A raw output batch -> detections per image at the model's own thresholds.
+
+    This is how a bundle's expected sample outputs are made (export/bundle.py), so the
+    self-test and the INT8 gate judge engines the same way.
+    """
+    from edge.vision import decode
+
+    conf = {c: entry.threshold(c) for c in entry.classes}
+    return [decode(raw[i], entry.layout, entry.classes, lb, conf=conf, iou=entry.iou_threshold, model=entry.name)
+            for i, lb in enumerate(letterboxes)]
+
+
+def load_engines(bundle: Bundle, backend: str = "onnxruntime", *, runtime: Mapping[str, Any] | None = None,
+                 **cfg: Any) -> dict[str, Engine]:
+    """One engine per model of ``bundle``, by model name; all closed again if any fails.
+
+    ``cfg`` are the backend's config fields (e.g. ``precision="int8"``, ``cache_dir=...``).
+    TensorRT INT8 calibrates on the bundle's samples and must pass the accuracy gate
+    against FP16 on them, or loading fails with the gate's findings.
+    """
+    config = make_config(backend, **cfg)  # validate once, before anything is built
+    int8 = getattr(config, "precision", None) == "int8"
+    images = read_samples(bundle) if int8 else []
+    if int8 and not images:
+        raise ValueError(f"{bundle.source}: INT8 needs the bundle's sample images for calibration; it has none")
+    engines: dict[str, Engine] = {}
+    try:
+        for entry in bundle.manifest.models:
+            path = bundle.model_path(entry.name)
+            if int8:
+                from edge.engines.tensorrt import build_gated_int8
+                from edge.vision import letterbox_batch
+
+                x, lbs = letterbox_batch(images, entry.imgsz)
+                engines[entry.name], _ = build_gated_int8(
+                    path, entry, config, calibration=x, check=x,  # type: ignore[arg-type]
+                    decode=lambda raw, e=entry, lb=lbs: detect_batch(raw, e, lb),
+                    thresholds={c: entry.threshold(c) for c in entry.classes}, **dict(runtime or {}),
+                )
+            else:
+                engines[entry.name] = engine_class(backend)(path, entry, config, **dict(runtime or {}))
+    except BaseException:
+        for e in engines.values():
+            e.close()
+        raise
+    return engines

@@ -1,0 +1,472 @@
+"""TensorRT backend (Jetson: JetPack 5 = TensorRT 8.5, JetPack 6 = TensorRT 10.x), with pycuda.
+
+What it does, and the API facts it relies on:
+- Builds a plan from the bundle's ONNX on the device itself (plans are tied to the TensorRT
+  version and GPU), FP16 by default; INT8 only with an IInt8EntropyCalibrator2 over the
+  bundle's samples, and only if ``int8_gate`` finds its decoded outputs match FP16's.
+- Uses only the name-based tensor API, present from 8.5 and the only one left in 10.x:
+  ``num_io_tensors``, ``get_tensor_name``, ``get_tensor_mode``, ``set_input_shape``,
+  ``set_tensor_address``, ``execute_async_v3``. (TensorRT 8.5.3 C++ IExecutionContext lists
+  setInputShape/setTensorAddress/enqueueV3; the 8.x -> 10.x Python migration guide,
+  docs.nvidia.com/deeplearning/tensorrt/.../tensorrt-8x-to-10x-python-api-patterns.html,
+  says the binding API is gone in 10.x.) ``create_network`` needs the EXPLICIT_BATCH flag
+  before 10.0, where it is deprecated and ignored.
+- One optimisation profile: batch min 1, opt and max ``max_batch``; the same profile is the
+  INT8 calibration profile (calibration runs at its opt shape).
+- A persisted timing cache (``IBuilderConfig.create_timing_cache`` / ``set_timing_cache`` /
+  ``ITimingCache.serialize``; a cache from another device or version is refused by
+  ``set_timing_cache(..., ignore_mismatch=False)`` and a fresh one used).
+- CUDA state (context, stream, pinned host and device buffers, the TensorRT runtime, engine
+  and execution context) is owned by ONE thread per engine. pycuda contexts are per thread
+  (pycuda issue #242, and "invalid device context - no currently active context?" when a
+  TensorRT engine is used from a thread that did not make it, jkjung-avt/tensorrt_demos #63),
+  so the thread retains the device's primary context (the one the CUDA runtime, hence
+  TensorRT, uses), pushes it, does all the work, and pops it on close. No pycuda.autoinit.
+  ``infer`` from any other thread is queued to that thread and waits for the answer.
+- Plans are cached under a key of model sha256 + TensorRT version + GPU name + compute
+  capability + precision + max batch (edge/engines/trt_cache.py), written atomically.
+
+``tensorrt`` and ``pycuda`` are imported inside the inference thread, never at module import;
+tests pass a faithful fake of both (tests/edge/fake_tensorrt.py) as ``trt=`` / ``cuda=``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from edge.detection import Detection
+from edge.engines.base import Engine, EngineConfig, compare_detections, register
+from edge.engines.trt_cache import (
+    PlanKey,
+    atomic_write,
+    default_cache_dir,
+    plan_path,
+    remove_plan,
+    timing_cache_path,
+    write_plan,
+)
+from edge.manifest import ModelEntry
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class TensorRTConfig(EngineConfig):
+    type: Literal["tensorrt"] = "tensorrt"
+    precision: Precision = Field(
+        default="fp16", title="Precision",
+        description="fp16 (default, the Jetson sweet spot); int8 needs calibration and must pass the "
+        "accuracy gate against fp16; fp32 for debugging",
+    )
+    max_batch: int = Field(default=4, ge=1, le=64, title="Largest batch (profile max and opt)",
+                           description="bursts of 3-10 frames; buffers are sized for this")
+    workspace_mb: int = Field(default=1024, ge=16, le=65536, title="Builder workspace (MiB)",
+                              description="scratch memory TensorRT may use while choosing kernels")
+    cache_dir: Path | None = Field(default=None, title="Plan and timing cache folder",
+                                   description="default $CAMTRAP_TRT_CACHE or ~/.cache/camtrap/tensorrt")
+    device: int = Field(default=0, ge=0, title="CUDA device index")
+    rebuild: bool = Field(default=False, title="Ignore a cached plan and build again")
+
+
+@dataclass
+class _Tensor:
+    name: str
+    is_input: bool
+    dtype: np.dtype
+    per_image: tuple[int, ...]
+    host: Any = None  # pinned numpy array [max_batch, *per_image]
+    device: Any = None  # pycuda DeviceAllocation
+
+
+class Int8Rejected(ValueError):
+    """The INT8 engine's detections differ from FP16's on the bundle's samples."""
+
+
+@register
+class TensorRTEngine(Engine):
+    backend = "tensorrt"
+    config_class = TensorRTConfig
+    requires = ("tensorrt", "pycuda")
+    config: TensorRTConfig
+
+    def __init__(self, model_path: str | Path, entry: ModelEntry, config: TensorRTConfig, *,
+                 calibration: np.ndarray | None = None, trt: Any = None, cuda: Any = None) -> None:
+        super().__init__(model_path, entry, config)
+        if config.precision == "int8":
+            if calibration is None or len(calibration) == 0:
+                raise ValueError(f"{entry.name}: INT8 needs calibration images (the bundle's samples); "
+                                 "refusing to build an uncalibrated INT8 engine - use fp16")
+            calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+            if calibration.ndim != 4 or tuple(calibration.shape[1:]) != self.input_shape:
+                raise ValueError(f"{entry.name}: calibration batch must be [K, {', '.join(map(str, self.input_shape))}]"
+                                 f", got {list(calibration.shape)}")
+        self._calibration = calibration if config.precision == "int8" else None
+        self._modules = (trt, cuda)
+        self.plan_path: Path | None = None
+        self.built = False  # True when this engine built its plan (a cache miss)
+        self.build_seconds = 0.0
+        self.trt_version = self.gpu_name = self.compute_capability = ""
+        self._io: list[_Tensor] = []
+        self._jobs: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"tensorrt-{entry.name}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        try:
+            self.warmup()
+        except BaseException:
+            self.close()  # stop the thread and free its CUDA state
+            raise
+
+    # --- the calling side -------------------------------------------------------------------------
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if threading.current_thread() is self._thread:
+            return self._execute(batch)
+        if not self._thread.is_alive():
+            raise RuntimeError(f"engine {self.name!r}: its TensorRT thread has stopped")
+        fut: Future = Future()
+        self._jobs.put((batch, fut))
+        return fut.result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout=60)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "precision": self.config.precision, "plan": str(self.plan_path),
+                "built": self.built, "build_s": round(self.build_seconds, 1), "tensorrt": self.trt_version,
+                "gpu": f"{self.gpu_name} (sm {self.compute_capability})"}
+
+    # --- the inference thread ---------------------------------------------------------------------
+    def _serve(self) -> None:
+        try:
+            self._setup()
+        except BaseException as e:  # reported to the constructor, which re-raises it
+            self._error = e
+            self._teardown()
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(self._execute(batch))
+            except BaseException as e:
+                fut.set_exception(e)
+        self._teardown()
+
+    def _setup(self) -> None:
+        trt, cuda = self._modules
+        if trt is None:
+            import tensorrt as trt
+        if cuda is None:
+            import pycuda.driver as cuda
+        self._trt, self._cuda = trt, cuda
+        cuda.init()
+        dev = cuda.Device(self.config.device)
+        # The primary context is the one the CUDA runtime (and so TensorRT) uses; retaining it
+        # does not make it current, so push it here, in the thread that will use it.
+        self._cuda_ctx = dev.retain_primary_context()
+        self._cuda_ctx.push()
+        self._ctx_pushed = True
+        self.gpu_name = str(dev.name())
+        major, minor = dev.compute_capability()
+        self.compute_capability = f"{major}.{minor}"
+        self.trt_version = str(trt.__version__)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)  # must outlive the engine it deserialises
+
+        cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
+        key = PlanKey(
+            model_sha256=self.entry.sha256, trt_version=self.trt_version, gpu_name=self.gpu_name,
+            compute_capability=self.compute_capability, precision=self.config.precision,
+            max_batch=self.config.max_batch, imgsz=self.entry.imgsz,
+            calibration_sha256=_array_sha256(self._calibration) if self._calibration is not None else None,
+        )
+        self.plan_path = plan_path(cache_dir, key)
+        engine = None
+        if self.plan_path.is_file() and not self.config.rebuild:
+            engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+            if engine is None:
+                log.warning("%s: cached plan %s does not load; rebuilding", self.name, self.plan_path)
+        if engine is None:
+            t = time.monotonic()
+            log.info("%s: building a %s TensorRT plan (minutes on a Jetson)", self.name, self.config.precision)
+            calibrator = None
+            if self._calibration is not None:
+                calibrator = make_calibrator(trt, cuda, self._calibration, self.config.max_batch,
+                                             self.plan_path.with_suffix(".calib"))
+            try:
+                plan = build_plan(trt, self._logger, self.model_path.read_bytes(), self.entry, self.config,
+                                  timing_cache_path(cache_dir, self.trt_version, self.gpu_name,
+                                                    self.compute_capability), calibrator)
+            finally:
+                if calibrator is not None:
+                    calibrator.free()
+            write_plan(self.plan_path, plan, key)
+            self.built, self.build_seconds = True, time.monotonic() - t
+            engine = self._runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise RuntimeError(f"{self.name}: TensorRT built a plan it cannot load ({self.plan_path})")
+        self._engine = engine
+        self._context = engine.create_execution_context()
+        self._allocate()
+
+    def _allocate(self) -> None:
+        trt, cuda, engine = self._trt, self._cuda, self._engine
+        tensors = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            tensors.append(_Tensor(name, is_input, dtype, ()))
+        inputs = [t for t in tensors if t.is_input]
+        if len(inputs) != 1 or len(tensors) < 2:
+            raise ValueError(f"{self.model_path}: expected one input and at least one output, got "
+                             f"{[t.name for t in tensors]}")
+        mb = self.config.max_batch
+        if not self._context.set_input_shape(inputs[0].name, (mb, *self.input_shape)):
+            raise ValueError(f"{self.model_path}: input {inputs[0].name!r} refuses shape "
+                             f"{[mb, *self.input_shape]}")
+        for t in tensors:
+            shape = tuple(int(d) for d in self._context.get_tensor_shape(t.name))
+            if shape[0] != mb or any(d < 0 for d in shape):
+                raise ValueError(f"{self.model_path}: tensor {t.name!r} has unresolved shape {list(shape)}")
+            t.per_image = shape[1:]
+            t.host = cuda.pagelocked_empty((mb, *t.per_image), t.dtype)  # async copies need pinned memory
+            t.device = cuda.mem_alloc(t.host.nbytes)
+        self._io = tensors
+        self._input = inputs[0]
+        self._output = next(t for t in tensors if not t.is_input)
+        self._stream = cuda.Stream()
+
+    def _execute(self, batch: np.ndarray) -> np.ndarray:
+        cuda, ctx, n = self._cuda, self._context, batch.shape[0]
+        inp = self._input
+        if not ctx.set_input_shape(inp.name, (n, *inp.per_image)):
+            raise RuntimeError(f"{self.name}: TensorRT refused input shape {[n, *inp.per_image]}")
+        host_in = inp.host[:n]
+        np.copyto(host_in, batch, casting="same_kind" if inp.dtype.kind == "f" else "unsafe")
+        for t in self._io:  # every IO tensor needs an address before execute_async_v3
+            ctx.set_tensor_address(t.name, int(t.device))
+        cuda.memcpy_htod_async(inp.device, host_in, self._stream)
+        if not ctx.execute_async_v3(self._stream.handle):
+            raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed (see its log)")
+        views = []
+        for t in self._io:
+            if t.is_input:
+                continue
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name))
+            if shape != (n, *t.per_image):
+                raise RuntimeError(f"{self.name}: output {t.name!r} has shape {list(shape)}, "
+                                   f"expected {[n, *t.per_image]}")
+            view = t.host[:n]
+            cuda.memcpy_dtoh_async(view, t.device, self._stream)
+            views.append((t, view))
+        self._stream.synchronize()
+        return next(v for t, v in views if t is self._output).astype(np.float32)  # a copy: host is reused
+
+    def _teardown(self) -> None:
+        for t in self._io:
+            if t.device is not None:
+                t.device.free()
+                t.device = None
+        self._io = []
+        for attr in ("_context", "_engine", "_runtime", "_stream"):  # context before engine before runtime
+            if hasattr(self, attr):
+                setattr(self, attr, None)
+        if getattr(self, "_ctx_pushed", False):
+            self._cuda_ctx.pop()
+            self._cuda_ctx.detach()
+            self._ctx_pushed = False
+
+
+def _array_sha256(a: np.ndarray) -> str:
+    h = hashlib.sha256(str(a.shape).encode())
+    h.update(np.ascontiguousarray(a, np.float32).tobytes())
+    return h.hexdigest()
+
+
+# --- building ---------------------------------------------------------------------------------------
+
+
+def build_plan(trt: Any, logger: Any, onnx_bytes: bytes, entry: ModelEntry, config: TensorRTConfig,
+               timing_cache: Path, calibrator: Any = None) -> bytes:
+    """ONNX bytes -> serialised plan. Runs in the engine's thread (a CUDA context must be current)."""
+    major = int(str(trt.__version__).split(".")[0])
+    # Explicit batch is mandatory for ONNX before TensorRT 10 and the only mode from 10.0 on.
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    builder = trt.Builder(logger)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"{entry.file}: TensorRT cannot parse the ONNX model: {errors}")
+    if network.num_inputs != 1:
+        raise ValueError(f"{entry.file}: expected one input, the network has {network.num_inputs}")
+    name = network.get_input(0).name
+    cfg = builder.create_builder_config()
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)  # TRT >= 8.4
+    if config.precision in ("fp16", "int8"):
+        cfg.set_flag(trt.BuilderFlag.FP16)  # INT8 layers that cannot be quantised fall back to FP16
+    s = entry.imgsz
+    profile = builder.create_optimization_profile()
+    profile.set_shape(name, (1, 3, s, s), (config.max_batch, 3, s, s), (config.max_batch, 3, s, s))
+    cfg.add_optimization_profile(profile)
+    if config.precision == "int8":
+        if calibrator is None:
+            raise ValueError(f"{entry.name}: INT8 without a calibrator is refused")
+        cfg.set_flag(trt.BuilderFlag.INT8)
+        cfg.int8_calibrator = calibrator
+        cfg.set_calibration_profile(profile)  # dynamic shapes: calibrate at the profile's opt shape
+
+    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = cfg.create_timing_cache(blob)
+    if cache is None and blob:
+        log.warning("timing cache %s is unreadable; starting a fresh one", timing_cache)
+        cache = cfg.create_timing_cache(b"")
+    if not cfg.set_timing_cache(cache, False):  # ignore_mismatch=False: never use another GPU's timings
+        log.warning("timing cache %s was made elsewhere; starting a fresh one", timing_cache)
+        cache = cfg.create_timing_cache(b"")
+        cfg.set_timing_cache(cache, False)
+
+    plan = builder.build_serialized_network(network, cfg)
+    if plan is None:
+        raise RuntimeError(f"{entry.name}: TensorRT could not build a {config.precision} plan (see its log)")
+    atomic_write(timing_cache, bytes(cfg.get_timing_cache().serialize()))
+    return bytes(plan)
+
+
+def make_calibrator(trt: Any, cuda: Any, images: np.ndarray, batch_size: int, cache_file: Path | None) -> Any:
+    """An IInt8EntropyCalibrator2 feeding ``images`` (letterboxed like real inputs) in batches.
+
+    TensorRT calibrates at the profile's opt batch, so every batch has ``batch_size`` images;
+    the sample set is cycled to fill the last one. The calibration table is cached beside the
+    plan (its name carries the calibration data's hash through the plan key).
+    """
+    base = trt.IInt8EntropyCalibrator2
+
+    class EntropyCalibrator(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)  # pybind11: the TensorRT base must be initialised explicitly
+            k = len(images)
+            n_batches = max(1, -(-k // batch_size))
+            idx = np.arange(n_batches * batch_size) % k
+            self._batches = [np.ascontiguousarray(images[idx[i:i + batch_size]], np.float32)
+                             for i in range(0, len(idx), batch_size)]
+            self._next = 0
+            self._device = cuda.mem_alloc(self._batches[0].nbytes)
+
+        def get_batch_size(self) -> int:
+            return batch_size
+
+        def get_batch(self, names: list[str], *_: Any) -> list[int] | None:
+            if self._next >= len(self._batches):
+                return None
+            cuda.memcpy_htod(self._device, self._batches[self._next])
+            self._next += 1
+            return [int(self._device)]
+
+        def read_calibration_cache(self) -> bytes | None:
+            if cache_file is not None and cache_file.is_file():
+                return cache_file.read_bytes()
+            return None
+
+        def write_calibration_cache(self, cache: Any) -> None:
+            if cache_file is not None:
+                atomic_write(cache_file, bytes(cache))
+
+        def free(self) -> None:
+            if self._device is not None:
+                self._device.free()
+                self._device = None
+
+    return EntropyCalibrator()
+
+
+# --- the INT8 accuracy gate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    images: int
+    problems: list[str] = field(default_factory=list)
+
+
+def int8_gate(reference: Sequence[Sequence[Detection]], candidate: Sequence[Sequence[Detection]], *,
+              min_iou: float = 0.9, score_tol: float = 0.05,
+              thresholds: Mapping[str, float] | None = None) -> GateResult:
+    """Does INT8 (``candidate``) find what FP16 (``reference``) finds, image by image? (pure)
+
+    Same species, box IoU >= ``min_iou``, score within ``score_tol``, nothing extra. A
+    reference with no detection at all cannot judge anything, so it fails the gate too.
+    """
+    if len(reference) != len(candidate):
+        return GateResult(False, len(reference), [f"{len(reference)} reference images, {len(candidate)} INT8"])
+    if not any(len(r) for r in reference):
+        return GateResult(False, len(reference), ["the FP16 reference found nothing on the samples, "
+                                                  "so INT8 accuracy cannot be judged"])
+    problems = []
+    for i, (r, c) in enumerate(zip(reference, candidate, strict=True)):
+        problems += [f"image {i}: {p}" for p in compare_detections(r, c, min_iou=min_iou, score_tol=score_tol,
+                                                                    thresholds=thresholds)]
+    return GateResult(not problems, len(reference), problems)
+
+
+def build_gated_int8(model_path: str | Path, entry: ModelEntry, config: TensorRTConfig, *,
+                     calibration: np.ndarray, check: np.ndarray,
+                     decode: Callable[[np.ndarray], list[list[Detection]]],
+                     min_iou: float = 0.9, score_tol: float = 0.05, thresholds: Mapping[str, float] | None = None,
+                     trt: Any = None, cuda: Any = None) -> tuple[TensorRTEngine, GateResult]:
+    """An INT8 engine that has passed the gate against an FP16 engine of the same model.
+
+    ``check`` is the image batch both engines run; ``decode`` turns a raw output batch into
+    detections per image. On failure the INT8 plan is deleted, so it can never be loaded.
+    """
+    fp16 = config.model_copy(update={"precision": "fp16"})
+    with TensorRTEngine(model_path, entry, fp16, trt=trt, cuda=cuda) as ref:
+        reference = decode(ref.infer(check))
+    eng = TensorRTEngine(model_path, entry, config, calibration=calibration, trt=trt, cuda=cuda)
+    try:
+        result = int8_gate(reference, decode(eng.infer(check)), min_iou=min_iou, score_tol=score_tol,
+                           thresholds=thresholds)
+    except BaseException:
+        eng.close()
+        raise
+    if not result.passed:
+        eng.close()
+        if eng.plan_path is not None:
+            remove_plan(eng.plan_path)
+            eng.plan_path.with_suffix(".calib").unlink(missing_ok=True)
+        shown = "; ".join(result.problems[:3]) + (" ..." if len(result.problems) > 3 else "")
+        raise Int8Rejected(f"{entry.name}: INT8 engine failed the accuracy gate against FP16 on "
+                           f"{result.images} sample images ({shown}); its plan was discarded - use fp16")
+    log.info("%s: INT8 passed the accuracy gate on %d images", entry.name, result.images)
+    return eng, result

@@ -1,0 +1,236 @@
+"""Engines: the ONNX Runtime backend on real ONNX models, the registry, the self-test (real files)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from make_onnx import IMGSZ, STRIDE, patch_image, write_test_bundle, yolo_like
+
+from edge.bundle import load_bundle
+from edge.cli import main as edge_main
+from edge.detection import Detection
+from edge.engines import (
+    available_backends,
+    compare_detections,
+    create_engine,
+    detect_batch,
+    load_engines,
+    registered_backends,
+)
+from edge.manifest import ModelEntry
+from edge.selftest import selftest
+from edge.vision import letterbox, letterbox_batch
+
+
+def _entry(path: Path, blob: bytes, classes: list[str], layout: str = "yolov8", **kw) -> ModelEntry:
+    path.write_bytes(blob)
+    return ModelEntry(name=kw.pop("name", "global"), file=f"models/{path.name}",
+                      sha256=hashlib.sha256(blob).hexdigest(), role="global", classes=classes, imgsz=IMGSZ,
+                      layout=layout, **kw)
+
+
+def _batch(n: int) -> np.ndarray:
+    imgs = [patch_image(IMGSZ, STRIDE, (i % 4, (i // 4) % 4), i % 3, scale=2) for i in range(n)]
+    return letterbox_batch(imgs, IMGSZ)[0]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    return write_test_bundle(tmp_path_factory.mktemp("eng") / "b")
+
+
+# --- the ONNX Runtime engine -----------------------------------------------------------------------
+
+
+def test_onnxruntime_engine_contract(tmp_path):
+    e = _entry(tmp_path / "g.onnx", yolo_like(3), ["a", "b", "c"])
+    eng = create_engine("onnxruntime", tmp_path / "g.onnx", e, max_batch=2)
+    assert eng.name == "global" and eng.input_shape == (3, IMGSZ, IMGSZ) and eng.max_batch == 2
+    assert eng.output_shape == (7, 16)  # learnt by the warm-up run
+    x = _batch(5)
+    out = eng.infer(x)
+    assert out.shape == (5, 7, 16) and out.dtype == np.float32
+    singles = np.concatenate([eng.infer(x[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(out, singles, rtol=1e-5, atol=1e-4)  # split batches == one by one
+    assert eng.infer(x[:0]).shape == (0, 7, 16)
+    with pytest.raises(ValueError, match=r"expected a \[N, 3, 64, 64\] batch"):
+        eng.infer(x[:, :, :32])
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.infer(x)
+
+
+def test_outputs_decode_to_the_planted_animal(tmp_path):
+    for layout in ("yolov8", "yolov5"):
+        e = _entry(tmp_path / f"{layout}.onnx", yolo_like(3, layout=layout), ["a", "b", "c"], layout=layout)
+        with create_engine("onnxruntime", tmp_path / f"{layout}.onnx", e) as eng:
+            img = patch_image(IMGSZ, STRIDE, (2, 1), 1, scale=2)
+            x, lb = letterbox(img, IMGSZ)
+            dets = detect_batch(eng.infer(x[None]), e, [lb])[0]
+            assert [d.species for d in dets] == ["b"], layout
+            cx = (dets[0].box[0] + dets[0].box[2]) / 2
+            assert 2 * STRIDE <= cx <= 4 * STRIDE + 1  # near the patch's cell (original pixels)
+
+
+@pytest.mark.parametrize("static", [1, 2])
+def test_fixed_batch_models_still_take_any_batch(tmp_path, static):
+    e = _entry(tmp_path / "s.onnx", yolo_like(3, static_batch=static), ["a", "b", "c"])
+    ref = _entry(tmp_path / "d.onnx", yolo_like(3), ["a", "b", "c"])
+    with create_engine("onnxruntime", tmp_path / "s.onnx", e, max_batch=8) as fixed, \
+            create_engine("onnxruntime", tmp_path / "d.onnx", ref) as dyn:
+        assert fixed.max_batch == static
+        x = _batch(3)
+        np.testing.assert_allclose(fixed.infer(x), dyn.infer(x), rtol=1e-5, atol=1e-4)
+
+
+def test_missing_providers_fall_back_to_cpu(tmp_path, caplog):
+    e = _entry(tmp_path / "g.onnx", yolo_like(2), ["a", "b"])
+    with create_engine("onnxruntime", tmp_path / "g.onnx", e, providers=["tensorrt", "cuda", "cpu"],
+                       intra_op_threads=1) as eng:
+        import onnxruntime as ort
+
+        have = ort.get_available_providers()
+        assert eng.providers[-1] == "CPUExecutionProvider"
+        if "CUDAExecutionProvider" not in have:
+            assert "CUDAExecutionProvider" not in eng.providers
+            assert "lacks CUDAExecutionProvider" in caplog.text
+        assert eng.infer(_batch(1)).shape == (1, 6, 16)
+
+
+def test_model_that_does_not_match_the_manifest_is_refused(tmp_path):
+    e = _entry(tmp_path / "g.onnx", yolo_like(2, imgsz=32), ["a", "b"])  # manifest says 64
+    with pytest.raises(ValueError, match=r"g\.onnx: model 'global' input .* does not match"):
+        create_engine("onnxruntime", tmp_path / "g.onnx", e)
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ValueError, match="ONNX Runtime cannot load"):
+        create_engine("onnxruntime", tmp_path / "bad.onnx", e)
+
+
+# --- registry and typed config ---------------------------------------------------------------------
+
+
+def test_registry_and_config(tmp_path):
+    assert registered_backends() == ["onnxruntime", "tensorrt"]
+    assert "onnxruntime" in available_backends()
+    import importlib.util
+
+    have_trt = importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("pycuda") is not None
+    assert ("tensorrt" in available_backends()) == have_trt
+    e = _entry(tmp_path / "g.onnx", yolo_like(2), ["a", "b"])
+    with pytest.raises(ValueError, match="unknown engine backend 'openvino'"):
+        create_engine("openvino", tmp_path / "g.onnx", e)
+    with pytest.raises(ValueError, match="onnxruntime engine config: threads: Extra inputs"):
+        create_engine("onnxruntime", tmp_path / "g.onnx", e, threads=2)
+    with pytest.raises(ValueError, match="max_batch"):
+        create_engine("onnxruntime", tmp_path / "g.onnx", e, max_batch=0)
+    with pytest.raises(ValueError, match="providers"):
+        create_engine("onnxruntime", tmp_path / "g.onnx", e, providers=["openvino"])
+
+
+def test_importing_engines_loads_no_runtime():
+    code = ("import sys, edge.engines, edge.selftest, edge.bundle\n"
+            "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'pycuda') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- comparing detections ----------------------------------------------------------------------------
+
+
+def _d(species: str, score: float, box=(10, 10, 50, 50)) -> Detection:
+    return Detection(species, score, tuple(float(v) for v in box))  # type: ignore[arg-type]
+
+
+def test_compare_detections():
+    a = [_d("lynx", 0.9), _d("fox", 0.6, (100, 100, 140, 150))]
+    assert compare_detections(a, list(reversed(a))) == []
+    assert compare_detections(a, [_d("lynx", 0.9)]) == ["missing fox 0.600 at [100, 100, 140, 150]"]
+    assert compare_detections([_d("lynx", 0.9)], [_d("wildcat", 0.9)]) == [
+        "missing lynx 0.900 at [10, 10, 50, 50]", "unexpected wildcat 0.900 at [10, 10, 50, 50]"]
+    moved = compare_detections([_d("lynx", 0.9)], [_d("lynx", 0.9, (20, 10, 60, 50))])
+    assert len(moved) == 2 and "IoU 0.60" in moved[0]
+    assert compare_detections([_d("lynx", 0.9)], [_d("lynx", 0.95)], score_tol=0.02) == [
+        "score of lynx 0.900 at [10, 10, 50, 50] is 0.950 (tolerance 0.02)"]
+    assert compare_detections([_d("lynx", 0.9)], [_d("lynx", 0.91)], score_tol=0.02) == []
+    # a box hovering at its floor may appear on one side only
+    assert compare_detections([_d("lynx", 0.26)], [], thresholds={"lynx": 0.25}) == []
+    assert compare_detections([], [_d("lynx", 0.26)], thresholds={"lynx": 0.25}) == []
+    assert compare_detections([_d("lynx", 0.5)], [], thresholds={"lynx": 0.25}) != []
+
+
+# --- bundles through engines, and the self-test -----------------------------------------------------------
+
+
+def test_load_engines_and_selftest_pass(bundle_dir):
+    b = load_bundle(bundle_dir)
+    engines = load_engines(b)
+    try:
+        assert set(engines) == {"global", "felids", "canids"}
+        report = selftest(b, engines=engines, runs=3)
+        assert report.ok, report
+        assert [m.images for m in report.models] == [4, 4, 4]
+        assert all(m.mean_ms > 0 and m.p95_ms >= m.mean_ms * 0.5 for m in report.models)
+    finally:
+        for e in engines.values():
+            e.close()
+
+
+def test_selftest_detects_a_mismatch(tmp_path):
+    root = write_test_bundle(tmp_path / "b")
+    m = json.loads((root / "manifest.json").read_text())
+    exp = m["samples"][1]["expected"]["global"][0]
+    exp["score"] = round(exp["score"] - 0.1, 5)  # the device now disagrees with the workstation
+    m["samples"][2]["expected"]["felids"] = [dict(exp, species="Lynx pardinus", cls=0, model="felids")]
+    (root / "manifest.json").write_text(json.dumps(m))
+    report = selftest(load_bundle(root), runs=1)
+    assert not report.ok
+    bad = {c.name: c.problems for c in report.models}
+    assert bad["canids"] == []
+    assert len(bad["global"]) == 1 and bad["global"][0].startswith("samples/patch1.png: score of Felis silvestris")
+    assert bad["felids"] == ["samples/patch2.png: missing Lynx pardinus 0.887 at [48, 48, 117, 117]"]
+
+
+def test_selftest_cli(bundle_dir, tmp_path, capsys):
+    assert edge_main(["selftest", "--bundle", str(bundle_dir), "--runs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "selftest: ok" in out and "global" in out and "p95 ms" in out
+    assert edge_main(["compile", "--bundle", str(bundle_dir), "--backend", "onnxruntime"]) == 0
+    assert "compiled 3 models" in capsys.readouterr().out
+    # a broken bundle is an input error (exit 2) with one line naming the file
+    broken = write_test_bundle(tmp_path / "broken")
+    (broken / "models" / "global.onnx").write_bytes(b"changed")
+    assert edge_main(["selftest", "--bundle", str(broken)]) == 2
+    assert "models/global.onnx: sha256 mismatch" in capsys.readouterr().err
+    assert edge_main(["selftest", "--bundle", str(bundle_dir), "--precision", "fp16"]) == 2
+    assert "apply to the tensorrt backend" in capsys.readouterr().err
+
+
+def test_selftest_cli_fails_on_mismatch_and_checks_signatures(tmp_path, capsys):
+    from edge.signing import generate_keypair
+
+    priv, pub = generate_keypair()
+    root = write_test_bundle(tmp_path / "b", sign_key=priv)
+    (tmp_path / "k.pub").write_bytes(pub)
+    assert edge_main(["selftest", "--bundle", str(root), "--public-key", str(tmp_path / "k.pub"),
+                      "--require-signature", "--runs", "1"]) == 0
+    assert "signed by key" in capsys.readouterr().out
+    sample = root / "samples" / "patch0.png"
+    img = cv2.imread(str(sample))
+    img[:] = 20  # the animal is gone from the sample (samples carry no sha256 in the manifest yet)
+    cv2.imwrite(str(sample), img)
+    assert edge_main(["selftest", "--bundle", str(root), "--runs", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "samples/patch0.png: missing Lynx pardinus" in out
+
+
+def test_selftest_needs_samples(tmp_path):
+    root = write_test_bundle(tmp_path / "b", with_samples=False)
+    with pytest.raises(ValueError, match="no sample images"):
+        selftest(load_bundle(root))

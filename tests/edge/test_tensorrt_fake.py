@@ -1,0 +1,414 @@
+"""The TensorRT backend against a faithful fake of tensorrt + pycuda (tests/edge/fake_tensorrt.py).
+
+TensorRT cannot run here; the fake enforces the API contracts that break real deployments
+and computes outputs by running the same ONNX model in ONNX Runtime, so the TensorRT path
+is compared with the ONNX Runtime path on the same real bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_tensorrt import ContractError, FakeGPU, LogicError
+from make_onnx import IMGSZ, STRIDE, patch_image, write_test_bundle, yolo_like
+
+from edge.bundle import load_bundle
+from edge.cli import main as edge_main
+from edge.detection import Detection
+from edge.engines import compare_detections, create_engine, detect_batch, load_engines, read_samples
+from edge.engines.tensorrt import (
+    Int8Rejected,
+    TensorRTConfig,
+    TensorRTEngine,
+    build_gated_int8,
+    int8_gate,
+)
+from edge.engines.trt_cache import PlanKey, plan_path
+from edge.manifest import ModelEntry
+from edge.selftest import selftest
+from edge.vision import letterbox_batch
+
+VERSIONS = ["8.5.2.2", "10.3.0"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return load_bundle(write_test_bundle(tmp_path_factory.mktemp("trt") / "b"))
+
+
+@pytest.fixture
+def model(tmp_path) -> tuple[Path, ModelEntry]:
+    blob = yolo_like(3, IMGSZ, STRIDE)
+    p = tmp_path / "global.onnx"
+    p.write_bytes(blob)
+    return p, ModelEntry(name="global", file="models/global.onnx", sha256=hashlib.sha256(blob).hexdigest(),
+                         role="global", classes=["a", "b", "c"], imgsz=IMGSZ, layout="yolov8")
+
+
+def _batch(n: int) -> np.ndarray:
+    imgs = [patch_image(IMGSZ, STRIDE, (i % 4, (i * 3) % 4), i % 3, scale=2) for i in range(n)]
+    return letterbox_batch(imgs, IMGSZ)[0]
+
+
+def _trt(gpu: FakeGPU, path: Path, entry: ModelEntry, cache: Path, **cfg) -> TensorRTEngine:
+    return create_engine("tensorrt", path, entry, runtime={"trt": gpu.trt, "cuda": gpu.cuda},  # type: ignore
+                         cache_dir=cache, **cfg)
+
+
+# --- same answers as ONNX Runtime ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tensorrt_matches_onnxruntime(model, tmp_path, version):
+    path, entry = model
+    gpu = FakeGPU(version)
+    x = _batch(7)  # more than max_batch 4: split in two runs
+    with create_engine("onnxruntime", path, entry) as ref, _trt(gpu, path, entry, tmp_path / "c") as eng:
+        a, b = ref.infer(x), eng.infer(x)
+        assert b.shape == a.shape == (7, 7, 16) and b.dtype == np.float32
+        assert not np.array_equal(a, b)  # FP16 really rounds ...
+        np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-3)  # ... and stays close
+        lbs = letterbox_batch([patch_image(IMGSZ, STRIDE, (0, 0), 0, 2)] * 7, IMGSZ)[1]
+        for da, db in zip(detect_batch(a, entry, lbs), detect_batch(b, entry, lbs), strict=True):
+            assert da and compare_detections(da, db, min_iou=0.99, score_tol=1e-3) == []
+        assert eng.output_shape == (7, 16) and eng.describe()["tensorrt"] == version
+    assert gpu.errors == []
+    assert gpu.live_allocations() == 0  # close freed every device buffer
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_selftest_passes_on_tensorrt(bundle, tmp_path, version):
+    gpu = FakeGPU(version)
+    report = selftest(bundle, "tensorrt", runs=2, runtime={"trt": gpu.trt, "cuda": gpu.cuda},
+                      cache_dir=tmp_path / "c")
+    assert report.ok, report
+    assert len(gpu.builds) == 3 and all(b.precision == "fp16" for b in gpu.builds)
+
+
+def test_compile_and_selftest_cli_with_the_installed_fake(bundle, tmp_path, monkeypatch, capsys):
+    gpu = FakeGPU("8.5.2.2", gpu_name="Xavier", cc=(7, 2))
+    gpu.install(monkeypatch)  # `import tensorrt` / `import pycuda.driver` now find the fake
+    cache = tmp_path / "cache"
+    assert edge_main(["compile", "--bundle", str(bundle.root), "--cache", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("fp16 plan") == 3 and out.count("built in") == 3
+    assert edge_main(["compile", "--bundle", str(bundle.root), "--cache", str(cache)]) == 0
+    assert capsys.readouterr().out.count("(cached)") == 3
+    assert len(gpu.builds) == 3
+    assert edge_main(["selftest", "--bundle", str(bundle.root), "--backend", "tensorrt", "--cache", str(cache),
+                      "--runs", "2"]) == 0
+    assert "selftest: ok" in capsys.readouterr().out
+    assert len(gpu.builds) == 3  # the self-test used the compiled plans
+
+
+# --- plan cache ----------------------------------------------------------------------------------------
+
+
+def test_cache_key_changes_with_each_component():
+    base = PlanKey(model_sha256="a" * 64, trt_version="8.5.2.2", gpu_name="Orin", compute_capability="8.7",
+                   precision="fp16", max_batch=4, imgsz=640)
+    changes = dict(model_sha256="b" * 64, trt_version="10.3.0", gpu_name="Xavier", compute_capability="7.2",
+                   precision="int8", max_batch=8, imgsz=1280, calibration_sha256="c" * 64)
+    names = {base.filename()}
+    for k, v in changes.items():
+        names.add(dataclasses.replace(base, **{k: v}).filename())
+    assert len(names) == 1 + len(changes)
+    assert base.filename().startswith("aaaaaaaaaaaa-fp16-b4-") and base.filename().endswith(".plan")
+
+
+def test_cache_hit_skips_the_build(model, tmp_path):
+    path, entry = model
+    gpu = FakeGPU()
+    cache = tmp_path / "c"
+    with _trt(gpu, path, entry, cache) as first:
+        assert first.built and first.plan_path is not None and first.plan_path.is_file()
+        out1 = first.infer(_batch(2))
+    plan_bytes = first.plan_path.read_bytes()
+    with _trt(gpu, path, entry, cache) as second:
+        assert not second.built and second.plan_path == first.plan_path
+        np.testing.assert_array_equal(second.infer(_batch(2)), out1)
+    assert len(gpu.builds) == 1 and gpu.deserialized == 2  # built and loaded, then only loaded
+    assert first.plan_path.read_bytes() == plan_bytes
+    # a different precision, batch, GPU or TensorRT is a different plan, not a stale hit
+    with _trt(gpu, path, entry, cache, precision="fp32") as fp32:
+        assert fp32.built and fp32.plan_path != first.plan_path
+    with _trt(gpu, path, entry, cache, max_batch=2) as small:
+        assert small.built and small.plan_path != first.plan_path
+    other = FakeGPU(gpu_name="Orin Nano", cc=(8, 7))
+    with _trt(other, path, entry, cache) as elsewhere:
+        assert elsewhere.built and elsewhere.plan_path != first.plan_path
+    assert {p.suffix for p in cache.iterdir()} == {".plan", ".json", ".cache"}  # no temp files left
+
+
+def test_unloadable_cached_plan_is_rebuilt(model, tmp_path):
+    path, entry = model
+    gpu = FakeGPU()
+    with _trt(gpu, path, entry, tmp_path / "c") as e:
+        plan = e.plan_path
+    assert plan is not None
+    plan.write_bytes(plan.read_bytes()[:20])  # a truncated plan (e.g. a full disk, an old writer)
+    with _trt(gpu, path, entry, tmp_path / "c") as again:
+        assert again.built and again.infer(_batch(1)).shape == (1, 7, 16)
+    assert len(gpu.builds) == 2 and any("Serialization (corrupt plan" in m for m in gpu.errors)
+    with _trt(gpu, path, entry, tmp_path / "c", rebuild=True) as forced:
+        assert forced.built
+
+
+def test_timing_cache_is_persisted_and_reloaded(model, tmp_path):
+    path, entry = model
+    gpu = FakeGPU("10.3.0", gpu_name="Orin")
+    cache = tmp_path / "c"
+    with _trt(gpu, path, entry, cache):
+        pass
+    tc = cache / "timing-trt10.3.0-orin-sm8.7.cache"
+    assert tc.is_file()
+    assert gpu.builds[0].timing_hits == 0 and gpu.builds[0].timing_misses > 0
+    with _trt(gpu, path, entry, cache, rebuild=True):
+        pass
+    assert gpu.builds[1].timing_hits == gpu.builds[0].timing_misses  # every timing reused
+    # a timing cache from another GPU is refused, not trusted; the build still succeeds
+    foreign = FakeGPU("10.3.0", gpu_name="Orin")
+    other = FakeGPU("10.3.0", gpu_name="Xavier", cc=(7, 2))
+    with _trt(other, path, entry, tmp_path / "o"):
+        pass
+    (tmp_path / "o" / "timing-trt10.3.0-xavier-sm7.2.cache").replace(tmp_path / "o2")
+    cache2 = tmp_path / "c2"
+    cache2.mkdir()
+    (tmp_path / "o2").replace(cache2 / "timing-trt10.3.0-orin-sm8.7.cache")  # planted under Orin's name
+    with _trt(foreign, path, entry, cache2) as e:
+        assert e.built
+    assert foreign.builds[0].timing_hits == 0
+    assert any("header mismatch" in m for m in foreign.errors)
+
+
+def test_fp16_is_the_default_and_fp32_is_plain(model, tmp_path):
+    path, entry = model
+    assert TensorRTConfig().precision == "fp16"
+    gpu = FakeGPU()
+    with _trt(gpu, path, entry, tmp_path / "c"):
+        pass
+    with _trt(gpu, path, entry, tmp_path / "c", precision="fp32"):
+        pass
+    assert [b.flags for b in gpu.builds] == [{"FP16"}, set()]
+    assert gpu.builds[0].profile == ((1, 3, IMGSZ, IMGSZ), (4, 3, IMGSZ, IMGSZ), (4, 3, IMGSZ, IMGSZ))
+    assert gpu.builds[0].workspace == 1024 << 20
+
+
+# --- INT8 ------------------------------------------------------------------------------------------------
+
+
+def test_int8_without_calibration_is_refused(model, tmp_path):
+    path, entry = model
+    gpu = FakeGPU()
+    with pytest.raises(ValueError, match="INT8 needs calibration images"):
+        _trt(gpu, path, entry, tmp_path / "c", precision="int8")
+    no_samples = load_bundle(write_test_bundle(tmp_path / "b", with_samples=False))
+    with pytest.raises(ValueError, match="INT8 needs the bundle's sample images"):
+        load_engines(no_samples, "tensorrt", precision="int8", runtime={"trt": gpu.trt, "cuda": gpu.cuda})
+    assert gpu.builds == []
+
+
+def _decoder(entry: ModelEntry, n: int):
+    lbs = letterbox_batch([patch_image(IMGSZ, STRIDE, (0, 0), 0, 2)] * n, IMGSZ)[1]
+    return lambda raw: detect_batch(raw, entry, lbs)
+
+
+def test_int8_with_good_calibration_passes_the_gate(model, tmp_path):
+    path, entry = model
+    gpu = FakeGPU("8.5.2.2")
+    x = _batch(6)
+    cfg = TensorRTConfig(precision="int8", cache_dir=tmp_path / "c")
+    eng, result = build_gated_int8(path, entry, cfg, calibration=x, check=x, decode=_decoder(entry, 6),
+                                   trt=gpu.trt, cuda=gpu.cuda)
+    with eng:
+        assert result.passed and result.images == 6
+        assert eng.describe()["precision"] == "int8" and eng.plan_path is not None and eng.plan_path.is_file()
+    fp16, int8 = gpu.builds
+    assert fp16.flags == {"FP16"} and int8.flags == {"FP16", "INT8"}
+    assert int8.calibration_batches == 2 and not int8.calibration_from_cache  # 6 images, batches of 4
+    assert eng.plan_path.with_suffix(".calib").is_file()
+    # again with a rebuild: the calibration table is reused, the gate runs again
+    eng2, _ = build_gated_int8(path, entry, cfg.model_copy(update={"rebuild": True}), calibration=x, check=x,
+                               decode=_decoder(entry, 6), trt=gpu.trt, cuda=gpu.cuda)
+    eng2.close()
+    assert gpu.builds[-1].calibration_from_cache
+
+
+def test_int8_gate_rejects_a_bad_calibration(model, tmp_path):
+    path, entry = model
+    gpu = FakeGPU("10.3.0")
+    x = _batch(4)
+    cfg = TensorRTConfig(precision="int8", cache_dir=tmp_path / "c")
+    with pytest.raises(Int8Rejected, match=r"global: INT8 engine failed the accuracy gate .* missing"):
+        build_gated_int8(path, entry, cfg, calibration=np.zeros_like(x), check=x, decode=_decoder(entry, 4),
+                         trt=gpu.trt, cuda=gpu.cuda)
+    assert [b.precision for b in gpu.builds] == ["fp16", "int8"]
+    plans = sorted(p.name for p in (tmp_path / "c").glob("*.plan"))
+    assert len(plans) == 1 and "-fp16-" in plans[0]  # the rejected INT8 plan is gone
+    assert not list((tmp_path / "c").glob("*.calib"))
+    assert gpu.live_allocations() == 0
+
+
+def test_load_engines_int8_on_the_bundle(bundle, tmp_path):
+    gpu = FakeGPU()
+    engines = load_engines(bundle, "tensorrt", precision="int8", cache_dir=tmp_path / "c",
+                           runtime={"trt": gpu.trt, "cuda": gpu.cuda})
+    try:
+        assert {e.config.precision for e in engines.values()} == {"int8"}  # type: ignore[attr-defined]
+        assert selftest(bundle, engines=engines, runs=1).ok
+    finally:
+        for e in engines.values():
+            e.close()
+
+
+def _det(species: str, score: float, x: float = 10) -> Detection:
+    return Detection(species, score, (x, 10.0, x + 40, 50.0))
+
+
+def test_int8_gate_logic():
+    ref = [[_det("lynx", 0.9)], []]
+    assert int8_gate(ref, [[_det("lynx", 0.88)], []]).passed
+    assert not int8_gate(ref, [[_det("lynx", 0.70)], []]).passed  # score drift
+    assert not int8_gate(ref, [[_det("lynx", 0.9, x=25)], []]).passed  # box drift
+    assert not int8_gate(ref, [[_det("lynx", 0.9)], [_det("fox", 0.6)]]).passed  # invented animal
+    assert not int8_gate(ref, [[_det("lynx", 0.9)]]).passed  # image count differs
+    empty = int8_gate([[], []], [[], []])
+    assert not empty.passed and "cannot be judged" in empty.problems[0]
+
+
+# --- threads ---------------------------------------------------------------------------------------------
+
+
+def test_calls_from_other_threads_are_marshalled(model, tmp_path):
+    path, entry = model
+    gpu = FakeGPU()
+    x = _batch(5)
+    with _trt(gpu, path, entry, tmp_path / "c") as eng:
+        want = eng.infer(x)
+        results: dict[int, np.ndarray] = {}
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                for _ in range(3):
+                    results[i] = eng.infer(x[i:i + 1])
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,), name=f"caller-{i}") for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for i in range(5):
+            np.testing.assert_array_equal(results[i][0], want[i])
+        assert gpu.builds[0].thread == "tensorrt-global"
+        # the fake would have caught an unmarshalled call: CUDA state belongs to the engine's thread
+        with pytest.raises(ContractError, match="belongs to 'tensorrt-global'"):
+            eng._context.set_input_shape("images", (1, 3, IMGSZ, IMGSZ))
+        with pytest.raises(LogicError, match="no currently active context"):
+            gpu.cuda.mem_alloc(16)
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.infer(x)
+
+
+# --- the fake itself bites where the real stack bites -----------------------------------------------------
+
+
+def test_fake_api_differs_by_version_like_the_real_one():
+    old, new = FakeGPU("8.5.2.2"), FakeGPU("10.3.0")
+    for attr in ("get_binding_shape", "binding_is_input", "num_bindings"):
+        assert hasattr(old.trt.ICudaEngine, attr) and not hasattr(new.trt.ICudaEngine, attr)
+    assert hasattr(old.trt.IExecutionContext, "execute_async_v2")
+    assert not hasattr(new.trt.IExecutionContext, "execute_async_v2")
+    assert hasattr(old.trt.IBuilderConfig, "max_workspace_size")
+    assert not hasattr(new.trt.IBuilderConfig, "max_workspace_size")
+    assert not hasattr(old.trt.DataType, "INT64") and hasattr(new.trt.DataType, "INT64")
+    for gpu in (old, new):
+        for attr in ("set_input_shape", "set_tensor_address", "execute_async_v3"):
+            assert hasattr(gpu.trt.IExecutionContext, attr)
+
+
+def test_fake_enforces_the_contracts(model):
+    path, _ = model
+    gpu = FakeGPU("8.5.2.2")
+    trt, cuda = gpu.trt, gpu.cuda
+    with pytest.raises(LogicError, match="initialization"):
+        cuda.Device(0)
+    cuda.init()
+    ctx = cuda.Device(0).retain_primary_context()
+    with pytest.raises(LogicError, match="no currently active context"):
+        cuda.mem_alloc(64)  # retained but not pushed
+    ctx.push()
+    try:
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        implicit = builder.create_network(0)  # 8.5 without EXPLICIT_BATCH
+        parser = trt.OnnxParser(implicit, logger)
+        assert not parser.parse(path.read_bytes()) and "explicit batch" in str(parser.get_error(0))
+        net = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+        assert trt.OnnxParser(net, logger).parse(path.read_bytes())
+        cfg = builder.create_builder_config()
+        assert builder.build_serialized_network(net, cfg) is None  # dynamic batch, no profile
+        prof = builder.create_optimization_profile()
+        prof.set_shape("images", (1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 64, 64))
+        cfg.add_optimization_profile(prof)
+        plan = builder.build_serialized_network(net, cfg)
+        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        context = engine.create_execution_context()
+        assert not context.set_input_shape("images", (3, 3, 64, 64))  # above the profile's max
+        assert context.set_input_shape("images", (1, 3, 64, 64))
+        stream = cuda.Stream()
+        d_in = cuda.mem_alloc(3 * 64 * 64 * 4)
+        context.set_tensor_address("images", int(d_in))
+        assert not context.execute_async_v3(stream.handle)  # the output has no address
+        assert "Neither address or allocator is set for output tensor output0" in gpu.errors[-1]
+        with pytest.raises(ContractError, match="pageable"):
+            cuda.memcpy_htod_async(d_in, np.zeros((1, 3, 64, 64), np.float32), stream)
+        with pytest.raises(LogicError, match="illegal memory access"):
+            cuda.memcpy_htod(d_in, np.zeros((2, 3, 64, 64), np.float32))  # more than the buffer holds
+        host = cuda.pagelocked_empty((1, 7, 16), np.float32)
+        d_out = cuda.mem_alloc(host.nbytes)
+        context.set_tensor_address("output0", int(d_out))
+        host[:] = -1
+        assert context.execute_async_v3(stream.handle)
+        cuda.memcpy_dtoh_async(host, d_out, stream)
+        assert (host == -1).all()  # nothing happens before the stream is synchronised
+        stream.synchronize()
+        assert not (host == -1).any()
+        calib = type("Calib", (trt.IInt8EntropyCalibrator2,), {"__init__": lambda self: None})()
+        cfg.set_flag(trt.BuilderFlag.INT8)
+        cfg.int8_calibrator = calib
+        with pytest.raises(TypeError, match="__init__"):
+            builder.build_serialized_network(net, cfg)  # the base class was never initialised
+        d_in.free()
+        d_out.free()
+    finally:
+        cuda.Context.pop()
+
+
+def test_plan_from_another_tensorrt_does_not_load(model, tmp_path):
+    path, entry = model
+    old = FakeGPU("8.5.2.2")
+    with _trt(old, path, entry, tmp_path / "c") as e:
+        plan = e.plan_path
+    assert plan is not None
+    new = FakeGPU("10.3.0")
+    key = PlanKey(model_sha256=entry.sha256, trt_version="10.3.0", gpu_name="Orin", compute_capability="8.7",
+                  precision="fp16", max_batch=4, imgsz=IMGSZ)
+    target = plan_path(tmp_path / "c", key)
+    target.write_bytes(plan.read_bytes())  # an 8.5 plan where 10.3 looks (e.g. a copied cache folder)
+    with _trt(new, path, entry, tmp_path / "c") as e2:
+        assert e2.built and e2.plan_path == target
+    assert any("not compatible with this version" in m for m in new.errors)
+
+
+def test_samples_helper_reads_the_bundle(bundle):
+    imgs = read_samples(bundle)
+    assert len(imgs) == 4 and all(i.dtype == np.uint8 and i.ndim == 3 for i in imgs)
