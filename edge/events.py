@@ -1,0 +1,218 @@
+"""Grouping trigger frames into events (pure: no clocks, no files).
+
+A trap fires bursts of 3-10 frames; users want one answer per visit, not ten. Frames belong to
+the same event when they come from the same camera (folder) and each is at most ``gap_s``
+seconds after the previous one, by the camera's own clock (EXIF DateTimeOriginal), or by file
+mtime when the image carries no EXIF time.
+
+Times: a naive EXIF time (no OffsetTimeOriginal, the usual case) is read as if it were UTC, so it
+becomes a float on a per-camera scale. That is only compared with other frames of the same
+camera, where the offset cancels out. A camera that writes EXIF on some frames and not on
+others would mix clocks; traps do not do that in practice.
+
+Two APIs: :func:`group_events` for a batch (records, evaluation), and :class:`EventGrouper` for
+the daemon, which sees frames one at a time: an event stays open until a later frame of the same
+camera comes more than ``gap_s`` after it, or until nothing has joined it for ``idle_s`` seconds of
+wall time (the caller passes ``now``); then it is closed and its event-level answer can be sent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+DEFAULT_GAP_S = 5.0
+DEFAULT_IDLE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image as the grouping sees it. ``t`` is seconds on the camera's clock (see module doc)."""
+
+    path: str
+    camera: str
+    t: float
+    source: str = "exif"  # "exif" | "mtime"
+
+
+def frame_time(taken_at: datetime | None, mtime: float) -> tuple[float, str]:
+    """(seconds, source): EXIF time when present, else the file's mtime (epoch seconds)."""
+    if taken_at is None:
+        return float(mtime), "mtime"
+    if taken_at.tzinfo is None:
+        taken_at = taken_at.replace(tzinfo=timezone.utc)  # camera clock, offset unknown
+    return taken_at.timestamp(), "exif"
+
+
+def make_frame(path: str | os.PathLike, taken_at: datetime | None, mtime: float,
+               camera: str | None = None) -> Frame:
+    """A Frame whose camera is the folder the file sits in unless given."""
+    t, source = frame_time(taken_at, mtime)
+    p = os.fspath(path)
+    return Frame(path=p, camera=camera if camera is not None else os.fspath(Path(p).parent), t=t,
+                 source=source)
+
+
+def group_events(frames: Iterable[Frame], gap_s: float = DEFAULT_GAP_S) -> list[list[Frame]]:
+    """Split frames into events: per camera, sorted by time, a new event after a gap > gap_s.
+
+    Events come back ordered by (start time, camera), frames inside by (time, path).
+    """
+    if gap_s < 0:
+        raise ValueError(f"gap_s must be >= 0, got {gap_s}")
+    by_camera: dict[str, list[Frame]] = {}
+    for f in frames:
+        by_camera.setdefault(f.camera, []).append(f)
+    events: list[list[Frame]] = []
+    for cam_frames in by_camera.values():
+        cam_frames.sort(key=lambda f: (f.t, f.path))
+        current = [cam_frames[0]]
+        for f in cam_frames[1:]:
+            if f.t - current[-1].t > gap_s:
+                events.append(current)
+                current = []
+            current.append(f)
+        events.append(current)
+    events.sort(key=lambda ev: (ev[0].t, ev[0].camera))
+    return events
+
+
+@dataclass
+class Event:
+    """An event being built (open) or finished (closed)."""
+
+    id: int
+    camera: str
+    start: float  # camera-clock seconds of the earliest frame
+    end: float  # ... of the latest frame
+    frames: list[Frame] = field(default_factory=list)
+    last_added: float = 0.0  # caller's wall clock (monotonic) when a frame last joined
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What adding one frame did: the event it joined, and the events this closed."""
+
+    event: Event
+    new: bool
+    closed: list[Event]
+
+
+class EventGrouper:
+    """Incremental event grouping for a daemon that sees frames one at a time.
+
+    Frames may arrive out of camera-time order (start-up scans, FTP uploads in parallel): a
+    frame joins an open event of its camera when it lies within ``gap_s`` of that event's span.
+    It never merges two open events (their ids may already be stored); a frame that arrives
+    after its event was closed starts a new one. Event ids count up from ``first_id``: pass
+    the ledger's highest id + 1 on restart so ids stay unique. Not thread-safe: one owner.
+    """
+
+    def __init__(self, gap_s: float = DEFAULT_GAP_S, idle_s: float = DEFAULT_IDLE_S, first_id: int = 1):
+        if gap_s < 0 or idle_s <= 0:
+            raise ValueError(f"need gap_s >= 0 and idle_s > 0, got gap_s={gap_s} idle_s={idle_s}")
+        self.gap_s = gap_s
+        self.idle_s = idle_s
+        self._next_id = first_id
+        self._open: dict[str, list[Event]] = {}
+
+    @property
+    def open_events(self) -> list[Event]:
+        return sorted((e for evs in self._open.values() for e in evs), key=lambda e: e.id)
+
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    def add(self, frame: Frame, now: float) -> Assignment:
+        """Place ``frame``; ``now`` is the caller's monotonic clock (used for idle timeouts)."""
+        evs = self._open.setdefault(frame.camera, [])
+        closed = [e for e in evs if frame.t - e.end > self.gap_s]
+        for e in closed:
+            e.closed = True
+        evs[:] = [e for e in evs if not e.closed]
+        target = None
+        for e in evs:  # earliest-id event whose span (widened by gap) holds the frame
+            if e.start - self.gap_s <= frame.t <= e.end + self.gap_s:
+                target = e
+                break
+        new = target is None
+        if target is None:
+            target = Event(id=self._next_id, camera=frame.camera, start=frame.t, end=frame.t)
+            self._next_id += 1
+            evs.append(target)
+        target.frames.append(frame)
+        target.start = min(target.start, frame.t)
+        target.end = max(target.end, frame.t)
+        target.last_added = now
+        return Assignment(event=target, new=new, closed=closed)
+
+    def expire(self, now: float) -> list[Event]:
+        """Close and return the events nothing has joined for ``idle_s`` (call it periodically)."""
+        out = []
+        for cam, evs in list(self._open.items()):
+            keep = []
+            for e in evs:
+                if now - e.last_added >= self.idle_s:
+                    e.closed = True
+                    out.append(e)
+                else:
+                    keep.append(e)
+            if keep:
+                self._open[cam] = keep
+            else:
+                del self._open[cam]
+        return sorted(out, key=lambda e: e.id)
+
+    def close_all(self) -> list[Event]:
+        """Close everything (shutdown)."""
+        out = [e for evs in self._open.values() for e in evs]
+        for e in out:
+            e.closed = True
+        self._open.clear()
+        return sorted(out, key=lambda e: e.id)
+
+
+@dataclass(frozen=True)
+class FrameAnswer:
+    """A frame's answer as the event summary needs it: best species (None = empty), its score,
+    and how many animals of it the frame shows."""
+
+    species: str | None
+    score: float = 0.0
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class EventAnswer:
+    species: str | None
+    score: float  # best single-frame score of that species
+    count: int  # most animals of that species seen in any one frame (a burst re-sees the same ones)
+    frames: int  # frames in the event
+    frames_with_species: int
+
+
+def summarize(answers: Sequence[FrameAnswer]) -> EventAnswer:
+    """One answer per event: the species with the largest summed score over frames wins (a
+    species seen confidently in many frames beats a single stray high score); empty only when
+    no frame saw anything. Ties break on best single score, then name (deterministic)."""
+    totals: dict[str, float] = {}
+    best: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    hits: dict[str, int] = {}
+    for a in answers:
+        if a.species is None:
+            continue
+        totals[a.species] = totals.get(a.species, 0.0) + a.score
+        best[a.species] = max(best.get(a.species, 0.0), a.score)
+        counts[a.species] = max(counts.get(a.species, 0), a.count)
+        hits[a.species] = hits.get(a.species, 0) + 1
+    if not totals:
+        return EventAnswer(species=None, score=0.0, count=0, frames=len(answers), frames_with_species=0)
+    sp = min(totals, key=lambda s: (-totals[s], -best[s], s))
+    return EventAnswer(species=sp, score=best[sp], count=counts[sp], frames=len(answers),
+                       frames_with_species=hits[sp])

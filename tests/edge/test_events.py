@@ -1,0 +1,116 @@
+"""edge.events: burst grouping, on the real Reconyx night burst and on constructed frames."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from edge.events import (
+    EventGrouper,
+    Frame,
+    FrameAnswer,
+    frame_time,
+    group_events,
+    make_frame,
+    summarize,
+)
+from edge.imageio import read_image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from badinputs import real_frames
+
+
+@pytest.fixture(scope="module")
+def burst() -> list[Frame]:
+    frames = []
+    for p in real_frames():
+        im = read_image(p, max_side=64)
+        frames.append(make_frame(p, im.taken_at, p.stat().st_mtime))
+    return frames
+
+
+def test_real_burst_exif_times(burst):
+    """EXIF holds the camera clock 2021-04-11 20:43:09..15 (no offset tag); the file names'
+    20210531082538.. prefix is a later renaming, not the capture time."""
+    assert len(burst) == 10 and all(f.source == "exif" for f in burst)
+    t0 = datetime(2021, 4, 11, 20, 43, 9, tzinfo=timezone.utc).timestamp()
+    ts = sorted(f.t - t0 for f in burst)
+    assert ts == [0, 1, 1, 2, 3, 3, 4, 4, 5, 6]
+
+
+def test_real_burst_is_one_event(burst):
+    events = group_events(burst, gap_s=5.0)
+    assert len(events) == 1 and len(events[0]) == 10
+    assert [f.path for f in events[0]] == sorted(f.path for f in burst)
+    # the same burst with a gap smaller than its 1 s spacing splits: the grouping is real
+    assert len(group_events(burst, gap_s=0.5)) == 7
+
+
+def test_real_burst_incremental_one_event_closed_by_next_visit(burst):
+    g = EventGrouper(gap_s=5.0, idle_s=30.0, first_id=41)
+    ids = {g.add(f, now=i * 0.1).event.id for i, f in enumerate(reversed(burst))}  # any order
+    assert ids == {41}
+    later = Frame(path="x/later.jpg", camera=burst[0].camera, t=max(f.t for f in burst) + 60)
+    a = g.add(later, now=2.0)
+    assert a.new and a.event.id == 42
+    assert [e.id for e in a.closed] == [41] and a.closed[0].closed and len(a.closed[0].frames) == 10
+    assert a.closed[0].end - a.closed[0].start == 6.0
+
+
+def test_cameras_are_separate_and_gap_boundary():
+    fs = [Frame("a/1.jpg", "a", 100.0), Frame("b/1.jpg", "b", 101.0), Frame("a/2.jpg", "a", 105.0),
+          Frame("a/3.jpg", "a", 110.01)]
+    evs = group_events(fs, gap_s=5.0)
+    assert [[f.path for f in e] for e in evs] == [["a/1.jpg", "a/2.jpg"], ["b/1.jpg"], ["a/3.jpg"]]
+    assert group_events([]) == []
+    with pytest.raises(ValueError):
+        group_events(fs, gap_s=-1)
+
+
+def test_frame_time_exif_else_mtime():
+    naive = datetime(2021, 4, 11, 20, 43, 9)
+    assert frame_time(naive, 5.0) == (datetime(2021, 4, 11, 20, 43, 9, tzinfo=timezone.utc).timestamp(), "exif")
+    aware = datetime(2021, 4, 11, 20, 43, 9, tzinfo=timezone(timedelta(hours=1)))
+    assert frame_time(aware, 5.0)[0] == naive.replace(tzinfo=timezone.utc).timestamp() - 3600
+    assert frame_time(None, 1234.5) == (1234.5, "mtime")
+    f = make_frame("/cams/c7/IMG_1.JPG", None, 99.0)
+    assert (f.camera, f.t, f.source) == ("/cams/c7", 99.0, "mtime")
+    assert make_frame("/x/y.jpg", None, 1.0, camera="trap-3").camera == "trap-3"
+
+
+def test_incremental_idle_expiry_and_close_all():
+    g = EventGrouper(gap_s=5.0, idle_s=10.0)
+    a1 = g.add(Frame("a/1", "a", 0.0), now=100.0)
+    b1 = g.add(Frame("b/1", "b", 0.0), now=104.0)
+    assert (a1.event.id, b1.event.id) == (1, 2) and a1.new and b1.new
+    assert g.expire(now=105.0) == []
+    a2 = g.add(Frame("a/2", "a", 3.0), now=106.0)  # joins and refreshes camera a's event
+    assert not a2.new and a2.event.id == 1
+    assert [e.id for e in g.expire(now=114.5)] == [2]  # b idle for 10.5 s, a for 8.5 s
+    assert [e.id for e in g.open_events] == [1]
+    assert [e.id for e in g.close_all()] == [1] and g.open_events == []
+    assert g.next_id == 3
+
+
+def test_incremental_out_of_order_and_late_frames():
+    g = EventGrouper(gap_s=2.0, idle_s=60.0)
+    assert g.add(Frame("c/5", "c", 5.0), now=0).event.id == 1
+    assert g.add(Frame("c/4", "c", 3.5), now=0).event.id == 1  # earlier but within the gap
+    assert g.add(Frame("c/9", "c", 9.0), now=0).new  # beyond the gap: new event, closes 1
+    late = g.add(Frame("c/6", "c", 6.0), now=0)  # fits the closed event 1: starts a new one
+    assert late.event.id not in (1,) and late.new
+    with pytest.raises(ValueError):
+        EventGrouper(gap_s=1.0, idle_s=0)
+
+
+def test_summarize():
+    ans = summarize([FrameAnswer("lyn", 0.6, 1), FrameAnswer("fel", 0.9, 1), FrameAnswer("lyn", 0.7, 2),
+                     FrameAnswer(None), FrameAnswer("lyn", 0.5, 1)])
+    assert (ans.species, ans.score, ans.count, ans.frames, ans.frames_with_species) == ("lyn", 0.7, 2, 5, 3)
+    empty = summarize([FrameAnswer(None), FrameAnswer(None)])
+    assert empty.species is None and empty.frames == 2
+    tie = summarize([FrameAnswer("b", 0.5, 1), FrameAnswer("a", 0.5, 1)])
+    assert tie.species == "a"
