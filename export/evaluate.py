@@ -99,8 +99,8 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
         for res in runner.classify(arrays):
             d = res.decision
             routes[d.route.reason] += 1
-            runs.append(len(d.route.models_run))
-            cascade.append(d.top_species or BACKGROUND)
+            runs.append(len(d.models_run))
+            cascade.append(d.top[0] or BACKGROUND)
         for dets in runner.global_runner.detect(arrays):
             kept = [x for x in dets if x.score >= g.threshold(x.species)]
             single.append(max(kept, key=lambda x: x.score).species if kept else BACKGROUND)

@@ -1,0 +1,322 @@
+"""The two-stage decision (pure): the global model's detections pick the expert(s), the experts'
+detections are the answer, and every decision records its route for audit.
+
+Two calls per frame, because the experts run between them::
+
+    route = plan(global_dets, manifest.group_of, list(manifest.experts), policy)
+    expert_dets = {g: run_expert(g, image) for g in route.groups}   # engines, not here
+    decision = decide(global_dets, expert_dets, route, policy)
+
+Routes (``Route.reason``):
+
+- ``routed``: the global model saw species of groups G at or above ``route_threshold``; the
+  experts of G run and their detections are the answer (several groups: merged with
+  cross-expert NMS at ``merge_iou``). As in the paper, a routed group's global detections are
+  replaced by its expert's answer: if the expert finds nothing, that group contributes nothing
+  (``keep_unmatched_global=True`` keeps a global box that no expert box overlaps instead).
+  Species above threshold whose group has no expert keep their global detections.
+- ``no-expert``: everything the global model saw above threshold lacks an expert; its
+  detections are the answer and no expert runs.
+- ``background``: nothing at or above ``route_threshold``; every expert runs and the single
+  most confident expert wins if its best score reaches ``expert_floor`` (its detections below
+  the floor are dropped), else the frame is empty.
+- ``gated``: as background, but the global model's best score is below ``gate_threshold``, so
+  the all-experts pass is skipped and the frame is empty (the compute lever of METHOD.md).
+
+The floor for disposal is not decided here: ``Decision.model_best`` keeps every model's best
+score so the disposal policy can refuse to delete a frame any model saw an animal in.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.detection import Detection, iou
+from edge.vision import nms
+
+Reason = Literal["routed", "background", "gated", "no-expert"]
+GLOBAL = "global"
+
+
+class CascadePolicy(BaseModel):
+    """Cascade thresholds (defaults from the bundle's ``CascadeSettings``, overridable by config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    route_threshold: float = Field(default=0.25, ge=0, le=1, description="global score that routes")
+    expert_floor: float = Field(default=0.3, ge=0, le=1, description="weakest expert vote accepted "
+                                "in the all-experts pass")
+    gate_threshold: float | None = Field(default=None, ge=0, le=1, description="global best score "
+                                         "below which an empty frame skips the all-experts pass")
+    merge_iou: float = Field(default=0.5, gt=0, le=1, description="IoU above which boxes of different "
+                             "experts are the same animal (the more confident one stays)")
+    keep_unmatched_global: bool = Field(default=False, description="keep a routed global box that no "
+                                        "expert box overlaps (the paper drops it)")
+
+    @classmethod
+    def from_manifest(cls, settings: object, **overrides: object) -> CascadePolicy:
+        """From ``edge.manifest.CascadeSettings`` (or anything with the same attributes)."""
+        values = {k: getattr(settings, k) for k in cls.model_fields if hasattr(settings, k)}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which experts to run and why (the output of ``plan``)."""
+
+    reason: Reason
+    groups: tuple[str, ...]  # experts to run, in order (best global score first; all, for background)
+    global_best: float  # best global score on the frame (0 when it saw nothing)
+    no_expert: tuple[str, ...] = ()  # species above threshold whose group has no expert
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer for one frame, with its route."""
+
+    detections: tuple[Detection, ...]
+    route: Route
+    models_run: tuple[str, ...]  # "global" then the experts' group names, in run order
+    model_best: dict[str, float] = field(hash=False)  # model -> best score it produced (0 if none)
+    why: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not self.detections
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Animals per species, most numerous first."""
+        c: dict[str, int] = defaultdict(int)
+        for d in self.detections:
+            c[d.species] += 1
+        return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
+    def top(self) -> tuple[str | None, float]:
+        """The most confident species and its score; (None, 0.0) for an empty frame."""
+        if not self.detections:
+            return None, 0.0
+        best = max(self.detections, key=lambda d: d.score)
+        return best.species, float(best.score)
+
+    def to_dict(self) -> dict:
+        sp, score = self.top
+        return {
+            "empty": self.empty,
+            "species": sp,
+            "score": round(score, 5),
+            "counts": self.counts,
+            "detections": [d.to_dict() for d in self.detections],
+            "route": {
+                "reason": self.route.reason,
+                "groups": list(self.route.groups),
+                "global_best": round(self.route.global_best, 5),
+                "no_expert": list(self.route.no_expert),
+                "models_run": list(self.models_run),
+                "model_best": {k: round(v, 5) for k, v in self.model_best.items()},
+                "why": self.why,
+            },
+        }
+
+
+def _group_lookup(group_of: Callable[[str], str | None] | Mapping[str, str]) -> Callable[[str], str | None]:
+    if isinstance(group_of, Mapping):
+        return group_of.get
+    return group_of
+
+
+def _best(dets: Iterable[Detection]) -> float:
+    return max((float(d.score) for d in dets), default=0.0)
+
+
+def plan(
+    global_dets: Sequence[Detection],
+    group_of: Callable[[str], str | None] | Mapping[str, str],
+    experts: Sequence[str],
+    policy: CascadePolicy | None = None,
+) -> Route:
+    """Pick the experts to run from the global model's detections.
+
+    ``experts`` are the group names that have an expert model (``list(manifest.experts)``).
+    A detection routes when its score is at or above ``route_threshold``.
+    """
+    policy = policy or CascadePolicy()
+    lookup = _group_lookup(group_of)
+    best = _best(global_dets)
+    strong = [d for d in global_dets if d.score >= policy.route_threshold]
+    group_score: dict[str, float] = {}
+    no_expert: dict[str, float] = {}
+    for d in strong:
+        g = lookup(d.species)
+        if g is not None and g in experts:
+            group_score[g] = max(group_score.get(g, 0.0), float(d.score))
+        else:
+            no_expert[d.species] = max(no_expert.get(d.species, 0.0), float(d.score))
+    lacking = tuple(sorted(no_expert, key=lambda s: (-no_expert[s], s)))
+    if group_score:
+        groups = tuple(sorted(group_score, key=lambda g: (-group_score[g], g)))
+        why = "global saw " + ", ".join(f"{g} ({group_score[g]:.2f})" for g in groups)
+        if lacking:
+            why += "; kept global answer for " + ", ".join(lacking) + " (no expert)"
+        return Route("routed", groups, best, lacking, why)
+    if lacking:
+        return Route("no-expert", (), best, lacking,
+                     "global saw " + ", ".join(lacking) + " with no expert for their group")
+    if policy.gate_threshold is not None and best < policy.gate_threshold:
+        return Route("gated", (), best, (),
+                     f"global best {best:.2f} < gate {policy.gate_threshold:.2f}: all-experts pass skipped")
+    return Route("background", tuple(experts), best, (),
+                 f"global best {best:.2f} < route {policy.route_threshold:.2f}: every expert runs")
+
+
+def _merge(dets: list[Detection], merge_iou: float) -> list[Detection]:
+    """Class-agnostic NMS across sources: one animal claimed twice keeps the more confident box."""
+    if len(dets) < 2:
+        return dets
+    keep = nms(np.array([d.box for d in dets], float), np.array([d.score for d in dets], float), merge_iou)
+    return [dets[i] for i in keep]
+
+
+def decide(
+    global_dets: Sequence[Detection],
+    expert_dets: Mapping[str, Sequence[Detection]],
+    route: Route,
+    policy: CascadePolicy | None = None,
+) -> Decision:
+    """Combine the experts' outputs (group name -> detections) into the frame's answer.
+
+    Every group in ``route.groups`` must be in ``expert_dets`` (an empty list when the expert saw
+    nothing), so a caller that skipped an expert fails loudly instead of deciding "empty".
+    """
+    policy = policy or CascadePolicy()
+    missing = [g for g in route.groups if g not in expert_dets]
+    if missing:
+        raise ValueError(f"cascade: route {route.reason!r} needs the output of expert(s) {missing}")
+    models_run = (GLOBAL, *route.groups)
+    model_best = {GLOBAL: _best(global_dets), **{g: _best(expert_dets[g]) for g in route.groups}}
+    strong_global = [d for d in global_dets if d.score >= policy.route_threshold]
+
+    def done(dets: list[Detection], why: str) -> Decision:
+        dets = sorted(dets, key=lambda d: -d.score)
+        return Decision(tuple(dets), route, models_run, model_best, why)
+
+    if route.reason == "gated":
+        return done([], route.why)
+    if route.reason == "no-expert":
+        return done([d for d in strong_global if d.species in route.no_expert], route.why)
+    if route.reason == "background":
+        if not route.groups:
+            return done([], "no experts in the bundle: empty")
+        winner = max(route.groups, key=lambda g: (model_best[g], -route.groups.index(g)))
+        if model_best[winner] < policy.expert_floor:
+            return done([], f"every expert below floor {policy.expert_floor:.2f} "
+                            f"(best {winner} {model_best[winner]:.2f}): empty")
+        dets = [d for d in expert_dets[winner] if d.score >= policy.expert_floor]
+        return done(dets, f"background; most confident expert {winner} ({model_best[winner]:.2f}) wins")
+    if route.reason != "routed":
+        raise ValueError(f"cascade: unknown route reason {route.reason!r}")
+
+    pooled: list[Detection] = [d for g in route.groups for d in expert_dets[g]]
+    from_global = [d for d in strong_global if d.species in route.no_expert]
+    notes = []
+    if policy.keep_unmatched_global:
+        unmatched = [d for d in strong_global if d.species not in route.no_expert
+                     and all(iou(d.box, e.box) <= policy.merge_iou for e in pooled)]
+        if unmatched:
+            notes.append(f"kept {len(unmatched)} global box(es) no expert confirmed")
+            from_global += unmatched
+    sources = len(route.groups) + (1 if from_global else 0)
+    pooled += from_global
+    if sources > 1:
+        pooled = _merge(sorted(pooled, key=lambda d: -d.score), policy.merge_iou)
+    empties = [g for g in route.groups if not expert_dets[g]]
+    if empties:
+        notes.append("expert(s) " + ", ".join(empties) + " saw nothing")
+    return done(pooled, "; ".join([route.why, *notes]))
+
+
+@dataclass(frozen=True)
+class EventDecision:
+    """One answer for a burst of frames (an event).
+
+    The top species wins a score-weighted vote: each frame adds its best score for each species
+    it saw, so a species seen in most frames beats a look-alike seen once, and between species
+    seen equally often the more confident wins. The count is the largest number of that species seen in one frame
+    (animals move between frames, so summing would overcount).
+    """
+
+    frames: int
+    species: str | None
+    score: float  # the top species' best score in any frame
+    count: int
+    counts: dict[str, int] = field(hash=False)  # species -> max per-frame count, by vote
+    votes: dict[str, float] = field(hash=False)  # species -> summed per-frame best scores
+    scores: dict[str, float] = field(hash=False)  # species -> best score in any frame
+    best_frame: int  # index of the frame with the top species' best score (-1 when empty)
+    route: str  # route reason of the best frame (of the first frame when empty)
+    routes: dict[str, int] = field(hash=False)  # route reason -> frames
+
+    @property
+    def empty(self) -> bool:
+        return self.species is None
+
+    def to_dict(self) -> dict:
+        return {
+            "frames": self.frames,
+            "empty": self.empty,
+            "species": self.species,
+            "score": round(self.score, 5),
+            "count": self.count,
+            "counts": self.counts,
+            "votes": {k: round(v, 5) for k, v in self.votes.items()},
+            "scores": {k: round(v, 5) for k, v in self.scores.items()},
+            "best_frame": self.best_frame,
+            "route": self.route,
+            "routes": self.routes,
+        }
+
+
+def event_decision(decisions: Sequence[Decision]) -> EventDecision:
+    """Aggregate the frames of one burst into one answer (see ``EventDecision``)."""
+    votes: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    best: dict[str, tuple[float, int]] = {}
+    routes: dict[str, int] = defaultdict(int)
+    for i, dec in enumerate(decisions):
+        routes[dec.route.reason] += 1
+        frame_best: dict[str, float] = {}
+        for d in dec.detections:
+            frame_best[d.species] = max(frame_best.get(d.species, 0.0), float(d.score))
+        for sp, s in frame_best.items():
+            votes[sp] += s
+            if sp not in best or s > best[sp][0]:
+                best[sp] = (s, i)
+        for sp, n in dec.counts.items():
+            counts[sp] = max(counts[sp], n)
+    order = sorted(votes, key=lambda s: (-votes[s], -best[s][0], s))
+    top = order[0] if order else None
+    if top is not None:
+        route = decisions[best[top][1]].route.reason
+    else:
+        route = decisions[0].route.reason if decisions else "gated"
+    return EventDecision(
+        frames=len(decisions),
+        species=top,
+        score=best[top][0] if top else 0.0,
+        count=counts[top] if top else 0,
+        counts={s: counts[s] for s in order},
+        votes={s: votes[s] for s in order},
+        scores={s: best[s][0] for s in order},
+        best_frame=best[top][1] if top else -1,
+        route=route,
+        routes=dict(routes),
+    )

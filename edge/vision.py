@@ -1,0 +1,287 @@
+"""Pre- and post-processing of YOLO models in numpy + OpenCV (pure; no torch on the device).
+
+The device must give the same answer as the workstation, so every rounding rule here copies
+ultralytics 8.4 (``LetterBox(auto=False, center=True)``, ``scale_boxes``, ``non_max_suppression``
+with ``multi_label=False``); tests/export/test_vision_parity.py holds the two side by side.
+
+Three raw output layouts, one image at a time (no batch dim):
+
+- ``yolov8`` (YOLOv8/11): ``[4+nc, A]`` rows cx, cy, w, h (input pixels), then class scores.
+- ``yolov5`` (MegaDetector v5): ``[A, 5+nc]`` cx, cy, w, h, objectness, class probabilities;
+  a box's class score is objectness x class probability.
+- ``end2end`` (YOLOv10/26, NMS inside the model): ``[N, 6]`` x1, y1, x2, y2, score, class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from edge.detection import Detection
+
+Layout = Literal["yolov5", "yolov8", "end2end"]
+LAYOUTS: tuple[str, ...] = ("yolov5", "yolov8", "end2end")
+PAD_VALUE = 114
+MAX_WH = 7680  # per-class box offset for class-aware NMS (ultralytics' max_wh)
+MAX_NMS = 30000  # boxes entering NMS at most, highest scores first (ultralytics' max_nms)
+DEFAULT_CONF = 0.25
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How one image was fitted into the square model input, to map boxes back.
+
+    ``scale`` is ultralytics' ratio r = min(size/h, size/w); ``pad`` the (left, top) border in
+    input pixels; ``shape`` the original (h, w). Because each resized side is rounded to whole
+    pixels, the exact per-axis gains are ``new_w / w`` and ``new_h / h`` (see ``gain``), which is
+    what ultralytics' ``scale_boxes`` divides by.
+    """
+
+    scale: float
+    pad: tuple[float, float]
+    shape: tuple[int, int]
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        """(new_w, new_h): the image's size inside the input, before padding."""
+        h, w = self.shape
+        return max(round(w * self.scale), 1), max(round(h * self.scale), 1)
+
+    @property
+    def gain(self) -> tuple[float, float]:
+        """(gain_x, gain_y) input pixels per original pixel."""
+        new_w, new_h = self.resized
+        return new_w / self.shape[1], new_h / self.shape[0]
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """Input-pixel x1y1x2y2 boxes [N, 4] -> original pixels, clipped to the image."""
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+        gx, gy = self.gain
+        b[:, [0, 2]] = (b[:, [0, 2]] - self.pad[0]) / gx
+        b[:, [1, 3]] = (b[:, [1, 3]] - self.pad[1]) / gy
+        h, w = self.shape
+        b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+        b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+        return b
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """Original-pixel x1y1x2y2 boxes [N, 4] -> input pixels (the inverse, for tests and labels)."""
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+        gx, gy = self.gain
+        b[:, [0, 2]] = b[:, [0, 2]] * gx + self.pad[0]
+        b[:, [1, 3]] = b[:, [1, 3]] * gy + self.pad[1]
+        return b
+
+
+def _as_bgr(img: np.ndarray) -> np.ndarray:
+    """Accept grey (IR night frames), BGR and BGRA uint8 images; anything else is an error."""
+    if not isinstance(img, np.ndarray) or img.size == 0:
+        raise ValueError("letterbox: expected a non-empty image array")
+    if img.dtype != np.uint8:
+        raise ValueError(f"letterbox: expected uint8 pixels, got {img.dtype}")
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return cv2.cvtColor(img.reshape(img.shape[0], img.shape[1]), cv2.COLOR_GRAY2BGR)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return img
+    raise ValueError(f"letterbox: expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {img.shape}")
+
+
+def letterbox_uint8(img_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize (keeping aspect) and pad to ``size`` x ``size``: HWC BGR uint8, ultralytics' rounding."""
+    img = _as_bgr(img_bgr)
+    if size <= 0:
+        raise ValueError(f"letterbox: size must be positive, got {size}")
+    h, w = img.shape[:2]
+    r = min(size / h, size / w)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    if (w, h) != (new_w, new_h):
+        img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return img, Letterbox(scale=r, pad=(float(left), float(top)), shape=(h, w))
+
+
+def letterbox(img_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """One image -> model input: CHW float32 RGB in [0, 1], and the letterbox to map boxes back."""
+    img, lb = letterbox_uint8(img_bgr, size)
+    chw = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))
+    return chw.astype(np.float32) / np.float32(255.0), lb
+
+
+def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, list[Letterbox]]:
+    """Several images -> NCHW float32 batch and one Letterbox per image."""
+    if len(images) == 0:
+        raise ValueError("letterbox_batch: no images")
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    boxes: list[Letterbox] = []
+    for i, im in enumerate(images):
+        out[i], lb = letterbox(im, size)
+        boxes.append(lb)
+    return out, boxes
+
+
+def xywh2xyxy(b: np.ndarray) -> np.ndarray:
+    out = np.empty_like(b)
+    half_w, half_h = b[:, 2] / 2, b[:, 3] / 2
+    out[:, 0] = b[:, 0] - half_w
+    out[:, 1] = b[:, 1] - half_h
+    out[:, 2] = b[:, 0] + half_w
+    out[:, 3] = b[:, 1] + half_h
+    return out
+
+
+def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS as torchvision.ops.nms: indices kept, by descending score.
+
+    A box is dropped when its IoU with a kept, higher-scoring box is strictly above ``iou``.
+    For class-aware NMS offset boxes by ``class * MAX_WH`` first (``decode`` does).
+    """
+    b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if b.shape[0] != s.shape[0]:
+        raise ValueError(f"nms: {b.shape[0]} boxes but {s.shape[0]} scores")
+    if b.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    x1, y1, x2, y2 = b.T
+    area = (x2 - x1) * (y2 - y1)
+    order = np.argsort(-s, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        rest = order[1:]
+        iw = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        ih = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = iw * ih
+        union = area[i] + area[rest] - inter
+        ov = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+        order = rest[ov <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def class_thresholds(classes: Sequence[str], conf: float | Mapping[str, float]) -> np.ndarray:
+    """Per-class score floors as a vector aligned with ``classes``.
+
+    A mapping gives per-class floors; classes it does not name use its ``"*"`` entry, else 0.25.
+    """
+    if isinstance(conf, Mapping):
+        unknown = set(conf) - set(classes) - {"*"}
+        if unknown:
+            raise ValueError(f"thresholds for unknown classes {sorted(unknown)}")
+        default = float(conf.get("*", DEFAULT_CONF))
+        t = np.array([float(conf.get(c, default)) for c in classes], dtype=np.float64)
+    else:
+        t = np.full(len(classes), float(conf), dtype=np.float64)
+    if ((t < 0) | (t > 1)).any():
+        raise ValueError(f"score thresholds must lie in [0, 1], got {t.tolist()}")
+    return t
+
+
+def _one_image(output: np.ndarray) -> np.ndarray:
+    out = np.asarray(output)
+    if out.ndim == 3 and out.shape[0] == 1:
+        out = out[0]
+    if out.ndim != 2:
+        raise ValueError(f"decode: expected one image's 2-D output, got shape {out.shape}")
+    return out.astype(np.float32, copy=False)
+
+
+def decode(
+    output: np.ndarray,
+    layout: Layout,
+    classes: list[str],
+    lb: Letterbox,
+    conf: float | dict[str, float] = DEFAULT_CONF,
+    iou: float = 0.45,
+    max_det: int = 300,
+    model: str = "",
+    agnostic: bool = False,
+) -> list[Detection]:
+    """One image's raw model output -> detections in original-image pixels, best first.
+
+    Semantics of ultralytics' ``non_max_suppression(multi_label=False)``: each box takes its best
+    class; boxes at or below that class's floor go before NMS; at most ``MAX_NMS`` highest
+    scores enter class-aware NMS (agnostic if asked); ``max_det`` survivors are kept.
+    ``Detection.scores`` carries the box's per-class score vector (objectness x class for
+    yolov5); end-to-end outputs carry only the winning score, so their vector is empty.
+    """
+    nc = len(classes)
+    if nc == 0:
+        raise ValueError("decode: the model has no classes")
+    thr = class_thresholds(classes, conf)
+    out = _one_image(output)
+    if layout == "end2end":
+        return _decode_end2end(out, classes, lb, thr, max_det, model)
+    if layout == "yolov8":
+        if out.shape[0] != 4 + nc:
+            raise ValueError(
+                f"decode: yolov8 output for {nc} classes must be [{4 + nc}, anchors], got {list(out.shape)}"
+            )
+        rows = out.T
+        xywh, cls_scores = rows[:, :4], rows[:, 4:]
+    elif layout == "yolov5":
+        if out.shape[1] != 5 + nc:
+            raise ValueError(
+                f"decode: yolov5 output for {nc} classes must be [anchors, {5 + nc}], got {list(out.shape)}"
+            )
+        xywh, cls_scores = out[:, :4], out[:, 5:] * out[:, 4:5]
+    else:
+        raise ValueError(f"decode: unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
+
+    j = cls_scores.argmax(1)
+    best = cls_scores[np.arange(cls_scores.shape[0]), j]
+    keep = best > thr[j]
+    if not keep.any():
+        return []
+    xywh, cls_scores, j, best = xywh[keep], cls_scores[keep], j[keep], best[keep]
+    if best.shape[0] > MAX_NMS:
+        top = np.argsort(-best, kind="stable")[:MAX_NMS]
+        xywh, cls_scores, j, best = xywh[top], cls_scores[top], j[top], best[top]
+    boxes = xywh2xyxy(xywh)
+    offset = 0.0 if agnostic else j[:, None].astype(np.float32) * MAX_WH
+    kept = nms(boxes + offset, best, iou)[:max_det]
+    orig = lb.to_original(boxes[kept])
+    return [
+        Detection(
+            species=classes[int(j[k])],
+            score=float(best[k]),
+            box=tuple(float(v) for v in orig[n]),  # type: ignore[arg-type]
+            cls=int(j[k]),
+            model=model,
+            scores=tuple(float(v) for v in cls_scores[k]),
+        )
+        for n, k in enumerate(kept)
+    ]
+
+
+def _decode_end2end(
+    out: np.ndarray, classes: list[str], lb: Letterbox, thr: np.ndarray, max_det: int, model: str
+) -> list[Detection]:
+    if out.shape[1] != 6:
+        raise ValueError(f"decode: end2end output must be [N, 6], got {list(out.shape)}")
+    if out.shape[0] == 0:
+        return []
+    cls = out[:, 5].round().astype(np.int64)
+    bad = (cls < 0) | (cls >= len(classes))
+    if bad.any():
+        raise ValueError(f"decode: end2end class index {int(cls[bad][0])} outside the {len(classes)} classes")
+    keep = np.flatnonzero(out[:, 4] > thr[cls])[:max_det]
+    orig = lb.to_original(out[keep, :4])
+    return [
+        Detection(
+            species=classes[int(cls[k])],
+            score=float(out[k, 4]),
+            box=tuple(float(v) for v in orig[n]),  # type: ignore[arg-type]
+            cls=int(cls[k]),
+            model=model,
+        )
+        for n, k in enumerate(keep)
+    ]

@@ -1,0 +1,217 @@
+"""edge.cascade: every route and decision branch with hand-made detections."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from edge.cascade import CascadePolicy, Decision, Route, decide, event_decision, plan
+from edge.detection import Detection
+from edge.manifest import CascadeSettings
+
+GROUPS = {"lynx": "medium", "wildcat": "medium", "fox": "medium", "deer": "large", "boar": "large",
+          "rabbit": "micro", "heron": "birds"}
+EXPERTS = ["medium", "large", "micro"]  # "birds" has no expert
+
+
+def det(species: str, score: float, box=(10, 10, 50, 50), model: str = "global") -> Detection:
+    return Detection(species=species, score=score, box=tuple(map(float, box)), model=model)  # type: ignore[arg-type]
+
+
+def run(global_dets, expert_dets, policy=None):
+    policy = policy or CascadePolicy()
+    route = plan(global_dets, GROUPS, EXPERTS, policy)
+    return route, decide(global_dets, {g: expert_dets.get(g, []) for g in route.groups}, route, policy)
+
+
+# --- plan --------------------------------------------------------------------------------------
+def test_routed_to_the_group_of_the_species_seen():
+    route = plan([det("lynx", 0.7), det("deer", 0.1)], GROUPS, EXPERTS)
+    assert route == Route("routed", ("medium",), 0.7, (), route.why)
+    assert "medium (0.70)" in route.why
+
+
+def test_several_groups_run_best_first_and_threshold_is_inclusive():
+    route = plan([det("rabbit", 0.25), det("deer", 0.9), det("fox", 0.5)], GROUPS, EXPERTS)
+    assert route.reason == "routed" and route.groups == ("large", "medium", "micro")
+
+
+def test_group_lookup_accepts_a_callable():
+    route = plan([det("lynx", 0.7)], lambda s: GROUPS.get(s), EXPERTS)
+    assert route.groups == ("medium",)
+
+
+def test_background_runs_every_expert():
+    route = plan([det("lynx", 0.2)], GROUPS, EXPERTS)
+    assert route.reason == "background" and route.groups == tuple(EXPERTS)
+    assert route.global_best == pytest.approx(0.2)
+    assert plan([], GROUPS, EXPERTS).global_best == 0.0
+
+
+def test_gate_skips_the_all_experts_pass_only_for_background():
+    policy = CascadePolicy(gate_threshold=0.1)
+    assert plan([det("lynx", 0.05)], GROUPS, EXPERTS, policy).reason == "gated"
+    assert plan([], GROUPS, EXPERTS, policy).groups == ()
+    assert plan([det("lynx", 0.15)], GROUPS, EXPERTS, policy).reason == "background"
+    # a routing detection is never gated, even with a gate above the route threshold
+    assert plan([det("lynx", 0.3)], GROUPS, EXPERTS, CascadePolicy(gate_threshold=0.5)).reason == "routed"
+
+
+def test_species_without_expert():
+    route = plan([det("heron", 0.8)], GROUPS, EXPERTS)
+    assert route.reason == "no-expert" and route.groups == () and route.no_expert == ("heron",)
+    route = plan([det("unknown-species", 0.8)], GROUPS, EXPERTS)
+    assert route.reason == "no-expert"
+    mixed = plan([det("heron", 0.8), det("deer", 0.6)], GROUPS, EXPERTS)
+    assert mixed.reason == "routed" and mixed.groups == ("large",) and mixed.no_expert == ("heron",)
+
+
+# --- decide ------------------------------------------------------------------------------------
+def test_routed_expert_answer_replaces_the_global_one():
+    _route, dec = run([det("lynx", 0.6)], {"medium": [det("wildcat", 0.85, model="medium")]})
+    assert dec.top == ("wildcat", 0.85) and dec.counts == {"wildcat": 1} and not dec.empty
+    assert dec.models_run == ("global", "medium")
+    assert dec.model_best == {"global": 0.6, "medium": 0.85}
+
+
+def test_routed_expert_seeing_nothing_empties_the_group_unless_asked_to_keep_global():
+    _route, dec = run([det("lynx", 0.6)], {"medium": []})
+    assert dec.empty and "medium saw nothing" in dec.why
+    # the global model's score stays on record for the disposal floor
+    assert dec.model_best["global"] == 0.6
+    keep = CascadePolicy(keep_unmatched_global=True)
+    _, dec = run([det("lynx", 0.6)], {"medium": []}, keep)
+    assert dec.top == ("lynx", 0.6) and "no expert confirmed" in dec.why
+    # a global box the expert did confirm (overlapping) is not duplicated
+    _, dec = run([det("lynx", 0.6)], {"medium": [det("wildcat", 0.7, (12, 12, 50, 50))]}, keep)
+    assert [d.species for d in dec.detections] == ["wildcat"]
+
+
+def test_several_groups_merge_with_cross_expert_nms():
+    global_dets = [det("deer", 0.7, (0, 0, 100, 100)), det("fox", 0.6, (200, 200, 260, 260))]
+    experts = {
+        "large": [det("deer", 0.9, (0, 0, 100, 100), "large")],
+        # medium also claims the deer's box (a look-alike vote, weaker) and finds the fox
+        "medium": [det("fox", 0.8, (200, 200, 260, 260), "medium"), det("wildcat", 0.4, (2, 0, 100, 98), "medium")],
+    }
+    route, dec = run(global_dets, experts)
+    assert route.groups == ("large", "medium")
+    assert [(d.species, d.model) for d in dec.detections] == [("deer", "large"), ("fox", "medium")]
+    assert dec.counts == {"deer": 1, "fox": 1}
+    # a looser merge IoU keeps both claims
+    _, dec = run(global_dets, experts, CascadePolicy(merge_iou=0.99))
+    assert len(dec.detections) == 3
+
+
+def test_single_expert_answer_is_not_re_suppressed():
+    # two overlapping deer from one expert are its own (already NMS'd) answer: both stay
+    two = [det("deer", 0.9, (0, 0, 100, 100)), det("boar", 0.8, (5, 5, 100, 100))]
+    _, dec = run([det("deer", 0.5)], {"large": two})
+    assert len(dec.detections) == 2
+
+
+def test_no_expert_keeps_global_detections_and_mixes_with_experts():
+    _, dec = run([det("heron", 0.8), det("heron", 0.3, (100, 100, 120, 130)), det("heron", 0.1)], {})
+    assert dec.route.reason == "no-expert" and dec.counts == {"heron": 2} and dec.models_run == ("global",)
+    _, dec = run([det("heron", 0.8, (200, 0, 250, 50)), det("deer", 0.6)],
+                 {"large": [det("deer", 0.9, model="large")]})
+    assert sorted(d.species for d in dec.detections) == ["deer", "heron"]
+
+
+def test_background_most_confident_expert_wins():
+    experts = {
+        "medium": [det("lynx", 0.55, model="medium")],
+        "large": [det("deer", 0.7, model="large"), det("deer", 0.2, (100, 100, 150, 150), "large")],
+        "micro": [],
+    }
+    route, dec = run([det("lynx", 0.1)], experts)
+    assert route.reason == "background"
+    assert [(d.species, d.score) for d in dec.detections] == [("deer", 0.7)]  # 0.2 < floor 0.3 dropped
+    assert dec.models_run == ("global", "medium", "large", "micro")
+    assert dec.model_best == {"global": 0.1, "medium": 0.55, "large": 0.7, "micro": 0.0}
+    assert "large" in dec.why
+
+
+def test_background_below_floor_is_empty():
+    _, dec = run([], {"medium": [det("lynx", 0.29)], "large": [], "micro": []})
+    assert dec.empty and dec.top == (None, 0.0) and "below floor" in dec.why
+    _, dec = run([], {"medium": [det("lynx", 0.29)]}, CascadePolicy(expert_floor=0.2))
+    assert dec.top == ("lynx", 0.29)
+
+
+def test_background_tie_goes_to_the_first_expert_in_route_order():
+    experts = {"medium": [det("lynx", 0.6)], "large": [det("deer", 0.6)], "micro": []}
+    _, dec = run([], experts)
+    assert dec.top[0] == "lynx"
+
+
+def test_gated_frame_is_empty_and_runs_only_global():
+    route, dec = run([det("lynx", 0.02)], {}, CascadePolicy(gate_threshold=0.05))
+    assert route.reason == "gated" and dec.empty and dec.models_run == ("global",)
+
+
+def test_decide_refuses_a_missing_expert_output():
+    route = plan([det("lynx", 0.7)], GROUPS, EXPERTS)
+    with pytest.raises(ValueError, match="medium"):
+        decide([det("lynx", 0.7)], {}, route)
+
+
+def test_background_with_no_experts_at_all():
+    route = plan([], GROUPS, [])
+    dec = decide([], {}, route)
+    assert route.reason == "background" and dec.empty
+
+
+def test_decision_to_dict_is_an_audit_record():
+    _, dec = run([det("deer", 0.6)], {"large": [det("deer", 0.9, model="large")]})
+    d = dec.to_dict()
+    assert d["species"] == "deer" and d["score"] == 0.9 and d["empty"] is False
+    assert d["counts"] == {"deer": 1} and d["detections"][0]["model"] == "large"
+    assert d["route"]["reason"] == "routed" and d["route"]["models_run"] == ["global", "large"]
+    assert d["route"]["model_best"] == {"global": 0.6, "large": 0.9}
+    assert "large (0.60)" in d["route"]["why"]
+
+
+# --- policy ------------------------------------------------------------------------------------
+def test_policy_from_manifest_settings_and_overrides():
+    s = CascadeSettings(route_threshold=0.4, expert_floor=0.5, gate_threshold=0.05)
+    p = CascadePolicy.from_manifest(s)
+    assert (p.route_threshold, p.expert_floor, p.gate_threshold, p.merge_iou) == (0.4, 0.5, 0.05, 0.5)
+    assert CascadePolicy.from_manifest(s, merge_iou=0.3).merge_iou == 0.3
+    with pytest.raises(ValidationError):
+        CascadePolicy(route_threshold=1.5)
+    with pytest.raises(ValidationError):
+        CascadePolicy(bogus=1)  # type: ignore[call-arg]
+
+
+# --- events ------------------------------------------------------------------------------------
+def frame(*dets: Detection, reason="routed") -> Decision:
+    route = Route(reason, (), 0.0)
+    return Decision(tuple(dets), route, ("global",), {"global": 0.0})
+
+
+def test_event_vote_is_score_weighted_and_count_is_max_per_frame():
+    frames = [
+        frame(det("lynx", 0.9)),
+        frame(det("wildcat", 0.6), det("wildcat", 0.5, (100, 0, 150, 50))),
+        frame(det("wildcat", 0.55)),
+        frame(reason="background"),
+    ]
+    ev = event_decision(frames)
+    # wildcat: 0.6 + 0.55 = 1.15 beats lynx 0.9 (per frame only the best box of a species votes)
+    assert ev.species == "wildcat" and ev.score == 0.6 and ev.count == 2 and ev.best_frame == 1
+    assert ev.counts == {"wildcat": 2, "lynx": 1}
+    assert ev.votes == pytest.approx({"wildcat": 1.15, "lynx": 0.9})
+    assert ev.routes == {"routed": 3, "background": 1} and ev.frames == 4 and not ev.empty
+    assert ev.to_dict()["species"] == "wildcat"
+
+
+def test_event_one_confident_frame_beats_weak_look_alikes():
+    ev = event_decision([frame(det("lynx", 0.95)), frame(det("wildcat", 0.3)), frame(det("wildcat", 0.3))])
+    assert ev.species == "lynx" and ev.count == 1 and ev.best_frame == 0
+
+
+def test_event_of_empty_frames_is_empty():
+    ev = event_decision([frame(), frame()])
+    assert ev.empty and ev.species is None and ev.count == 0 and ev.best_frame == -1
+    assert event_decision([]).frames == 0
