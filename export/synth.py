@@ -184,7 +184,7 @@ def _draw_felid(p: _Pen, sp: str, col, pose: _Pose) -> list[tuple[float, float]]
     for du in (-0.07, 0.05):
         p.poly([(hu + du - 0.05, hv + 0.09), (hu + du, hv + 0.09 + ear_h), (hu + du + 0.05, hv + 0.1)], col)
         if sp == "lynx":
-            p.line((hu + du, hv + 0.07 + ear_h), (hu + du, hv + 0.15 + ear_h), 0.02, (20, 20, 20))  # tufts
+            p.line((hu + du, hv + 0.03 + ear_h), (hu + du, hv + 0.15 + ear_h), 0.025, (20, 20, 20))  # tufts
     return [p.pt(hu + 0.08, hv + 0.02)]
 
 
@@ -337,11 +337,12 @@ def _plan(rng: np.random.Generator, n_images: int, locations: list[str], rare_ra
         starts = []
         for _ in mine:
             day = int(rng.integers(0, 21))
-            hour = int(rng.choice([20, 21, 22, 23, 0, 1, 2, 3, 4, 5])) if rng.random() < 0.35 else int(rng.integers(6, 20))
+            night = rng.random() < 0.35
+            hour = int(rng.choice([20, 21, 22, 23, 0, 1, 2, 3, 4, 5])) if night else int(rng.integers(6, 20))
             starts.append(_START + timedelta(days=day, hours=hour, seconds=int(rng.integers(0, 3600))))
         starts.sort()
         last = _START - timedelta(hours=1)
-        for b, t in zip(mine, starts):
+        for b, t in zip(mine, starts, strict=True):
             t = max(t, last + timedelta(seconds=60))
             b.start = t
             last = t + timedelta(seconds=b.n_frames)
@@ -377,7 +378,7 @@ def _individuals(rng: np.random.Generator, herd: list[str], w: int, h_scene: int
         scale = 0.3 + 0.7 * depth
         length = _BASE_LENGTH[GROUP_OF[s]] * w * scale * float(rng.uniform(0.85, 1.15))
         jitter = rng.integers(-12, 13, 3)
-        colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(_COLOUR[s], jitter))
+        colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(_COLOUR[s], jitter, strict=True))
         out.append(_Individual(
             s, float(rng.uniform(0.1, 0.9) * w), y, length, 1 if rng.random() < 0.5 else -1,
             float(rng.uniform(0.04, 0.2)),
@@ -388,7 +389,8 @@ def _individuals(rng: np.random.Generator, herd: list[str], w: int, h_scene: int
 
 
 def _render_frame(bg: np.ndarray, animals: list[_Individual], t: datetime, ir: bool, shine: bool,
-                  cast: np.ndarray, rng: np.random.Generator, h_scene: int, temp_c: int) -> tuple[np.ndarray, list[tuple[str, list[float]]]]:
+                  cast: np.ndarray, rng: np.random.Generator, h_scene: int,
+                  temp_c: int) -> tuple[np.ndarray, list[tuple[str, list[float]]]]:
     import cv2
 
     h, w = bg.shape[:2]
