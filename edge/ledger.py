@@ -1,0 +1,518 @@
+"""The durable ledger: every image's state and result, the MQTT outbox and telemetry counters,
+in one SQLite file (WAL).
+
+Why one file: a result and the messages it produces are committed in ONE transaction, so a crash
+(power cut, SIGKILL, OOM) at any instant leaves either both or neither; what is left in
+``processing`` after a crash is exactly what to redo, and redoing is harmless because an image
+can receive one result, ever (checked in Python and enforced again by a trigger).
+
+Threads: one connection guarded by a lock (``check_same_thread=False``). Python's sqlite3
+transactions belong to a connection, so sharing one without a lock would interleave them;
+one connection per thread would make closing and ``:memory:`` awkward for no gain, because
+SQLite serialises writers anyway and the device writes a handful of rows per image. Other
+*processes* (a status command, a second daemon by mistake) are handled by WAL (readers never
+block) plus ``busy_timeout`` and ``BEGIN IMMEDIATE`` (writers queue instead of failing).
+
+Durability: ``synchronous=FULL`` for the commits that must survive a power cut (a result is
+what allows the image file to be deleted afterwards); ``NORMAL`` for the rest (``see``, acks,
+counters), which WAL keeps crash-consistent and whose loss after a power cut is harmless: the
+start-up scan sees the file again, an un-acked message is sent again.
+
+State machine of an image::
+
+    seen --claim--> processing --complete--> done --mark_disposed--> disposed
+      ^                 |   \\--quarantine--> quarantined
+      +----recover------+        (also seen --quarantine--> quarantined)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATES = ("seen", "processing", "done", "disposed", "quarantined")
+KINDS = ("detection", "alert", "telemetry", "status")
+# When the outbox is full, rows are dropped in this order (oldest first within a kind);
+# alerts are never dropped.
+DROP_ORDER = ("status", "telemetry", "detection")
+DROP_COUNTER = {"status": "dropped_status", "telemetry": "dropped_telemetry",
+                "detection": "dropped_detections"}
+ALERT_OVER_BOUND = "alerts_over_bound"  # counter: alerts kept although the outbox was full
+
+Kind = Literal["detection", "alert", "telemetry", "status"]
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot do what was asked (bad state transition, newer schema, ...)."""
+
+
+class DuplicateResult(LedgerError):
+    """A second result for an image that already has one: refused, one result per image, ever."""
+
+
+@dataclass(frozen=True)
+class OutMsg:
+    """One message for the broker. ``topic`` is relative to the MQTT prefix (e.g. ``detections``)
+    so a prefix change in the config does not strand queued rows. ``qos=None`` means "the
+    configured QoS for this kind". ``seq`` is set on rows read back from the outbox."""
+
+    kind: Kind
+    topic: str
+    payload: bytes
+    qos: int | None = None
+    retain: bool = False
+    image_id: int | None = None
+    seq: int | None = None
+    created: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"outbox message kind {self.kind!r} is not one of {KINDS}")
+        if self.qos not in (None, 0, 1, 2):
+            raise ValueError(f"outbox message qos {self.qos!r} is not 0, 1 or 2")
+        if isinstance(self.payload, str):  # be forgiving: store text as UTF-8
+            object.__setattr__(self, "payload", self.payload.encode())
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    path: str
+    size: int
+    mtime: float
+    state: str
+    attempts: int
+    sha256: str | None = None
+    result: dict[str, Any] | None = None
+    event_id: int | None = None
+    taken_at: float | None = None
+    disposal: str | None = None
+    error: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+
+
+_SCHEMA_V1 = """
+CREATE TABLE images (
+    id          INTEGER PRIMARY KEY,
+    path        TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    mtime       REAL    NOT NULL,
+    sha256      TEXT,
+    state       TEXT    NOT NULL DEFAULT 'seen'
+                CHECK (state IN ('seen', 'processing', 'done', 'disposed', 'quarantined')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    result      TEXT,               -- JSON, written once
+    event_id    INTEGER,
+    taken_at    REAL,               -- EXIF DateTimeOriginal, else mtime (unix seconds)
+    disposal    TEXT,               -- how the file was disposed of (kept, moved:<path>, deleted)
+    error       TEXT,
+    superseded  INTEGER REFERENCES images(id),  -- set when a new file reuses this path
+    created     REAL    NOT NULL,
+    updated     REAL    NOT NULL,
+    CHECK (state NOT IN ('done', 'disposed') OR result IS NOT NULL)
+);
+-- one live row per path; rows of earlier files at a reused path stay as history
+CREATE UNIQUE INDEX images_path ON images(path) WHERE superseded IS NULL;
+CREATE INDEX images_state ON images(state, id);
+CREATE TRIGGER images_one_result BEFORE UPDATE OF result ON images
+    WHEN OLD.result IS NOT NULL AND NEW.result IS NOT OLD.result
+    BEGIN SELECT RAISE(ABORT, 'one result per image: result already recorded'); END;
+
+CREATE TABLE outbox (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,   -- publish order; never reused
+    topic     TEXT    NOT NULL,
+    payload   BLOB    NOT NULL,
+    qos       INTEGER CHECK (qos IS NULL OR qos IN (0, 1, 2)),
+    retain    INTEGER NOT NULL DEFAULT 0,
+    kind      TEXT    NOT NULL CHECK (kind IN ('detection', 'alert', 'telemetry', 'status')),
+    image_id  INTEGER REFERENCES images(id),
+    created   REAL    NOT NULL
+);
+CREATE INDEX outbox_kind ON outbox(kind, seq);
+
+CREATE TABLE counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
+
+# version v -> SQL (or a function of the connection) that upgrades v to v + 1, run inside the
+# opening transaction. Add an entry, bump SCHEMA_VERSION, never edit an old one.
+MIGRATIONS: dict[int, str | Callable[[sqlite3.Connection], None]] = {}
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Ledger:
+    """The device's memory. Safe to share between threads; see the module docstring."""
+
+    def __init__(self, path: str | Path, *, max_outbox: int = 10_000, busy_timeout_ms: int = 10_000,
+                 durable: bool = True) -> None:
+        if max_outbox < 1:
+            raise ValueError(f"max_outbox must be >= 1, got {max_outbox}")
+        self.path = str(path)
+        self.max_outbox = max_outbox
+        self._durable = durable
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[], None]] = []
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (the sqlite3 module's implicit
+        # transactions open late and as DEFERRED, which can fail with SQLITE_BUSY on upgrade).
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal" and self.path != ":memory:":
+                raise LedgerError(f"{self.path}: cannot switch the ledger to WAL mode (got {mode})")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        with self._tx(durable=True) as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LedgerError(f"{self.path}: ledger schema version {version} is newer than this "
+                                  f"software understands ({SCHEMA_VERSION}); refusing to touch it")
+            if version == 0:
+                has_tables = db.execute("SELECT count(*) FROM sqlite_master WHERE type='table' "
+                                        "AND name NOT LIKE 'sqlite_%'").fetchone()[0]
+                if has_tables:
+                    raise LedgerError(f"{self.path}: not a camtrap ledger (tables but no schema version)")
+                for stmt in _split_sql(_SCHEMA_V1):
+                    db.execute(stmt)
+                version = 1
+            while version < SCHEMA_VERSION:
+                step = MIGRATIONS[version]
+                if callable(step):
+                    step(db)
+                else:
+                    for stmt in _split_sql(step):
+                        db.execute(stmt)
+                log.info("ledger %s migrated from schema %d to %d", self.path, version, version + 1)
+                version += 1
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``durable`` commits with synchronous=FULL (fsync of the WAL)."""
+        with self._lock:
+            full = durable and self._durable
+            if full:
+                self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if full:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_outbox_listener(self, fn: Callable[[], None]) -> None:
+        """``fn()`` is called (outside the lock) after every commit that adds outbox rows,
+        so a publisher can wake up instead of polling."""
+        self._listeners.append(fn)
+
+    def remove_outbox_listener(self, fn: Callable[[], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def _notify(self) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn()
+            except Exception:  # a listener must never break a commit that already happened
+                log.exception("outbox listener failed")
+
+    # -- images -----------------------------------------------------------------------------
+    def see(self, path: str | Path, size: int, mtime: float, *, taken_at: float | None = None,
+            sha256: str | None = None) -> int | None:
+        """Record a file found in the watch folder. Returns its id when it needs processing
+        (new, or still waiting), ``None`` when it is already being handled or finished.
+
+        Idempotent: the scan, the watcher and the reconcile may all report the same file.
+        A file of another size or mtime at the path of a finished image is a NEW image (cameras
+        reuse names after a card is formatted): the old row is kept as history."""
+        path, now = str(path), _now()
+        insert = ("INSERT INTO images (path, size, mtime, sha256, taken_at, created, updated) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?)")
+        with self._tx() as db:
+            row = db.execute("SELECT id, state, size, mtime FROM images WHERE path=? AND superseded IS NULL",
+                             (path,)).fetchone()
+            if row is not None:
+                same = row["size"] == size and row["mtime"] == mtime
+                if row["state"] == "seen":
+                    if not same:  # still being written, or replaced before we got to it
+                        db.execute("UPDATE images SET size=?, mtime=?, taken_at=coalesce(?, taken_at), "
+                                   "sha256=?, updated=? WHERE id=?",
+                                   (size, mtime, taken_at, sha256, now, row["id"]))
+                    return int(row["id"])
+                if same or row["state"] == "processing":
+                    return None
+                # a new file at a reused path: retire the old row (pointing at itself until the new
+                # row exists, which keeps the foreign key valid), then insert
+                db.execute("UPDATE images SET superseded=id WHERE id=?", (row["id"],))
+            new_id = int(db.execute(insert, (path, size, mtime, sha256, taken_at, now, now)).lastrowid)
+            if row is not None:
+                db.execute("UPDATE images SET superseded=? WHERE id=?", (new_id, row["id"]))
+                log.info("%s: a new file reuses the path of image %d (%s); treated as a new image",
+                         path, row["id"], row["state"])
+            return new_id
+
+    def claim(self, limit: int = 1) -> list[ImageRow]:
+        """Move up to ``limit`` waiting images (oldest first) to ``processing`` and return them."""
+        now = _now()
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM images WHERE state='seen' ORDER BY id LIMIT ?",
+                                            (int(limit),))]
+            db.executemany("UPDATE images SET state='processing', attempts=attempts+1, updated=? WHERE id=?",
+                           [(now, i) for i in ids])
+            rows = [_image(db.execute("SELECT * FROM images WHERE id=?", (i,)).fetchone()) for i in ids]
+        return rows
+
+    def recover(self, max_attempts: int = 3) -> tuple[int, int]:
+        """After a crash: images left in ``processing`` go back to ``seen``, except those that
+        were already tried ``max_attempts`` times (a file that kills the process every time,
+        e.g. a decompression bomb), which are quarantined. Returns (requeued, quarantined)."""
+        now = _now()
+        with self._tx(durable=True) as db:
+            poison = db.execute("UPDATE images SET state='quarantined', updated=?, error=? "
+                                "WHERE state='processing' AND attempts>=?",
+                                (now, f"processing interrupted {max_attempts} times", max_attempts)).rowcount
+            requeued = db.execute("UPDATE images SET state='seen', updated=? WHERE state='processing'",
+                                  (now,)).rowcount
+            if poison:
+                _bump(db, "quarantined", poison)
+        if requeued or poison:
+            log.warning("ledger recovery: %d interrupted image(s) requeued, %d quarantined after "
+                        "%d attempts", requeued, poison, max_attempts)
+        return requeued, poison
+
+    def complete(self, image_id: int, result: Mapping[str, Any], messages: Iterable[OutMsg] = (), *,
+                 state: Literal["done"] = "done", event_id: int | None = None,
+                 taken_at: float | None = None, sha256: str | None = None,
+                 counters: Mapping[str, int] | None = None) -> list[int]:
+        """Record an image's result and enqueue its messages, in ONE durable transaction, with
+        optional counter increments (so telemetry counts match results exactly).
+        Raises DuplicateResult if the image already has a result. Returns the outbox seqs
+        (messages refused by a full outbox have no seq; see ``enqueue``)."""
+        if state != "done":
+            raise ValueError(f"complete(): state must be 'done', got {state!r}")
+        blob = json.dumps(result, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        msgs = [m if m.image_id is not None else _with_image(m, image_id) for m in messages]
+        now = _now()
+        with self._tx(durable=True) as db:
+            row = db.execute("SELECT state, result FROM images WHERE id=?", (image_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"complete(): no image with id {image_id}")
+            if row["result"] is not None:
+                raise DuplicateResult(f"image {image_id} already has a result (state {row['state']})")
+            if row["state"] not in ("seen", "processing"):
+                raise LedgerError(f"complete(): image {image_id} is {row['state']}, not seen/processing")
+            db.execute("UPDATE images SET state=?, result=?, event_id=coalesce(?, event_id), "
+                       "taken_at=coalesce(?, taken_at), sha256=coalesce(?, sha256), error=NULL, updated=? "
+                       "WHERE id=?", (state, blob, event_id, taken_at, sha256, now, image_id))
+            seqs = self._enqueue(db, msgs, now)
+            for name, n in (counters or {}).items():
+                _bump(db, name, n)
+        if seqs:
+            self._notify()
+        return seqs
+
+    def quarantine(self, image_id: int, reason: str) -> None:
+        """Give up on an image (unreadable, hostile, repeatedly crashing); counted in telemetry."""
+        with self._tx(durable=True) as db:
+            row = db.execute("SELECT state FROM images WHERE id=?", (image_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"quarantine(): no image with id {image_id}")
+            if row["state"] == "quarantined":
+                return
+            if row["state"] not in ("seen", "processing"):
+                raise LedgerError(f"quarantine(): image {image_id} is already {row['state']}")
+            db.execute("UPDATE images SET state='quarantined', error=?, updated=? WHERE id=?",
+                       (reason, _now(), image_id))
+            _bump(db, "quarantined")
+
+    def mark_disposed(self, image_id: int, how: str) -> None:
+        """Record that a done image's file was kept/moved/deleted (call it AFTER doing it)."""
+        with self._tx(durable=True) as db:
+            row = db.execute("SELECT state FROM images WHERE id=?", (image_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"mark_disposed(): no image with id {image_id}")
+            if row["state"] != "done":
+                raise LedgerError(f"mark_disposed(): image {image_id} is {row['state']}, not done")
+            db.execute("UPDATE images SET state='disposed', disposal=?, updated=? WHERE id=?",
+                       (how, _now(), image_id))
+
+    def set_event(self, image_id: int, event_id: int) -> None:
+        """Attach an image to an event (bursts are grouped after their frames are seen)."""
+        with self._tx() as db:
+            db.execute("UPDATE images SET event_id=?, updated=? WHERE id=?", (event_id, _now(), image_id))
+
+    def get(self, image_id: int) -> ImageRow | None:
+        rows = self._read("SELECT * FROM images WHERE id=?", (image_id,))
+        return _image(rows[0]) if rows else None
+
+    def find(self, path: str | Path) -> ImageRow | None:
+        """The live row for a path (not the history of earlier files at that path)."""
+        rows = self._read("SELECT * FROM images WHERE path=? AND superseded IS NULL", (str(path),))
+        return _image(rows[0]) if rows else None
+
+    def images(self, state: str | None = None, limit: int = 1_000_000) -> list[ImageRow]:
+        if state is not None and state not in STATES:
+            raise ValueError(f"unknown image state {state!r}")
+        if state is None:
+            rows = self._read("SELECT * FROM images ORDER BY id LIMIT ?", (limit,))
+        else:
+            rows = self._read("SELECT * FROM images WHERE state=? ORDER BY id LIMIT ?", (state, limit))
+        return [_image(r) for r in rows]
+
+    def state_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        counts.update({r[0]: r[1] for r in self._read("SELECT state, count(*) FROM images GROUP BY state")})
+        return counts
+
+    # -- outbox -----------------------------------------------------------------------------
+    def enqueue(self, messages: Iterable[OutMsg]) -> list[int]:
+        """Add messages that belong to no result (telemetry, status). Returns their seqs."""
+        now = _now()
+        with self._tx() as db:
+            seqs = self._enqueue(db, list(messages), now)
+        if seqs:
+            self._notify()
+        return seqs
+
+    def _enqueue(self, db: sqlite3.Connection, msgs: list[OutMsg], now: float) -> list[int]:
+        """Insert under the bound. Full outbox: drop the oldest status, then telemetry, then
+        detection rows; if only alerts are left, refuse incoming non-alerts and keep incoming
+        alerts beyond the bound (counted and logged as an alarm). Every drop is counted."""
+        seqs: list[int] = []
+        for m in msgs:
+            depth = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            if depth >= self.max_outbox and not self._make_room(db, depth - self.max_outbox + 1):
+                if m.kind != "alert":
+                    _bump(db, DROP_COUNTER[m.kind])
+                    log.error("outbox full (%d rows, alerts only): new %s message refused", depth, m.kind)
+                    continue
+                _bump(db, ALERT_OVER_BOUND)
+                log.error("ALARM: outbox full of alerts (%d rows, bound %d): keeping the new alert beyond "
+                          "the bound", depth, self.max_outbox)
+            cur = db.execute("INSERT INTO outbox (topic, payload, qos, retain, kind, image_id, created) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (m.topic, m.payload, m.qos, int(m.retain), m.kind, m.image_id, now))
+            seqs.append(int(cur.lastrowid))
+        return seqs
+
+    def _make_room(self, db: sqlite3.Connection, need: int) -> bool:
+        for kind in DROP_ORDER:
+            if need <= 0:
+                break
+            gone = db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE kind=? "
+                              "ORDER BY seq LIMIT ?)", (kind, need)).rowcount
+            if gone:
+                _bump(db, DROP_COUNTER[kind], gone)
+                log.warning("outbox at its bound (%d): dropped the %d oldest %s message(s)",
+                            self.max_outbox, gone, kind)
+                need -= gone
+        return need <= 0
+
+    def pending(self, limit: int = 100, after: int = 0) -> list[OutMsg]:
+        """Outbox rows in publish order (seq ascending), those with seq > ``after``."""
+        rows = self._read("SELECT * FROM outbox WHERE seq>? ORDER BY seq LIMIT ?", (after, limit))
+        return [OutMsg(kind=r["kind"], topic=r["topic"], payload=bytes(r["payload"]), qos=r["qos"],
+                       retain=bool(r["retain"]), image_id=r["image_id"], seq=r["seq"], created=r["created"])
+                for r in rows]
+
+    def ack(self, seq: int) -> bool:
+        """The broker has the message (PUBACK, or QoS 0 written): remove it. False if already gone
+        (acked before, or dropped by the bound while in flight)."""
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM outbox WHERE seq=?", (seq,)).rowcount
+        return bool(gone)
+
+    def outbox_depth(self) -> int:
+        return int(self._read("SELECT count(*) FROM outbox")[0][0])
+
+    # -- counters ---------------------------------------------------------------------------
+    def bump(self, name: str, n: int = 1) -> None:
+        with self._tx() as db:
+            _bump(db, name, n)
+
+    def counters(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._read("SELECT name, value FROM counters ORDER BY name")}
+
+    def integrity_ok(self) -> bool:
+        return self._read("PRAGMA integrity_check")[0][0] == "ok"
+
+
+def _bump(db: sqlite3.Connection, name: str, n: int = 1) -> None:
+    db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+               "ON CONFLICT(name) DO UPDATE SET value=value+excluded.value", (name, int(n)))
+
+
+def _with_image(m: OutMsg, image_id: int) -> OutMsg:
+    return OutMsg(kind=m.kind, topic=m.topic, payload=m.payload, qos=m.qos, retain=m.retain, image_id=image_id)
+
+
+def _image(r: sqlite3.Row) -> ImageRow:
+    return ImageRow(id=r["id"], path=r["path"], size=r["size"], mtime=r["mtime"], state=r["state"],
+                    attempts=r["attempts"], sha256=r["sha256"],
+                    result=json.loads(r["result"]) if r["result"] is not None else None,
+                    event_id=r["event_id"], taken_at=r["taken_at"], disposal=r["disposal"], error=r["error"],
+                    created=r["created"], updated=r["updated"])
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a schema script into statements, keeping trigger bodies (BEGIN ... END;) whole."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines():
+        line = line.split("--", 1)[0].rstrip()
+        if not line:
+            continue
+        buf += line + "\n"
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete SQL statement: {buf.strip()[:60]}")
+    return out

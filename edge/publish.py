@@ -1,0 +1,402 @@
+"""The MQTT session: availability (retained status + last will), the outbox drained in order and
+removed only on PUBACK, and commands in.
+
+Two threads. paho's network thread (``loop_start``) owns the socket, reconnects with backoff and
+runs the callbacks; the callbacks only record events. The publisher thread owns the outbox
+window: it reads rows from the ledger, hands them to paho, and deletes a row (``ledger.ack``)
+when the PUBACK for its packet id arrives (QoS 0 rows: when written to the socket). It is woken
+by the ledger when rows are added, by paho events, and every ``poll_s`` as a safety net.
+
+Delivery guarantee: at least once, in order. A message stays in the ledger until the broker
+acknowledged it, across reconnects (paho resends the unacknowledged packets, with DUP, right
+after the CONNACK) and across restarts (a new Publisher starts again at the lowest seq). With
+``max_inflight=1`` (the default) at most one message is unacknowledged at any time, so the
+broker sees a non-decreasing seq stream with at most one duplicate per outage or restart; a
+larger window is faster on a high-latency link but may resend up to ``max_inflight`` messages
+per outage and, after a resend, the raw stream steps back. Each message carries its ledger seq
+(MQTT 5 user property ``seq``; never reused), so a consumer can drop duplicates exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from . import __version__
+from .ledger import Ledger, OutMsg
+from .messages import status_payload
+from .mqtt_config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+STATUS_TOPIC = "status"
+CMD_TOPIC = "cmd/"
+# PUBACK reason codes that will not get better by resending: drop the row (counted) instead
+# of blocking the queue behind it forever. Anything else (quota, server busy) is retried.
+_PERMANENT = {0x87: "not authorized", 0x90: "topic name invalid", 0x95: "packet too large",
+              0x99: "payload format invalid"}
+_AUTH_CODES = {134, 135}  # bad user name or password, not authorized (v5; paho maps 3.1.1's 4/5 here)
+
+CommandHandler = Callable[[str, bytes], "Mapping[str, Any] | str | bytes | None"]
+
+
+class Publisher:
+    """Publishes the ledger's outbox to the broker; see the module docstring.
+
+    ``model`` (the bundle version) and ``status_extra`` go into the retained status; ``boot_id``
+    identifies this run of the daemon (random by default) so subscribers can tell a restart from
+    a reconnect. ``on_command(name, payload)`` handles ``<prefix>cmd/<name>``; it runs on the
+    publisher thread (keep it short or hand work off) and its return value, if not None, is sent
+    to the MQTT 5 response topic (with the correlation data) or to ``cmd/<name>/reply``.
+    """
+
+    def __init__(self, config: MqttConfig, ledger: Ledger, device_id: str, *,
+                 model: str | None = None, on_command: CommandHandler | None = None,
+                 status_extra: Mapping[str, Any] | None = None, boot_id: str | None = None,
+                 poll_s: float = 1.0) -> None:
+        self.cfg = config
+        self.ledger = ledger
+        self.device_id = device_id
+        self.prefix = config.topic_prefix(device_id)
+        self.status_topic = self.prefix + STATUS_TOPIC
+        self.on_command = on_command
+        self.boot_id = boot_id or uuid.uuid4().hex[:12]
+        self.poll_s = poll_s
+        self.model = model
+        self._status_extra: dict[str, Any] = dict(status_extra or {})
+        self._v5 = config.protocol == "5"
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._commands_ready = threading.Event()
+        self._no_new = False
+        self._inflight: dict[int, OutMsg] = {}  # paho mid -> row; publisher thread only
+        self._after = 0  # highest seq handed to paho; publisher thread only
+        self._retry_at = 0.0
+        self._down_logged = False
+        self._client: mqtt.Client | None = None
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self.stats: Counter[str] = Counter()
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background (retrying with backoff until the broker answers) and start
+        draining. Raises ValueError/FileNotFoundError for a missing password or TLS file."""
+        if self._thread is not None or self._stopping.is_set():
+            raise RuntimeError("a Publisher starts once; make a new one after stop()")
+        self._client = self._make_client()
+        self.ledger.add_outbox_listener(self.notify)
+        self._thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
+        self._thread.start()
+        kwargs: dict[str, Any] = {"clean_start": True} if self._v5 else {}
+        self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **kwargs)
+        self._client.loop_start()
+        log.info("MQTT publisher for %s -> %s:%d (MQTT %s%s), prefix %s", self.device_id, self.cfg.host,
+                 self.cfg.port, self.cfg.protocol, ", TLS" if self.cfg.tls else "", self.prefix)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let in-flight messages be acknowledged (up to about half of ``timeout``), publish the
+        retained status "stopped", then disconnect cleanly (so the broker does not send the
+        last will). Rows not yet published stay in the ledger for the next start."""
+        if self._thread is None or self._client is None:
+            return
+        deadline = time.monotonic() + timeout
+        self._no_new = True
+        self.notify()
+        while self._inflight and self._connected.is_set() and time.monotonic() < deadline - timeout / 2:
+            time.sleep(0.01)
+        self._stopping.set()
+        self.notify()
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        client = self._client
+        if self._connected.is_set():
+            info = client.publish(self.status_topic, self._status_payload("stopped"), qos=self.cfg.qos.status,
+                                  retain=True)
+            try:
+                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as e:
+                log.warning("could not publish the stopped status: %s", e)
+        client.disconnect()
+        client.loop_stop()
+        self.ledger.remove_outbox_listener(self.notify)
+        self._connected.clear()
+        self._thread = None
+        log.info("MQTT publisher stopped; %d message(s) left in the outbox", self.ledger.outbox_depth())
+
+    def notify(self) -> None:
+        """New outbox rows exist (called by the ledger after a commit)."""
+        self._wake.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def wait_commands_ready(self, timeout: float) -> bool:
+        """True once the broker confirmed the command subscription (SUBACK)."""
+        return self._commands_ready.wait(timeout)
+
+    def wait_drained(self, timeout: float) -> bool:
+        """True once the outbox is empty and nothing is in flight (tests, demo, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._inflight and self.ledger.outbox_depth() == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def update_status(self, model: str | None = None, **extra: Any) -> None:
+        """Change the retained status (e.g. the model version after an update) and republish."""
+        if model is not None:
+            self.model = model
+        self._status_extra.update(extra)
+        if self._client is not None and self._connected.is_set():
+            self._client.publish(self.status_topic, self._status_payload("online"), qos=self.cfg.qos.status,
+                                 retain=True)
+
+    # -- paho client ------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.cfg
+        password = cfg.resolve_password()  # raises with the setting's name, never the value
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=cfg.client_id_for(self.device_id),
+                             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+                             clean_session=None if self._v5 else True)
+        client.on_log = _paho_log
+        client.suppress_exceptions = True  # a bug in a callback is logged; it must not end the network loop
+        client.max_inflight_messages_set(cfg.max_inflight + 16)  # our window is the limit; room for status
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
+        client.connect_timeout = cfg.connect_timeout_s
+        if cfg.tls is not None:
+            import ssl
+
+            client.tls_set(ca_certs=_str(cfg.tls.ca_file), certfile=_str(cfg.tls.cert_file),
+                           keyfile=_str(cfg.tls.key_file), cert_reqs=ssl.CERT_REQUIRED,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            if cfg.tls.insecure:
+                client.tls_insecure_set(True)
+        if cfg.username:
+            client.username_pw_set(cfg.username, password)
+        # the will's "t" is when this session began; the broker publishes it when the socket dies
+        client.will_set(self.status_topic, self._status_payload("offline"),
+                        qos=cfg.qos.status, retain=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def _status_payload(self, state: str) -> bytes:
+        return status_payload(state, time=int(time.time()), model=self.model, boot_id=self.boot_id,
+                              version=__version__, extra=self._status_extra)
+
+    # callbacks: paho's network thread; they only record events and publish the status
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            hint = " (check mqtt.username and the password)" if reason.value in _AUTH_CODES else ""
+            self.last_error = f"MQTT broker {self.cfg.host}:{self.cfg.port} refused the connection: {reason}{hint}"
+            log.error("%s", self.last_error)
+            self.stats["refused"] += 1
+            return
+        self.last_error = None
+        self._down_logged = False
+        self.stats["connects"] += 1
+        log.info("connected to MQTT broker %s:%d as %s", self.cfg.host, self.cfg.port,
+                 self.cfg.client_id_for(self.device_id))
+        # availability first; paho resends unacknowledged outbox packets right after this returns
+        client.publish(self.status_topic, self._status_payload("online"), qos=self.cfg.qos.status, retain=True)
+        if self.on_command is not None:
+            client.subscribe(self.prefix + CMD_TOPIC + "+", qos=1)
+        self._connected.set()
+        self._events.put(("connected",))
+        self._wake.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        if not self._down_logged:
+            log.warning("cannot connect to MQTT broker %s:%d (unreachable, refused or TLS handshake failed); "
+                        "retrying with backoff (outbox: %d message(s))",
+                        self.cfg.host, self.cfg.port, self._depth())
+            self._down_logged = True
+        self.last_error = self.last_error or f"cannot reach MQTT broker {self.cfg.host}:{self.cfg.port}"
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       properties: Any) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self._commands_ready.clear()
+        if was and not self._stopping.is_set():
+            self.stats["disconnects"] += 1
+            log.warning("lost the MQTT broker (%s); %d message(s) wait in the outbox", reason, self._depth())
+        self._wake.set()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Any) -> None:
+        self._events.put(("ack", mid, reason))
+        self._wake.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
+                      properties: Any) -> None:
+        if all(not r.is_failure for r in reasons):
+            self._commands_ready.set()
+        else:
+            log.error("the broker refused the command subscription %s%s+: %s", self.prefix, CMD_TOPIC, reasons)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.startswith(self.prefix + CMD_TOPIC):
+            self._events.put(("cmd", msg))
+            self._wake.set()
+
+    def _depth(self) -> int:
+        """Outbox depth for a log line from paho's thread, which must never raise (an exception
+        in a callback would end paho's network loop)."""
+        try:
+            return self.ledger.outbox_depth()
+        except Exception:
+            return -1
+
+    # -- publisher thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            try:
+                self._drain_events()
+                if self._stopping.is_set():
+                    return
+                if self._connected.is_set() and not self._no_new:
+                    self._fill()
+            except Exception:  # the ledger may be locked or the disk full: keep going
+                log.exception("MQTT publisher error; retrying in 1 s")
+                time.sleep(1.0)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if event[0] == "ack":
+                self._acked(event[1], event[2])
+            elif event[0] == "cmd":
+                self._command(event[1])
+
+    def _acked(self, mid: int, reason: ReasonCode) -> None:
+        row = self._inflight.pop(mid, None)
+        if row is None or row.seq is None:
+            return  # the status message or a command reply
+        if not reason.is_failure:
+            self.ledger.ack(row.seq)
+            self.stats["acked"] += 1
+            return
+        if reason.value in _PERMANENT:
+            self.ledger.ack(row.seq)
+            self.ledger.bump(f"rejected_{row.kind}")
+            self.stats["rejected"] += 1
+            log.error("broker rejected %s message seq %d on %s%s: %s; dropped", row.kind, row.seq, self.prefix,
+                      row.topic, reason)
+            return
+        log.warning("broker refused %s message seq %d for now (%s); retrying", row.kind, row.seq, reason)
+        self._after = min(self._after, row.seq - 1)
+        self._retry_at = time.monotonic() + self.cfg.reconnect_min_s
+
+    def _fill(self) -> None:
+        room = self.cfg.max_inflight - len(self._inflight)
+        if room <= 0 or time.monotonic() < self._retry_at:
+            return
+        busy = {r.seq for r in self._inflight.values()}
+        assert self._client is not None
+        for row in self.ledger.pending(limit=room + len(busy), after=self._after):
+            if room <= 0:
+                break
+            if row.seq in busy:
+                continue
+            assert row.seq is not None
+            qos = row.qos if row.qos is not None else getattr(self.cfg.qos, row.kind)
+            props = None
+            if self._v5:
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = ("seq", str(row.seq))
+            try:
+                info = self._client.publish(self.prefix + row.topic, row.payload, qos=qos, retain=row.retain,
+                                            properties=props)
+            except ValueError as e:  # bad topic or payload: it will never go out
+                self.ledger.ack(row.seq)
+                self.ledger.bump(f"rejected_{row.kind}")
+                log.error("outbox row seq %d (%s) cannot be published: %s; dropped", row.seq, row.kind, e)
+                continue
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                log.warning("paho did not take outbox row seq %d: %s", row.seq, mqtt.error_string(info.rc))
+                return
+            # NO_CONN: paho keeps the packet and sends it after the next CONNACK, so it is in flight
+            self._inflight[info.mid] = row
+            self._after = max(self._after, row.seq)
+            self.stats["published"] += 1
+            room -= 1
+
+    def _command(self, msg: mqtt.MQTTMessage) -> None:
+        name = msg.topic[len(self.prefix + CMD_TOPIC):]
+        if self.on_command is None:
+            return
+        log.info("command %s received (%d bytes)", name, len(msg.payload))
+        try:
+            reply = self.on_command(name, msg.payload)
+        except Exception as e:
+            log.exception("command %s failed", name)
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        if reply is None or self._client is None:
+            return
+        body = reply if isinstance(reply, bytes) else (reply.encode() if isinstance(reply, str)
+                                                       else json.dumps(reply, separators=(",", ":")).encode())
+        topic = self.prefix + CMD_TOPIC + name + "/reply"
+        props = None
+        req = getattr(msg, "properties", None)
+        if self._v5 and req is not None and getattr(req, "ResponseTopic", None):
+            topic = req.ResponseTopic
+            props = Properties(PacketTypes.PUBLISH)
+            if getattr(req, "CorrelationData", None) is not None:
+                props.CorrelationData = req.CorrelationData
+        self._client.publish(topic, body, qos=1, properties=props)
+
+
+_PAHO_LOG = logging.getLogger(__name__ + ".paho")
+# paho reports every failed reconnect attempt at ERROR; the publisher already logs the outage
+# once as a warning, so these become DEBUG instead of flooding the journal during an outage
+_PAHO_NOISE = ("Client is not connected", "failed to receive on socket", "Connection failed")
+
+
+def _paho_log(client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+    if level == mqtt.MQTT_LOG_ERR and not buf.startswith(_PAHO_NOISE):
+        _PAHO_LOG.error("%s", buf)
+    elif level == mqtt.MQTT_LOG_WARNING and not buf.startswith(_PAHO_NOISE):
+        _PAHO_LOG.warning("%s", buf)
+    else:
+        _PAHO_LOG.debug("%s", buf)
+
+
+def _str(p: object) -> str | None:
+    return None if p is None else str(p)

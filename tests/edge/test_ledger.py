@@ -1,0 +1,353 @@
+"""The ledger: state machine, one result per image, the bounded outbox, and crash safety proven
+by SIGKILLing a real writer process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import edge.ledger as ledger_mod
+from edge.ledger import DuplicateResult, Ledger, LedgerError, OutMsg
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def det(payload: str = "d", image_id: int | None = None) -> OutMsg:
+    return OutMsg(kind="detection", topic="detections", payload=payload.encode(), image_id=image_id)
+
+
+def msg(kind: str, payload: str) -> OutMsg:
+    return OutMsg(kind=kind, topic=kind, payload=payload.encode())  # type: ignore[arg-type]
+
+
+# -- schema ---------------------------------------------------------------------------------------
+def test_fresh_ledger_is_wal_with_schema_version(tmp_path: Path) -> None:
+    Ledger(tmp_path / "l.db").close()
+    db = sqlite3.connect(tmp_path / "l.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == ledger_mod.SCHEMA_VERSION
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"images", "outbox", "counters"} <= tables
+
+
+def test_newer_schema_is_refused_and_foreign_db_too(tmp_path: Path) -> None:
+    Ledger(tmp_path / "l.db").close()
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        db.execute("PRAGMA user_version=99")
+    with pytest.raises(LedgerError, match="newer"):
+        Ledger(tmp_path / "l.db")
+    with sqlite3.connect(tmp_path / "other.db") as db:
+        db.execute("CREATE TABLE x (a)")
+    with pytest.raises(LedgerError, match="not a camtrap ledger"):
+        Ledger(tmp_path / "other.db")
+
+
+def test_migration_hook_upgrades_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Ledger(tmp_path / "l.db") as led:
+        iid = led.see("/a.jpg", 1, 1.0)
+    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(ledger_mod.MIGRATIONS, 1, "ALTER TABLE images ADD COLUMN note TEXT;")
+    with Ledger(tmp_path / "l.db") as led:
+        assert led.get(iid) is not None  # data kept
+    db = sqlite3.connect(tmp_path / "l.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert "note" in {r[1] for r in db.execute("PRAGMA table_info(images)")}
+
+
+# -- images ---------------------------------------------------------------------------------------
+def test_see_is_idempotent_and_reused_names_are_new_images(ledger: Ledger) -> None:
+    a = ledger.see("/w/IMG_0001.JPG", 100, 1000.0)
+    assert a is not None
+    assert ledger.see("/w/IMG_0001.JPG", 100, 1000.0) == a  # still waiting: same id
+    assert ledger.see("/w/IMG_0001.JPG", 150, 1001.0) == a  # grew before we got to it
+    assert ledger.get(a).size == 150
+    [row] = ledger.claim(5)
+    assert row.id == a and row.state == "processing" and row.attempts == 1
+    assert ledger.see("/w/IMG_0001.JPG", 150, 1001.0) is None  # being processed
+    ledger.complete(a, {"empty": True}, [])
+    assert ledger.see("/w/IMG_0001.JPG", 150, 1001.0) is None  # done: nothing to do, ever
+    assert ledger.state_counts()["done"] == 1
+    # the card was formatted and the camera reused the name: another file, another image
+    b = ledger.see("/w/IMG_0001.JPG", 999, 5000.0)
+    assert b is not None and b != a
+    assert ledger.find("/w/IMG_0001.JPG").id == b
+    assert ledger.get(a).result == {"empty": True}  # history kept
+    assert ledger.state_counts() == {"seen": 1, "processing": 0, "done": 1, "disposed": 0, "quarantined": 0}
+
+
+def test_claim_takes_oldest_first_and_only_waiting(ledger: Ledger) -> None:
+    ids = [ledger.see(f"/w/{i}.jpg", i, float(i)) for i in range(5)]
+    assert [r.id for r in ledger.claim(2)] == ids[:2]
+    assert [r.id for r in ledger.claim(10)] == ids[2:]
+    assert ledger.claim(10) == []
+
+
+def test_complete_writes_result_and_messages_together_once(ledger: Ledger) -> None:
+    iid = ledger.see("/w/a.jpg", 1, 1.0)
+    ledger.claim(1)
+    seqs = ledger.complete(iid, {"sp": "lyn", "p": 0.93}, [det("one"), msg("alert", "lynx!")], event_id=7,
+                           taken_at=123.0, counters={"processed": 1})
+    assert len(seqs) == 2
+    row = ledger.get(iid)
+    assert (row.state, row.result, row.event_id, row.taken_at) == ("done", {"sp": "lyn", "p": 0.93}, 7, 123.0)
+    pend = ledger.pending()
+    assert [(m.seq, m.kind, m.payload, m.image_id) for m in pend] == [
+        (seqs[0], "detection", b"one", iid), (seqs[1], "alert", b"lynx!", iid)]
+    assert ledger.counters() == {"processed": 1}
+    # one result per image, ever: the API refuses, and so does the database itself
+    with pytest.raises(DuplicateResult):
+        ledger.complete(iid, {"sp": "fox"}, [det("two")], counters={"processed": 1})
+    assert ledger.outbox_depth() == 2 and ledger.counters() == {"processed": 1}  # nothing half-written
+    db = sqlite3.connect(ledger.path)
+    with pytest.raises(sqlite3.IntegrityError, match="one result per image"):
+        db.execute("UPDATE images SET result='{}' WHERE id=?", (iid,))
+    assert ledger.get(iid).result == {"sp": "lyn", "p": 0.93}
+
+
+def test_transitions_are_checked(ledger: Ledger) -> None:
+    iid = ledger.see("/w/a.jpg", 1, 1.0)
+    with pytest.raises(LedgerError, match="not done"):
+        ledger.mark_disposed(iid, "deleted")
+    ledger.complete(iid, {"empty": True})
+    ledger.mark_disposed(iid, "deleted")
+    assert ledger.get(iid).state == "disposed" and ledger.get(iid).disposal == "deleted"
+    with pytest.raises(DuplicateResult):
+        ledger.complete(iid, {"empty": True})
+    with pytest.raises(LedgerError):
+        ledger.quarantine(iid, "late")
+    bad = ledger.see("/w/b.jpg", 0, 1.0)
+    ledger.quarantine(bad, "zero bytes")
+    ledger.quarantine(bad, "zero bytes")  # idempotent
+    assert ledger.get(bad).state == "quarantined" and ledger.get(bad).error == "zero bytes"
+    assert ledger.counters()["quarantined"] == 1
+    assert ledger.see("/w/b.jpg", 0, 1.0) is None  # not retried by the next scan
+    with pytest.raises(LedgerError, match="no image"):
+        ledger.complete(12345, {})
+
+
+def test_recover_requeues_and_quarantines_repeat_offenders(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    with Ledger(path) as led:
+        ok = led.see("/w/ok.jpg", 1, 1.0)
+        bomb = led.see("/w/bomb.jpg", 1, 1.0)
+        led.claim(2)  # then the process dies
+    for attempt in range(1, 4):
+        with Ledger(path) as led:
+            requeued, poisoned = led.recover(max_attempts=3)
+            if attempt < 3:
+                assert (requeued, poisoned) == (2 if attempt == 1 else 1, 0)
+                got = {r.id for r in led.claim(2)}
+                assert bomb in got
+                if ok in got:
+                    led.complete(ok, {"empty": True})
+            else:
+                assert (requeued, poisoned) == (0, 1)
+    with Ledger(path) as led:
+        assert led.get(ok).state == "done"
+        b = led.get(bomb)
+        assert b.state == "quarantined" and b.attempts == 3 and "interrupted 3 times" in b.error
+        assert led.counters()["quarantined"] == 1
+        assert led.recover() == (0, 0)
+
+
+# -- outbox ---------------------------------------------------------------------------------------
+def test_pending_ack_and_order(ledger: Ledger) -> None:
+    seqs = ledger.enqueue([msg("telemetry", f"t{i}") for i in range(5)])
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    assert [m.payload for m in ledger.pending(2)] == [b"t0", b"t1"]
+    assert [m.payload for m in ledger.pending(10, after=seqs[2])] == [b"t3", b"t4"]
+    assert ledger.ack(seqs[0]) and not ledger.ack(seqs[0])
+    assert ledger.outbox_depth() == 4
+    more = ledger.enqueue([msg("telemetry", "t5")])
+    assert more[0] > seqs[-1]  # seqs never go back, even after deletes (AUTOINCREMENT)
+
+
+def test_outbox_bound_drops_telemetry_then_detections_never_alerts(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    led = Ledger(tmp_path / "l.db", max_outbox=5)
+    led.enqueue([msg("telemetry", "t1"), msg("detection", "d1"), msg("alert", "a1"), msg("telemetry", "t2"),
+                 msg("detection", "d2")])
+    assert led.outbox_depth() == 5
+
+    def payloads() -> list[bytes]:
+        return [m.payload for m in led.pending(100)]
+
+    led.enqueue([msg("detection", "d3")])  # full: the oldest telemetry goes first
+    assert payloads() == [b"d1", b"a1", b"t2", b"d2", b"d3"]
+    led.enqueue([msg("alert", "a2")])
+    assert payloads() == [b"d1", b"a1", b"d2", b"d3", b"a2"]
+    assert led.counters() == {"dropped_telemetry": 2}
+    led.enqueue([msg("telemetry", "t3")])  # no telemetry left: the oldest detection goes
+    assert payloads() == [b"a1", b"d2", b"d3", b"a2", b"t3"]
+    led.enqueue([msg("alert", f"a{i}") for i in range(3, 6)])
+    assert payloads() == [b"a1", b"a2", b"a3", b"a4", b"a5"]
+    assert led.counters() == {"dropped_telemetry": 3, "dropped_detections": 3}
+    # only alerts left: others are refused (counted), alerts are kept beyond the bound (alarm)
+    caplog.set_level(logging.ERROR, logger="edge.ledger")
+    iid = led.see("/w/x.jpg", 1, 1.0)
+    led.complete(iid, {"sp": "fox"}, [det("d9")])
+    assert led.get(iid).state == "done"  # the result still commits
+    led.enqueue([msg("telemetry", "t9")])
+    led.enqueue([msg("alert", "a6")])
+    assert payloads() == [b"a1", b"a2", b"a3", b"a4", b"a5", b"a6"]
+    assert led.counters() == {"dropped_telemetry": 4, "dropped_detections": 4, "alerts_over_bound": 1}
+    assert any("ALARM" in r.getMessage() for r in caplog.records)
+    led.close()
+
+
+def test_message_validation() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        OutMsg(kind="gossip", topic="x", payload=b"")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="qos"):
+        OutMsg(kind="alert", topic="x", payload=b"", qos=3)
+    assert OutMsg(kind="alert", topic="x", payload="ü").payload == "ü".encode()  # type: ignore[arg-type]
+
+
+def test_listener_is_called_after_commit(ledger: Ledger) -> None:
+    seen: list[int] = []
+    ledger.add_outbox_listener(lambda: seen.append(ledger.outbox_depth()))
+    iid = ledger.see("/w/a.jpg", 1, 1.0)
+    ledger.complete(iid, {"empty": True}, [])  # no messages: no wake-up
+    ledger.enqueue([msg("telemetry", "t")])
+    assert seen == [1]  # called once, and the row was visible to it
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+def test_two_threads_and_a_second_connection(tmp_path: Path) -> None:
+    """Workers race over the same files through one shared Ledger and a second connection:
+    each image is claimed and completed exactly once, nobody sees 'database is locked'."""
+    path = tmp_path / "l.db"
+    shared = Ledger(path)
+    other = Ledger(path)
+    errors: list[BaseException] = []
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def worker(led: Ledger, tag: str) -> None:
+        try:
+            for i in range(120):
+                led.see(f"/w/common_{i:03d}.jpg", 10, float(i))  # every worker reports the same files
+                led.see(f"/w/{tag}_{i:03d}.jpg", 10, float(i))
+                for row in led.claim(2):
+                    led.complete(row.id, {"by": tag}, [det(f"{row.id}")], counters={"processed": 1})
+                    with lock:
+                        done.append(row.id)
+                if i % 10 == 0:
+                    for m in led.pending(5):
+                        led.ack(m.seq)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(shared, "a")), threading.Thread(target=worker, args=(shared, "b")),
+               threading.Thread(target=worker, args=(other, "c"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for row in shared.claim(10_000):  # what the workers left waiting
+        shared.complete(row.id, {"by": "main"}, [det(f"{row.id}")], counters={"processed": 1})
+        done.append(row.id)
+    rows = shared.images()
+    assert len(rows) == 120 * 4  # 120 common + 3 x 120 own, no duplicates from concurrent see()
+    assert sorted(done) == sorted(r.id for r in rows)  # each completed exactly once
+    assert all(r.state == "done" for r in rows)
+    assert shared.counters()["processed"] == len(rows)
+    assert shared.integrity_ok()
+    shared.close()
+    other.close()
+
+
+# -- crash safety ---------------------------------------------------------------------------------
+WRITER = textwrap.dedent("""
+    import json, sys
+    from edge.ledger import Ledger, OutMsg
+    led = Ledger(sys.argv[1])
+    led.recover(max_attempts=1000)
+    i = int(sys.argv[2])
+    while True:
+        led.see(f"/cam/IMG_{i:06d}.JPG", 1000 + i, 1.0e9 + i)
+        i += 1
+        for row in led.claim(2):
+            body = json.dumps({"img": row.id}).encode()
+            led.complete(row.id, {"img": row.id, "path": row.path},
+                         [OutMsg("detection", "detections", body), OutMsg("alert", "alerts", body)],
+                         counters={"processed": 1})
+""")
+
+
+def _done(path: Path) -> int:
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        return db.execute("SELECT count(*) FROM images WHERE state='done'").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+    finally:
+        db.close()
+
+
+def test_sigkill_while_writing_leaves_a_consistent_ledger(tmp_path: Path) -> None:
+    """A child writes results in a tight loop and is SIGKILLed at random moments, five times.
+    After each death: every image has zero or one result, every result has exactly its two
+    outbox rows and no outbox row lacks its result, counters match; then everything redone
+    finishes with one result per image."""
+    path = tmp_path / "l.db"
+    rng = random.Random(4)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kills, next_index = 0, 0
+    for _round in range(5):
+        before = _done(path)
+        child = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(next_index)], env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while _done(path) < before + 15 and time.monotonic() < deadline:
+                assert child.poll() is None, "writer died on its own"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.05))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        kills += 1
+        assert _done(path) >= before + 15, "writer made no progress"
+        next_index += 100_000
+
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        with_result = db.execute("SELECT count(*) FROM images WHERE result IS NOT NULL").fetchone()[0]
+        done = db.execute("SELECT count(*) FROM images WHERE state='done'").fetchone()[0]
+        assert with_result == done
+        # no result without its two messages, no message without its result
+        bad = db.execute("""SELECT i.id, i.state, count(o.seq) FROM images i LEFT JOIN outbox o ON o.image_id=i.id
+                            GROUP BY i.id HAVING (i.state='done') != (count(o.seq)=2)
+                                             OR count(o.seq) NOT IN (0, 2)""").fetchall()
+        assert bad == []
+        orphans = db.execute("SELECT count(*) FROM outbox WHERE image_id NOT IN "
+                             "(SELECT id FROM images WHERE result IS NOT NULL)").fetchone()[0]
+        assert orphans == 0
+        processed = db.execute("SELECT value FROM counters WHERE name='processed'").fetchone()[0]
+        assert processed == done
+        db.close()
+    assert kills == 5
+
+    with Ledger(path) as led:
+        led.recover(max_attempts=1000)
+        for row in led.claim(1_000_000):
+            led.complete(row.id, {"img": row.id}, [det(json.dumps({"img": row.id}))], counters={"processed": 1})
+        rows = led.images()
+        assert rows and all(r.state == "done" and r.result is not None for r in rows)
+        assert led.counters()["processed"] == len(rows)
+        assert len({r.path for r in rows}) == len(rows)

@@ -1,0 +1,462 @@
+"""The MQTT publisher against a real Mosquitto and a real paho subscriber: order, integrity,
+broker outages, publisher crashes and restarts, availability (status / last will), auth, TLS,
+MQTT 3.1.1, commands; and the MqttConfig model.
+
+Delivery is at least once: the guarantee checked is that the de-duplicated stream of ledger seqs
+is exactly the enqueued seqs in order, the raw stream never steps back (max_inflight=1), and
+duplicates number at most one per outage or publisher restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from broker import Mosquitto, Received, Subscriber, make_pki
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from edge.ledger import Ledger, OutMsg
+from edge.mqtt_config import MqttConfig
+from edge.publish import Publisher
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICE = "cam1"
+PREFIX = f"camtrap/{DEVICE}/"
+
+
+def config(broker: Mosquitto, **kw: object) -> MqttConfig:
+    base: dict[str, object] = {"host": broker.host, "port": broker.port, "keepalive": 5,
+                               "reconnect_min_s": 0.05, "reconnect_max_s": 0.25}
+    return MqttConfig(**{**base, **kw})
+
+
+def fill(ledger: Ledger, n: int, kind: str = "detection") -> list[int]:
+    """Enqueue n messages whose JSON payload names their own ledger seq (checked here)."""
+    first = _last_seq(ledger) + 1
+    topic = "telemetry" if kind == "telemetry" else kind + "s"
+    seqs = ledger.enqueue([OutMsg(kind, topic, json.dumps({"seq": first + i}).encode())  # type: ignore[arg-type]
+                           for i in range(n)])
+    assert seqs == list(range(first, first + n))
+    return seqs
+
+
+def _last_seq(ledger: Ledger) -> int:
+    rows = ledger._read("SELECT seq FROM sqlite_sequence WHERE name='outbox'")
+    return int(rows[0][0]) if rows else 0
+
+
+def check_stream(received: list[Received], expected: list[int], outages: int,
+                 heads: list[int] | None = None) -> tuple[int, int, list[int]]:
+    """The at-least-once-in-order contract. Returns (publisher resends, broker redeliveries,
+    missing). ``heads``: for a broker that was SIGKILLed, the lowest unacknowledged seq at each
+    kill; a message may then be missing only if that broker had acknowledged it (seq < head)
+    and lost it from memory, and such losses form one run ending right before the head."""
+    for m in received:
+        assert m.seq is None or m.seq == m.body_seq  # MQTT 5 user property = ledger seq
+    raw = [m.body_seq for m in received]
+    assert raw == sorted(raw), "the raw stream stepped back"
+    got = list(dict.fromkeys(raw))
+    missing = [s for s in expected if s not in set(got)]
+    assert got == [s for s in expected if s not in set(missing)]
+    lo = 0
+    for head in heads or []:
+        lost = [s for s in missing if lo <= s < head]
+        assert lost == list(range(head - len(lost), head)), f"lost {lost} is not the run just before {head}"
+        lo = head
+    assert all(s < lo for s in missing), f"unacknowledged messages lost: {[s for s in missing if s >= lo]}"
+    again = [m for i, m in enumerate(received) if i and raw[i] == raw[i - 1]]
+    resent = sum(not m.dup for m in again)  # the publisher sent it twice (PUBACK lost in the outage)
+    assert resent <= outages, f"{resent} publisher resends for {outages} outage(s) (max_inflight=1)"
+    return resent, len(again) - resent, missing
+
+
+def have(sub: Subscriber, suffix: str, seqs: list[int]) -> Callable[[list[Received]], bool]:
+    want = set(seqs)
+    return lambda msgs: want <= {m.body_seq for m in msgs if m.topic.endswith(suffix)}
+
+
+def count(suffix: str, n: int) -> Callable[[list[Received]], bool]:
+    return lambda msgs: sum(m.topic.endswith(suffix) for m in msgs) >= n
+
+
+def status_of(sub: Subscriber) -> list[dict]:
+    return [m.json() for m in sub.on("/status")]
+
+
+@pytest.fixture
+def stop_later() -> Callable[[Publisher], Publisher]:
+    started: list[Publisher] = []
+
+    def keep(p: Publisher) -> Publisher:
+        started.append(p)
+        return p
+
+    yield keep
+    for p in started:
+        p.stop(timeout=2)
+
+
+# -- the happy path -------------------------------------------------------------------------------
+def test_outbox_drains_in_order_intact_and_empties(mosquitto: Mosquitto, ledger: Ledger,
+                                                   stop_later: Callable[[Publisher], Publisher]) -> None:
+    sub = Subscriber(mosquitto, PREFIX + "#").start()
+    seqs = fill(ledger, 60)
+    tele = fill(ledger, 5, kind="telemetry")  # QoS 0: gone from the outbox once written
+    binary = bytes(range(256))
+    [bseq] = ledger.enqueue([OutMsg("alert", "alerts", binary)])
+    # poll_s=1 h: rows are picked up only because the ledger wakes the publisher
+    pub = stop_later(Publisher(config(mosquitto), ledger, DEVICE, model="2026.11.1", boot_id="boot-1",
+                               poll_s=3600))
+    pub.start()
+    assert pub.wait_drained(20)
+    assert sub.wait_for(have(sub, "/detections", seqs))
+    assert sub.wait_for(have(sub, "/telemetry", tele))  # QoS 0: no loss expected on loopback
+    assert sub.wait_for(lambda msgs: any(m.topic.endswith("/alerts") for m in msgs))
+    check_stream(sub.on("/detections"), seqs, outages=0)
+    assert [m.body_seq for m in sub.on("/telemetry")] == tele
+    [alert] = sub.on("/alerts")
+    assert alert.payload == binary and alert.seq == bseq
+    assert ledger.outbox_depth() == 0 and ledger.counters() == {}
+    [online] = status_of(sub)
+    assert online["state"] == "online" and online["boot"] == "boot-1" and online["m"] == "2026.11.1"
+    # the status is retained: a late subscriber learns it at once
+    late = Subscriber(mosquitto, PREFIX + "status").start()
+    assert late.wait_for(lambda msgs: len(msgs) == 1)
+    assert late.messages[0].retain and late.messages[0].json()["state"] == "online"
+    more = fill(ledger, 3)  # written while the publisher idles: the ledger's listener wakes it
+    assert sub.wait_for(have(sub, "/detections", more))
+    sub.stop()
+    late.stop()
+
+
+def test_publisher_waits_for_a_broker_that_is_not_up_yet(tmp_path: Path, ledger: Ledger,
+                                                         stop_later: Callable[[Publisher], Publisher]) -> None:
+    broker = Mosquitto(tmp_path)  # port reserved, not started
+    try:
+        seqs = fill(ledger, 10)
+        pub = stop_later(Publisher(config(broker), ledger, DEVICE))
+        pub.start()
+        time.sleep(0.5)  # several refused attempts
+        assert not pub.connected and ledger.outbox_depth() == 10
+        broker.start()
+        sub = Subscriber(broker, PREFIX + "#").start()  # may miss some: only the outbox is checked
+        assert pub.wait_drained(20)
+        sub.stop()
+        assert seqs and ledger.outbox_depth() == 0
+    finally:
+        broker.close()
+
+
+# -- outages --------------------------------------------------------------------------------------
+def test_rows_leave_the_outbox_only_on_puback(mosquitto: Mosquitto, ledger: Ledger,
+                                              stop_later: Callable[[Publisher], Publisher]) -> None:
+    """Freeze the broker (SIGSTOP): one message is on the wire, no PUBACK comes, every row stays
+    in the ledger; thaw it and they all go. Freeze it again and kill it frozen: the message on
+    the wire never reached it, so paho resends it after the reconnect, and it arrives once."""
+    sub = Subscriber(mosquitto, PREFIX + "detections", persistent=True).start()
+    mosquitto.save()
+    first = fill(ledger, 5)
+    pub = stop_later(Publisher(config(mosquitto), ledger, DEVICE))
+    pub.start()
+    assert sub.wait_for(have(sub, "detections", first)) and pub.wait_drained(5)
+    for hard in (False, True):
+        mosquitto.proc.send_signal(signal.SIGSTOP)
+        try:
+            more = fill(ledger, 5)
+            time.sleep(0.5)
+            assert pub.connected and pub.inflight == 1  # window of one: sent, not acknowledged
+            assert [m.seq for m in ledger.pending()] == more
+        finally:
+            if hard:
+                mosquitto.kill()
+            mosquitto.proc.send_signal(signal.SIGCONT)
+        if hard:
+            mosquitto.start()
+        first += more
+        assert sub.wait_for(have(sub, "detections", first)) and pub.wait_drained(5)
+    check_stream(sub.snapshot(), first, outages=1)
+    assert pub.stats["connects"] == 2
+    sub.stop()
+
+
+def _outages(broker: Mosquitto, sub: Subscriber, pub: Publisher, ledger: Ledger, hard: bool) -> list[int]:
+    """Take the broker down twice mid-stream and bring it back on the same port. Returns the
+    lowest unacknowledged seq at each outage, once the publisher has seen the link drop."""
+    heads = []
+    for at in (300, 900):
+        assert sub.wait_for(count("detections", at))
+        broker.kill() if hard else broker.stop()
+        deadline = time.monotonic() + 5
+        while pub.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # PUBACKs that arrived before the drop are processed; retries hit a closed port
+        assert not pub.connected
+        assert ledger.outbox_depth() > 0, "the stream had ended before the outage: test proves nothing"
+        heads.append(ledger.pending(1)[0].seq)
+        broker.start()
+    return heads
+
+
+def test_broker_stopped_mid_stream_twice_nothing_lost_in_order(mosquitto: Mosquitto, ledger: Ledger,
+                                                               stop_later: Callable[[Publisher], Publisher],
+                                                               record_property: Callable[[str, object], None]) -> None:
+    """Stop the broker (SIGTERM: it saves its queues) twice while 1500 messages stream out:
+    the subscriber gets every one, in order; duplicates: at most one publisher resend and one
+    broker redelivery per outage (max_inflight=1 here, receive maximum 1 there)."""
+    sub = Subscriber(mosquitto, PREFIX + "detections", persistent=True, receive_maximum=1).start()
+    seqs = fill(ledger, 1500)
+    pub = stop_later(Publisher(config(mosquitto), ledger, DEVICE))
+    pub.start()
+    _outages(mosquitto, sub, pub, ledger, hard=False)
+    assert sub.wait_for(have(sub, "detections", seqs), timeout=30)
+    resent, redelivered, missing = check_stream(sub.snapshot(), seqs, outages=2)
+    assert missing == [] and redelivered <= 2
+    record_property("duplicates", resent + redelivered)
+    print(f"broker stopped twice: {len(seqs)} messages, {resent} publisher resend(s), "
+          f"{redelivered} broker redelivery(ies)")
+    assert pub.wait_drained(10)
+    assert pub.stats["disconnects"] == 2 and pub.stats["connects"] == 3
+    sub.stop()
+
+
+def test_broker_killed_mid_stream_twice_publisher_loses_nothing(mosquitto: Mosquitto, ledger: Ledger,
+                                                                stop_later: Callable[[Publisher], Publisher],
+                                                                record_property: Callable[[str, object], None]) -> None:
+    """SIGKILL the broker twice mid-stream (a power cut: Mosquitto keeps undelivered messages in
+    memory). Everything the broker had not acknowledged arrives, in order, after the restart;
+    the only messages that may be missing are ones the dead broker had acknowledged and not yet
+    delivered (counted, and checked to be exactly the run before each kill's head)."""
+    sub = Subscriber(mosquitto, PREFIX + "detections", persistent=True).start()
+    mosquitto.save()  # the subscriber's session survives the kills; nothing later is saved
+    seqs = fill(ledger, 1500)
+    pub = stop_later(Publisher(config(mosquitto), ledger, DEVICE))
+    pub.start()
+    heads = _outages(mosquitto, sub, pub, ledger, hard=True)
+    assert sub.wait_for(lambda msgs: seqs[-1] in {m.body_seq for m in msgs}, timeout=30)
+    time.sleep(0.2)
+    resent, redelivered, missing = check_stream(sub.snapshot(), seqs, outages=2, heads=heads)
+    record_property("duplicates", resent + redelivered)
+    record_property("lost_by_broker", len(missing))
+    print(f"broker killed twice: {len(seqs)} messages, {resent} publisher resend(s), {redelivered} broker "
+          f"redelivery(ies), {len(missing)} acknowledged by the broker and lost with it")
+    assert pub.wait_drained(10) and pub.stats["connects"] == 3
+    sub.stop()
+
+
+PUBLISHER_CHILD = textwrap.dedent("""
+    import sys, time
+    from edge.ledger import Ledger
+    from edge.mqtt_config import MqttConfig
+    from edge.publish import Publisher
+    cfg = MqttConfig.model_validate_json(sys.argv[2])
+    Publisher(cfg, Ledger(sys.argv[1]), "cam1", boot_id="child", model="m1").start()
+    while True:
+        time.sleep(1)
+""")
+
+
+def test_publisher_killed_last_will_then_a_new_publisher_finishes(mosquitto: Mosquitto, tmp_path: Path,
+                                                                  stop_later: Callable[[Publisher], Publisher]) -> None:
+    """A publisher process is SIGKILLed mid-stream: the broker publishes its last will
+    (retained offline); a new Publisher over the same ledger sends the rest, in order."""
+    path = tmp_path / "ledger.sqlite3"
+    with Ledger(path) as led:
+        seqs = fill(led, 1500)
+    sub = Subscriber(mosquitto, PREFIX + "#").start()
+    cfg = config(mosquitto)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", PUBLISHER_CHILD, str(path), cfg.model_dump_json()], env=env)
+    try:
+        assert sub.wait_for(count("/detections", 200))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert sub.wait_for(lambda msgs: any(m.topic.endswith("/status") and m.json()["state"] == "offline"
+                                         for m in msgs))
+    states = [(s["state"], s["boot"]) for s in status_of(sub)]
+    assert states == [("online", "child"), ("offline", "child")]
+    led = Ledger(path)
+    assert 0 < led.outbox_depth() < 1500
+    pub = stop_later(Publisher(cfg, led, DEVICE, boot_id="second"))
+    pub.start()
+    assert sub.wait_for(have(sub, "/detections", seqs))
+    resent, _, _ = check_stream(sub.on("/detections"), seqs, outages=1)
+    print(f"publisher killed once: {resent} duplicate(s) seen")
+    assert pub.wait_drained(10)
+    pub.stop()
+    assert sub.wait_for(lambda msgs: status_of(sub)[-1]["state"] == "stopped")
+    assert [(s["state"], s["boot"]) for s in status_of(sub)][2:] == [("online", "second"), ("stopped", "second")]
+    sub.stop()
+    # clean stop: the broker keeps "stopped" (no last will), and a new subscriber is told so
+    late = Subscriber(mosquitto, PREFIX + "status").start()
+    assert late.wait_for(lambda msgs: len(msgs) >= 1)
+    time.sleep(0.2)
+    assert [m.json()["state"] for m in late.messages] == ["stopped"]
+    late.stop()
+    led.close()
+
+
+def test_stop_then_new_publisher_sends_what_was_added_meanwhile(mosquitto: Mosquitto, ledger: Ledger,
+                                                                stop_later: Callable[[Publisher], Publisher]) -> None:
+    sub = Subscriber(mosquitto, PREFIX + "detections").start()
+    first = fill(ledger, 20)
+    a = Publisher(config(mosquitto), ledger, DEVICE, boot_id="a")
+    a.start()
+    assert a.wait_drained(10)
+    a.stop()
+    second = fill(ledger, 20)  # written while no publisher runs: they wait in the ledger
+    assert ledger.outbox_depth() == 20
+    b = stop_later(Publisher(config(mosquitto), ledger, DEVICE, boot_id="b"))
+    b.start()
+    assert sub.wait_for(have(sub, "detections", first + second))
+    check_stream(sub.messages, first + second, outages=0)  # a clean stop leaves nothing in flight
+    assert b.wait_drained(10)
+    sub.stop()
+
+
+# -- auth, TLS, protocol --------------------------------------------------------------------------
+def test_password_from_env_works_and_a_wrong_one_is_a_clear_error(mosquitto_factory: Callable[..., Mosquitto],
+                                                                  ledger: Ledger, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture,
+                                                                  stop_later: Callable[[Publisher], Publisher]) -> None:
+    broker = mosquitto_factory(passwords={"cam1": "right-horse-battery", "reader": "r"})
+    sub = Subscriber(broker, PREFIX + "#", username="reader", password="r").start()
+    seqs = fill(ledger, 5)
+    monkeypatch.setenv("CAMTRAP_MQTT_PW", "wrong-staple-4711")
+    caplog.set_level(logging.DEBUG)
+    bad = stop_later(Publisher(config(broker, username="cam1", password_env="CAMTRAP_MQTT_PW"), ledger, DEVICE))
+    bad.start()
+    deadline = time.monotonic() + 10
+    while bad.stats["refused"] < 2 and time.monotonic() < deadline:  # refused, retried, refused again
+        time.sleep(0.02)
+    assert bad.stats["refused"] >= 2 and not bad.connected
+    assert "refused the connection" in bad.last_error and "password" in bad.last_error
+    assert any(r.levelno == logging.ERROR and "refused the connection" in r.getMessage() for r in caplog.records)
+    assert bad._thread is not None and bad._thread.is_alive()  # no crash
+    assert ledger.outbox_depth() == 5
+    bad.stop()
+    assert "wrong-staple-4711" not in caplog.text and "wrong-staple-4711" not in repr(bad.cfg)
+
+    monkeypatch.setenv("CAMTRAP_MQTT_PW", "right-horse-battery")
+    good = stop_later(Publisher(config(broker, username="cam1", password_env="CAMTRAP_MQTT_PW"), ledger, DEVICE))
+    good.start()
+    assert sub.wait_for(have(sub, "/detections", seqs))
+    assert good.wait_drained(10) and good.last_error is None
+    assert "right-horse-battery" not in caplog.text
+    sub.stop()
+
+
+def test_password_file_and_mutual_tls(mosquitto_factory: Callable[..., Mosquitto], ledger: Ledger, tmp_path: Path,
+                                      stop_later: Callable[[Publisher], Publisher]) -> None:
+    pki = make_pki(tmp_path / "pki")
+    broker = mosquitto_factory(pki=pki, require_cert=True, passwords={"cam1": "pw-from-file"})
+    sub = Subscriber(broker, PREFIX + "#", pki=pki, username="cam1", password="pw-from-file").start()
+    (tmp_path / "pw").write_text("pw-from-file\n")
+    cfg = config(broker, username="cam1", password_file=tmp_path / "pw",
+                 tls={"ca_file": pki.ca, "cert_file": pki.client_cert, "key_file": pki.client_key})
+    seqs = fill(ledger, 5)
+    pub = stop_later(Publisher(cfg, ledger, DEVICE))
+    pub.start()
+    assert sub.wait_for(have(sub, "/detections", seqs))
+    assert pub.wait_drained(10)
+    sub.stop()
+
+
+def test_mqtt_311_also_works(mosquitto: Mosquitto, ledger: Ledger,
+                             stop_later: Callable[[Publisher], Publisher]) -> None:
+    sub = Subscriber(mosquitto, PREFIX + "#").start()
+    seqs = fill(ledger, 10)
+    pub = stop_later(Publisher(config(mosquitto, protocol="3.1.1"), ledger, DEVICE))
+    pub.start()
+    assert sub.wait_for(have(sub, "/detections", seqs))
+    assert all(m.seq is None for m in sub.on("/detections"))  # no user properties in 3.1.1
+    check_stream(sub.on("/detections"), seqs, outages=0)
+    assert status_of(sub)[0]["state"] == "online"
+    sub.stop()
+
+
+# -- commands -------------------------------------------------------------------------------------
+def test_commands_reply_on_response_topic_or_reply_topic(mosquitto: Mosquitto, ledger: Ledger,
+                                                         stop_later: Callable[[Publisher], Publisher]) -> None:
+    calls: list[tuple[str, bytes]] = []
+
+    def handle(name: str, payload: bytes) -> dict | None:
+        calls.append((name, payload))
+        if name == "boom":
+            raise RuntimeError("no such thing")
+        return None if name == "quiet" else {"ok": True, "cmd": name}
+
+    sub = Subscriber(mosquitto, "#").start()
+    pub = stop_later(Publisher(config(mosquitto), ledger, DEVICE, on_command=handle))
+    pub.start()
+    assert pub.wait_connected(10) and pub.wait_commands_ready(10)
+    ctl = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    ctl.connect(mosquitto.host, mosquitto.port)
+    ctl.loop_start()
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "ops/replies"
+    props.CorrelationData = b"req-42"
+    ctl.publish(PREFIX + "cmd/ping", b"{}", qos=1, properties=props).wait_for_publish(5)
+    ctl.publish(PREFIX + "cmd/boom", b"", qos=1).wait_for_publish(5)
+    ctl.publish(PREFIX + "cmd/quiet", b"x", qos=1).wait_for_publish(5)
+    assert sub.wait_for(lambda msgs: {"ops/replies", PREFIX + "cmd/boom/reply"} <= {m.topic for m in msgs})
+    [ping] = [m for m in sub.messages if m.topic == "ops/replies"]
+    assert ping.json() == {"ok": True, "cmd": "ping"}
+    [boom] = [m for m in sub.messages if m.topic == PREFIX + "cmd/boom/reply"]
+    assert boom.json() == {"ok": False, "error": "RuntimeError: no such thing"}
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [c[0] for c in calls] == ["ping", "boom", "quiet"]
+    assert not [m for m in sub.messages if "quiet/" in m.topic]
+    ctl.loop_stop()
+    ctl.disconnect()
+    sub.stop()
+
+
+# -- config ---------------------------------------------------------------------------------------
+def test_config_defaults_and_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = MqttConfig()
+    assert (c.port, c.protocol, c.max_inflight) == (1883, "5", 1)
+    assert (c.qos.detection, c.qos.alert, c.qos.telemetry, c.qos.status) == (1, 1, 0, 1)
+    assert c.topic_prefix("cam7") == "camtrap/cam7/" and c.client_id_for("cam7") == "camtrap-cam7"
+    for bad in ({"prefix": "camtrap/{device_id}"}, {"prefix": "a/#/"}, {"prefix": "a/{site}/"},
+                {"port": 0}, {"protocol": "4"}, {"hots": "x"}, {"password_env": "X"},
+                {"username": "u", "password_env": "X", "password_file": "/f"},
+                {"tls": {"cert_file": "/c.pem"}}, {"qos": {"detection": 3}},
+                {"reconnect_min_s": 5, "reconnect_max_s": 1}):
+        with pytest.raises(ValidationError):
+            MqttConfig.model_validate(bad)
+    with pytest.raises(ValueError):
+        c.topic_prefix("a/b")
+
+    secret = "hunter2-do-not-print"
+    inline = MqttConfig(username="u", password=secret)
+    assert secret not in repr(inline) and secret not in str(inline) and secret not in inline.model_dump_json()
+    assert inline.resolve_password() == secret
+
+    env = MqttConfig(username="u", password_env="CAMTRAP_TEST_PW")
+    monkeypatch.delenv("CAMTRAP_TEST_PW", raising=False)
+    assert env.runtime_problems() == ["mqtt.password_env: environment variable CAMTRAP_TEST_PW is not set"]
+    monkeypatch.setenv("CAMTRAP_TEST_PW", secret)
+    assert env.resolve_password() == secret and env.runtime_problems() == []
+
+    f = tmp_path / "pw"
+    filecfg = MqttConfig(username="u", password_file=f, tls={"ca_file": tmp_path / "nope.pem"})
+    problems = filecfg.runtime_problems()
+    assert any("password_file" in p for p in problems) and any("tls.ca_file" in p for p in problems)
+    f.write_text(secret + "\n")
+    assert filecfg.resolve_password() == secret
