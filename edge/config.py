@@ -144,7 +144,7 @@ class WatchSection(Section):
         description="A file's size must stay unchanged this long before it is read (half-written uploads).",
     )
     patterns: list[str] = Field(
-        default_factory=lambda: ["*.jpg", "*.jpeg"],
+        default_factory=lambda: ["*.jpg", "*.jpeg", "*.png"],
         min_length=1,
         title="File patterns",
         description="Glob patterns of image names, matched case-insensitively.",

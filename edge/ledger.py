@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -40,7 +41,7 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATES = ("seen", "processing", "done", "disposed", "quarantined")
 KINDS = ("detection", "alert", "telemetry", "status")
 # When the outbox is full, rows are dropped in this order (oldest first within a kind);
@@ -150,7 +151,32 @@ CREATE TABLE counters (
 
 # version v -> SQL (or a function of the connection) that upgrades v to v + 1, run inside the
 # opening transaction. Add an entry, bump SCHEMA_VERSION, never edit an old one.
-MIGRATIONS: dict[int, str | Callable[[sqlite3.Connection], None]] = {}
+MIGRATIONS: dict[int, str | Callable[[sqlite3.Connection], None]] = {
+    # v2: events whose event-level answer has been enqueued (an event is closed exactly once,
+    # in the same transaction as its message, so a restart re-closes only what was left open)
+    1: """
+CREATE TABLE events (
+    id       INTEGER PRIMARY KEY,
+    summary  TEXT    NOT NULL,
+    closed   REAL    NOT NULL
+);
+""",
+}
+
+
+def _db_path(path: str | Path) -> str | bytes:
+    """A path as stored: text when it is valid UTF-8, else its raw bytes (a BLOB), so a camera's
+    Latin-1 file name is recorded and processed rather than crashing the insert."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+
+
+def _py_path(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def _now() -> float:
@@ -272,7 +298,7 @@ class Ledger:
         Idempotent: the scan, the watcher and the reconcile may all report the same file.
         A file of another size or mtime at the path of a finished image is a NEW image (cameras
         reuse names after a card is formatted): the old row is kept as history."""
-        path, now = str(path), _now()
+        path, now = _db_path(path), _now()
         insert = ("INSERT INTO images (path, size, mtime, sha256, taken_at, created, updated) "
                   "VALUES (?, ?, ?, ?, ?, ?, ?)")
         with self._tx() as db:
@@ -394,7 +420,7 @@ class Ledger:
 
     def find(self, path: str | Path) -> ImageRow | None:
         """The live row for a path (not the history of earlier files at that path)."""
-        rows = self._read("SELECT * FROM images WHERE path=? AND superseded IS NULL", (str(path),))
+        rows = self._read("SELECT * FROM images WHERE path=? AND superseded IS NULL", (_db_path(path),))
         return _image(rows[0]) if rows else None
 
     def images(self, state: str | None = None, limit: int = 1_000_000) -> list[ImageRow]:
@@ -405,6 +431,38 @@ class Ledger:
         else:
             rows = self._read("SELECT * FROM images WHERE state=? ORDER BY id LIMIT ?", (state, limit))
         return [_image(r) for r in rows]
+
+    # -- events ------------------------------------------------------------------------------
+    def event_results(self, event_id: int) -> list[dict[str, Any]]:
+        """Results of an event's frames, oldest first."""
+        rows = self._read("SELECT result FROM images WHERE event_id=? AND result IS NOT NULL ORDER BY id",
+                          (event_id,))
+        return [json.loads(r["result"]) for r in rows]
+
+    def unclosed_events(self) -> list[int]:
+        """Events with results on record but no event-level answer yet (left open by a stop)."""
+        rows = self._read("SELECT DISTINCT event_id FROM images WHERE event_id IS NOT NULL AND result IS NOT NULL "
+                          "AND event_id NOT IN (SELECT id FROM events) ORDER BY event_id")
+        return [int(r["event_id"]) for r in rows]
+
+    def max_event_id(self) -> int:
+        row = self._read("SELECT max(m) AS m FROM (SELECT max(event_id) AS m FROM images "
+                         "UNION ALL SELECT max(id) FROM events)")
+        return int(row[0]["m"] or 0)
+
+    def close_event(self, event_id: int, summary: Mapping[str, Any], messages: Iterable[OutMsg] = ()) -> bool:
+        """Record an event's answer and enqueue its messages in one transaction; False (and
+        nothing enqueued) if the event was closed before."""
+        now = _now()
+        with self._tx(durable=True) as db:
+            if db.execute("SELECT 1 FROM events WHERE id=?", (event_id,)).fetchone():
+                return False
+            db.execute("INSERT INTO events (id, summary, closed) VALUES (?, ?, ?)",
+                       (event_id, json.dumps(summary, sort_keys=True, separators=(",", ":")), now))
+            seqs = self._enqueue(db, list(messages), now)
+        if seqs:
+            self._notify()
+        return True
 
     def state_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
@@ -494,7 +552,7 @@ def _with_image(m: OutMsg, image_id: int) -> OutMsg:
 
 
 def _image(r: sqlite3.Row) -> ImageRow:
-    return ImageRow(id=r["id"], path=r["path"], size=r["size"], mtime=r["mtime"], state=r["state"],
+    return ImageRow(id=r["id"], path=_py_path(r["path"]), size=r["size"], mtime=r["mtime"], state=r["state"],
                     attempts=r["attempts"], sha256=r["sha256"],
                     result=json.loads(r["result"]) if r["result"] is not None else None,
                     event_id=r["event_id"], taken_at=r["taken_at"], disposal=r["disposal"], error=r["error"],

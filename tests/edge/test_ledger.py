@@ -57,12 +57,13 @@ def test_newer_schema_is_refused_and_foreign_db_too(tmp_path: Path) -> None:
 def test_migration_hook_upgrades_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with Ledger(tmp_path / "l.db") as led:
         iid = led.see("/a.jpg", 1, 1.0)
-    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(ledger_mod.MIGRATIONS, 1, "ALTER TABLE images ADD COLUMN note TEXT;")
+    current = ledger_mod.SCHEMA_VERSION
+    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setitem(ledger_mod.MIGRATIONS, current, "ALTER TABLE images ADD COLUMN note TEXT;")
     with Ledger(tmp_path / "l.db") as led:
         assert led.get(iid) is not None  # data kept
     db = sqlite3.connect(tmp_path / "l.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == current + 1
     assert "note" in {r[1] for r in db.execute("PRAGMA table_info(images)")}
 
 
@@ -351,3 +352,40 @@ def test_sigkill_while_writing_leaves_a_consistent_ledger(tmp_path: Path) -> Non
         assert rows and all(r.state == "done" and r.result is not None for r in rows)
         assert led.counters()["processed"] == len(rows)
         assert len({r.path for r in rows}) == len(rows)
+
+
+# -- events ---------------------------------------------------------------------------------------
+def test_an_event_is_closed_once_with_its_message(ledger: Ledger) -> None:
+    ids = [ledger.see(f"/w/{k}.jpg", 1, float(k)) for k in range(3)]
+    ledger.claim(3)
+    for k, iid in enumerate(ids):
+        ledger.complete(iid, {"species": "lynx", "k": k}, [], event_id=7 if k < 2 else 8)
+    assert ledger.unclosed_events() == [7, 8]
+    assert [r["k"] for r in ledger.event_results(7)] == [0, 1]
+    msg = OutMsg("detection", "events", b"{}")
+    assert ledger.close_event(7, {"species": "lynx"}, [msg]) is True
+    assert ledger.close_event(7, {"species": "lynx"}, [msg]) is False  # never twice
+    assert ledger.unclosed_events() == [8]
+    assert ledger.outbox_depth() == 1
+    assert ledger.max_event_id() == 8
+
+
+def test_v1_ledger_is_migrated_to_events_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for stmt in ledger_mod._split_sql(ledger_mod._SCHEMA_V1):
+        db.execute(stmt)
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with Ledger(path) as led:
+        assert led.unclosed_events() == []
+        assert led.close_event(1, {}, []) is True
+
+
+def test_a_path_that_is_not_utf8_is_recorded_and_found(ledger: Ledger) -> None:
+    odd = os.fsdecode(b"/w/latin1-\xe9t\xe9.jpg")  # surrogate-escaped, as os.listdir returns it
+    iid = ledger.see(odd, 10, 1.0)
+    assert iid is not None and ledger.see(odd, 10, 1.0) == iid
+    assert ledger.find(odd).path == odd and ledger.get(iid).path == odd
+    assert os.fsencode(ledger.get(iid).path) == b"/w/latin1-\xe9t\xe9.jpg"

@@ -1,0 +1,426 @@
+"""`camtrap-edge run`: the device's main job, wiring the parts together.
+
+Threads and who owns what::
+
+    ingest (watchdog)  --see()-->  ledger  <--claim()--  reader thread (decode, overlaps inference)
+                                     ^                        | bounded queue of decoded batches
+                                     |                        v
+                      complete() + outbox rows  <--  processing loop (cascade, events, disposal,
+                                     |                telemetry, sd_notify watchdog pings)
+                                     v
+                               publisher (MQTT, removes a row on PUBACK)
+
+Crash safety comes from the ledger: an image is ``processing`` until its result and messages
+commit in one transaction; only then is it disposed of. After a crash, ``recover()`` puts
+``processing`` rows back, done-but-not-disposed rows are disposed again (idempotent), and
+events left open are closed from the results on record. Redoing is harmless: one result per
+image, ever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge import __version__
+from edge.config import Config, load_config
+from edge.disposal import DisposalPolicy, apply, free_mb, plan_disposal
+from edge.events import EventGrouper, FrameAnswer, make_frame, summarize
+from edge.imageio import ImageError, LoadedImage, read_image
+from edge.ledger import DuplicateResult, ImageRow, Ledger, OutMsg
+from edge.messages import (
+    DetectionMessage,
+    encode_detection_json,
+    message_from_decision,
+    telemetry_payload,
+)
+from edge.runner import CascadeRunner, Classified
+from edge.sdnotify import Notifier, watchdog_interval
+
+log = logging.getLogger("camtrap.daemon")
+
+READ_AHEAD = 2  # decoded batches waiting for inference; bounds memory (a burst of 4K frames is ~100 MB)
+
+
+@dataclass
+class _Item:
+    row: ImageRow
+    image: LoadedImage | None
+    error: str | None
+
+
+def engine_options(cfg: Config) -> dict[str, Any]:
+    """The engine section of the device config as the backend's own config fields."""
+    e = cfg.engine
+    if e.backend == "tensorrt":
+        return {"precision": e.precision, "cache_dir": e.cache_dir, "max_batch": e.batch_size}
+    opts: dict[str, Any] = {"providers": e.providers or ["cpu"], "max_batch": e.batch_size}
+    if e.threads:
+        opts["intra_op_threads"] = e.threads
+    return opts
+
+
+def cpu_temperature() -> float | None:
+    """Highest thermal zone in degrees C (Jetson: CPU/GPU/SoC zones), None where unreadable."""
+    temps = []
+    for p in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
+        try:
+            temps.append(int(p.read_text().strip()) / 1000.0)
+        except (OSError, ValueError):
+            continue
+    return max(temps) if temps else None
+
+
+class Daemon:
+    """One running device. ``start()`` returns once READY; ``run()`` blocks until ``stop()``."""
+
+    def __init__(self, cfg: Config, *, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or Notifier()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._batches: queue.Queue[list[_Item]] = queue.Queue(maxsize=READ_AHEAD)
+        self._infer_ms: deque[float] = deque(maxlen=200)
+        self._alerted: set[tuple[int, str]] = set()
+        self._next_telemetry = 0.0
+        self._last_ping = 0.0
+        self._disposal_alarm: str | None = None
+        self.publisher = None
+        self.ingest = None
+        self.md_writer = None
+        self._reader: threading.Thread | None = None
+        self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
+
+    # -- start-up ---------------------------------------------------------------------------
+    def start(self) -> None:
+        from edge.bundle import load_bundle
+        from edge.engines import load_engines, read_samples
+
+        cfg = self.cfg
+        keys = sorted(Path(cfg.bundle.public_keys_dir).glob("*.pub")) if cfg.bundle.public_keys_dir else []
+        if cfg.bundle.require_signature and not keys:
+            raise ValueError(f"bundle.public_keys_dir: no *.pub keys in {cfg.bundle.public_keys_dir} "
+                             "but bundle.require_signature is true")
+        self.notifier.status("loading model bundle")
+        self.bundle = load_bundle(cfg.bundle.path, public_keys=keys or None,
+                                  require_signature=cfg.bundle.require_signature,
+                                  extract_to=Path(cfg.paths.state_dir) / "models" / "unpacked")
+        man = self.bundle.manifest
+        self.notifier.extend_timeout(1800)  # a TensorRT build on a Jetson takes minutes
+        self.engines = load_engines(self.bundle, cfg.engine.backend, **engine_options(cfg))
+        overrides = {k: v for k, v in cfg.cascade.model_dump().items()
+                     if v is not None and k in ("route_threshold", "expert_floor", "gate_threshold")}
+        from edge.cascade import CascadePolicy
+
+        policy = CascadePolicy.from_manifest(man.cascade, **overrides)
+        if cfg.cascade.disable_gate:
+            policy = policy.model_copy(update={"gate_threshold": None})
+        self.runner = CascadeRunner(man, self.engines, policy)
+        samples = read_samples(self.bundle)
+        if samples:  # warm-up: a first slow run must not trip the watchdog later
+            self.runner.classify(samples[:1])
+        self.model_version = man.bundle_version
+        self.codes = dict(man.codes)
+        self.group_of = {s: g for g, members in man.groups.items() for s in members}
+        watch = {s.lower() for s in cfg.alerts.species}
+        self.watch_species = {s for s in man.global_model.classes if s.lower() in watch or man.code(s) in watch}
+
+        Path(cfg.ledger.path).parent.mkdir(parents=True, exist_ok=True)
+        max_outbox = cfg.mqtt.max_outbox if cfg.mqtt else 10_000
+        self.ledger = Ledger(cfg.ledger.path, max_outbox=max_outbox)
+        requeued, given_up = self.ledger.recover()
+        if requeued or given_up:
+            log.warning("recovered after an unclean stop: %d images to redo, %d quarantined after repeated "
+                        "failures", requeued, given_up)
+        self.disposal = DisposalPolicy(policy=cfg.disposal.policy, move_to=cfg.disposal.move_to,
+                                       audit_rate=cfg.disposal.audit_rate, audit_dir=cfg.disposal.audit_dir,
+                                       floor=cfg.disposal.floor, min_free_mb=cfg.disposal.min_free_mb)
+        if cfg.records.md_json:
+            from edge.records import MdBatchWriter
+
+            self.md_writer = MdBatchWriter(
+                cfg.records.md_json, detector=f"{man.global_model.name}@{man.bundle_version}",
+                classifier=f"cascade@{man.bundle_version}", species=man.global_model.classes,
+                model_classes={m.name: m.classes for m in man.models}, flush_every=cfg.records.md_flush_every)
+        self._finish_interrupted()
+        first_event = self.ledger.max_event_id() + 1
+        self.events = EventGrouper(gap_s=cfg.events.gap_s, idle_s=max(cfg.events.gap_s * 2, 10.0),
+                                   first_id=first_event)
+        if cfg.mqtt is not None:
+            from edge.publish import Publisher
+
+            self.publisher = Publisher(cfg.mqtt, self.ledger, cfg.device.id, model=self.model_version,
+                                       on_command=self._command)
+            self.publisher.start()
+        from edge.ingest import Ingest
+
+        self.ingest = Ingest(cfg.watch.folders, self._on_candidate, patterns=cfg.watch.patterns,
+                             recursive=cfg.watch.recursive, polling=cfg.watch.polling,
+                             reconcile_every=cfg.watch.reconcile_every_s, settle=cfg.watch.settle_s,
+                             on_reject=self._on_reject, poll_interval=cfg.watch.poll_interval_s)
+        self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
+        self._reader.start()
+        self.ingest.start()
+        self.notifier.ready(f"watching {len(cfg.watch.folders)} folder(s), model {self.model_version}")
+        log.info("camtrap-edge %s ready: model %s (%s), backend %s, watching %s", __version__,
+                 self.model_version, ", ".join(self.engines), cfg.engine.backend,
+                 ", ".join(map(str, cfg.watch.folders)))
+
+    def _finish_interrupted(self) -> None:
+        """Work a crash left half-done: disposal of committed results, and open events."""
+        for row in self.ledger.images("done"):
+            if row.disposal is None and row.result is not None:
+                self._dispose(row, row.result)
+        for ev in self.ledger.unclosed_events():
+            self._close_event(ev)
+
+    # -- ingest side ------------------------------------------------------------------------
+    def _on_candidate(self, path: Path) -> None:
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        if self.ledger.see(path, st.st_size, st.st_mtime) is not None:
+            self._wake.set()
+
+    def _on_reject(self, path: Path, reason: str) -> None:
+        log.warning("refused %s: %s", path, reason)
+        self.ledger.bump("rejected")
+
+    def _read_loop(self) -> None:
+        """Claim waiting images and decode them ahead of inference."""
+        batch = max(1, self.cfg.engine.batch_size)
+        while not self._stop.is_set():
+            rows = self.ledger.claim(batch)
+            if not rows:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            items = []
+            for row in rows:
+                try:
+                    items.append(_Item(row, read_image(row.path, max_side=4096, max_pixels=self._max_pixels), None))
+                except ImageError as e:
+                    items.append(_Item(row, None, str(e)))
+                except OSError as e:
+                    items.append(_Item(row, None, f"{row.path}: cannot read ({e.strerror or e})"))
+            while not self._stop.is_set():
+                try:
+                    self._batches.put(items, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    # -- processing -------------------------------------------------------------------------
+    def run(self) -> None:
+        interval = watchdog_interval()
+        ping_every = interval / 3 if interval else 10.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - self._last_ping >= ping_every:
+                self.notifier.watchdog()  # from the loop that does the work, not a timer
+                self._last_ping = now
+            try:
+                items = self._batches.get(timeout=0.5)
+            except queue.Empty:
+                items = []
+            if items:
+                self._process(items)
+            self._tick(time.monotonic())
+
+    def _process(self, items: list[_Item]) -> None:
+        good = []
+        for it in items:
+            if it.error is not None:
+                log.warning("quarantined %s", it.error)
+                self.ledger.quarantine(it.row.id, it.error)
+                if self.md_writer is not None:
+                    self.md_writer.add(it.row.path, failure=it.error[:300])
+            else:
+                good.append(it)
+        if not good:
+            return
+        t = time.perf_counter()
+        answers = self.runner.classify([it.image.bgr for it in good])  # type: ignore[union-attr]
+        self._infer_ms.append((time.perf_counter() - t) * 1000.0 / len(good))
+        for it, ans in zip(good, answers, strict=True):
+            self._finish(it, ans)
+
+    def _finish(self, it: _Item, ans: Classified) -> None:
+        img = it.image
+        assert img is not None
+        d = ans.decision
+        scale = img.scale or 1.0
+        w, h = img.orig_size
+        frame = make_frame(it.row.path, img.taken_at, it.row.mtime)
+        assign = self.events.add(frame, time.monotonic())
+        ev = assign.event.id
+        sp, score = d.top
+        result = {
+            "file": it.row.path, "width": w, "height": h, "taken_at": frame.t, "event": ev,
+            "model": self.model_version, **d.to_dict(),
+            "max_animal_score": round(ans.max_animal_score, 5),
+            "ms": {k: round(v, 2) for k, v in ans.timings_ms.items()},
+        }
+        for det in result["detections"]:  # back to original-image pixels when decoded reduced
+            det["box"] = [round(v / scale, 1) for v in det["box"]]
+        msgs = []
+        if not d.empty:
+            alert = bool(sp in self.watch_species and score >= self.cfg.alerts.min_score
+                         and (ev, sp) not in self._alerted)
+            msg = message_from_decision(d, seq=it.row.id, time=int(frame.t), codes=self.codes,
+                                        group_of=self.group_of, model=self.model_version, event=ev,
+                                        file=os.path.basename(it.row.path), alert=alert)
+            payload = encode_detection_json(msg)
+            msgs.append(OutMsg("detection", "detections", payload, image_id=it.row.id))
+            if alert:
+                msgs.append(OutMsg("alert", "alerts", payload, image_id=it.row.id))
+                self._alerted.add((ev, sp))
+        try:
+            self.ledger.complete(it.row.id, result, msgs, event_id=ev, taken_at=frame.t,
+                                 counters={"empty": 1} if d.empty else None)
+        except DuplicateResult:
+            log.info("%s already has a result; keeping the first", it.row.path)
+            return
+        if self.md_writer is not None:
+            from edge.detection import Detection
+
+            dets = [Detection.from_dict(x) for x in result["detections"]]
+            self.md_writer.add(it.row.path, dets, image_size=(w, h))
+        row = self.ledger.get(it.row.id)
+        if row is not None:
+            self._dispose(row, result)
+        for closed in assign.closed:
+            self._close_event(closed.id)
+
+    def _dispose(self, row: ImageRow, result: dict) -> None:
+        path = Path(row.path)
+        root = next((Path(f) for f in self.cfg.watch.folders if path.is_relative_to(f)), path.parent)
+        disk = free_mb(path.parent if path.parent.exists() else root)
+        action = plan_disposal(self.disposal, rel_path=str(path.relative_to(root)),
+                               empty=bool(result.get("empty")),
+                               max_animal_score=float(result.get("max_animal_score", 1.0)),
+                               committed=True, disk_free_mb=disk)
+        if action.alarm and self._disposal_alarm != action.reason:
+            log.error("disposal stopped: %s", action.reason)
+            self._disposal_alarm = action.reason
+            self.ledger.bump("disposal_alarms")
+        res = apply(action, path, root=root)
+        if not res.ok:
+            log.error("disposal of %s failed: %s", path, res.note)
+            return
+        how = {"keep": "kept", "delete": "deleted"}.get(res.kind, f"moved:{res.dest}")
+        self.ledger.mark_disposed(row.id, ("audit:" if action.audit else "") + how)
+        if res.kind in ("delete", "move") and not action.audit:
+            self.ledger.bump("discarded")
+
+    # -- events -----------------------------------------------------------------------------
+    def _close_event(self, ev: int) -> None:
+        """One event-level answer per burst, on the ``events`` topic, from the results on record
+        (so an event left open by a crash is closed the same way after the restart)."""
+        results = self.ledger.event_results(ev)
+        if not results:
+            return
+        answers = [FrameAnswer(r.get("species"), float(r.get("score") or 0.0),
+                               int((r.get("counts") or {}).get(r.get("species"), 0))) for r in results]
+        summary = summarize(answers)
+        msgs = []
+        if summary.species is not None:
+            routes = [r.get("route", {}).get("reason", "routed") for r in results if r.get("species")]
+            msg = DetectionMessage(seq=ev, time=int(min(r.get("taken_at") or 0 for r in results)),
+                                   species=self.codes.get(summary.species, summary.species[:8]),
+                                   score=summary.score, count=summary.count,
+                                   route=max(set(routes), key=routes.count) if routes else "routed",
+                                   model=self.model_version, group=self.group_of.get(summary.species),
+                                   event=ev, frames=summary.frames)
+            msgs.append(OutMsg("detection", "events", encode_detection_json(msg)))
+        self.ledger.close_event(ev, {"species": summary.species, "score": summary.score,
+                                     "count": summary.count, "frames": summary.frames}, msgs)
+
+    # -- periodic ---------------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        for e in self.events.expire(now):
+            self._close_event(e.id)
+        if now >= self._next_telemetry:
+            self._next_telemetry = now + self.cfg.telemetry.every_s
+            self._telemetry()
+
+    def _telemetry(self) -> None:
+        c = self.ledger.counters()
+        states = self.ledger.state_counts()
+        counts = {"processed": states.get("done", 0) + states.get("disposed", 0),
+                  "empty": c.get("empty", 0), "discarded": c.get("discarded", 0),
+                  "quarantined": states.get("quarantined", 0),
+                  "dropped": sum(v for k, v in c.items() if k.startswith("dropped_")),
+                  "rejected": c.get("rejected", 0)}
+        ms = sum(self._infer_ms) / len(self._infer_ms) if self._infer_ms else None
+        folder = self.cfg.watch.folders[0]
+        payload = telemetry_payload(time=int(time.time()), counts=counts,
+                                    queue=states.get("seen", 0) + states.get("processing", 0),
+                                    outbox=self.ledger.outbox_depth(), infer_ms=ms,
+                                    disk_free_mb=free_mb(folder), temp_c=cpu_temperature(),
+                                    extra={"alarm": self._disposal_alarm} if self._disposal_alarm else None)
+        if self.cfg.mqtt is not None:
+            self.ledger.enqueue([OutMsg("telemetry", "telemetry", payload)])
+        log.info("telemetry %s", payload.decode())
+
+    def _command(self, name: str, payload: bytes):
+        if name == "ping":
+            return {"pong": int(time.time()), "model": self.model_version}
+        if name == "status":
+            return {"model": self.model_version, "states": self.ledger.state_counts(),
+                    "outbox": self.ledger.outbox_depth()}
+        return {"error": f"unknown command {name!r}; this version knows ping and status"}
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def close(self) -> None:
+        """Orderly stop: ingest off, finish nothing new, flush records, publish 'stopped'."""
+        self.notifier.stopping("stopping")
+        if self.ingest is not None:
+            self.ingest.stop()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        # batches decoded but not processed stay 'processing' in the ledger: redone at next start
+        if self.md_writer is not None:
+            self.md_writer.close()
+        if self.publisher is not None:
+            self.publisher.stop()
+        for e in getattr(self, "engines", {}).values():
+            e.close()
+        if getattr(self, "ledger", None) is not None:
+            self.ledger.close()
+
+
+def run_daemon(cfg: Config) -> int:
+    d = Daemon(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: d.stop())
+    try:
+        d.start()
+        d.run()
+    finally:
+        d.close()
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return run_daemon(load_config(args.config))
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("run", help="the daemon: watch folders, classify, publish, dispose of empties")
+    p.add_argument("--config", required=True, type=Path, help="device config YAML")
+    p.set_defaults(func=_cmd_run)

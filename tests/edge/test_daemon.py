@@ -1,0 +1,270 @@
+"""The daemon end to end: a real subprocess, real inotify, a real Mosquitto, real SQLite and
+real ONNX Runtime on a small real bundle (tests/edge/make_onnx.py). Frames with a bright red
+patch are lynx (routed to the felids expert); dark frames are empty."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from badinputs import make_bad_corpus
+from broker import Subscriber
+from make_onnx import IMGSZ, STRIDE, patch_image, write_test_bundle
+
+REAL = Path(__file__).parents[1] / "data" / "real-frames" / "reconyx-heron-night-burst"
+
+
+def lynx_frame(k: int) -> bytes:
+    img = patch_image(IMGSZ, STRIDE, (1 + k % 2, 1 + k % 3), 0, scale=4)
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+
+
+def empty_frame(k: int) -> bytes:
+    img = np.full((256, 320, 3), 20 + k % 5, np.uint8)
+    return cv2.imencode(".jpg", img)[1].tobytes()
+
+
+def drop(folder: Path, name: str, data: bytes) -> Path:
+    """Write like a camera/FTP server: a hidden temp name, then rename into place."""
+    tmp = folder / f".{name}.part"
+    tmp.write_bytes(data)
+    os.replace(tmp, folder / name)
+    return folder / name
+
+
+class Device:
+    """One `camtrap-edge run` subprocess over a state dir that survives restarts."""
+
+    def __init__(self, root: Path, broker=None, *, policy: str = "delete", gap_s: float = 2.0) -> None:
+        self.root = root
+        self.watch = root / "incoming"
+        self.watch.mkdir(parents=True, exist_ok=True)
+        self.state = root / "state"
+        bundle = root / "bundle"
+        if not bundle.exists():
+            write_test_bundle(bundle)
+        cfg = {
+            "device": {"id": "trap-t"},
+            "watch": {"folders": [str(self.watch)], "settle_s": 0.2, "reconcile_every_s": 2},
+            "bundle": {"path": str(bundle), "require_signature": False},
+            "engine": {"backend": "onnxruntime", "batch_size": 4},
+            "events": {"gap_s": gap_s},
+            "alerts": {"species": ["Lynx pardinus"], "min_score": 0.3},
+            "telemetry": {"every_s": 5},
+            "disposal": {"policy": policy, "audit_rate": 0.0, "floor": 0.1, "min_free_mb": 1},
+            "paths": {"state_dir": str(self.state)},
+        }
+        if broker is not None:
+            cfg["mqtt"] = {"host": broker.host, "port": broker.port, "keepalive": 5,
+                           "reconnect_min_s": 0.1, "reconnect_max_s": 0.5}
+        self.config = root / "config.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "daemon.log"
+
+    def start(self) -> Device:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(self.config)],
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)
+        assert self.wait_log("ready", 60), self.log.read_text()[-3000:]
+        return self
+
+    def wait_log(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log.exists() and text in self.log.read_text():
+                return True
+            if self.proc is not None and self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(20)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def rows(self) -> list[sqlite3.Row]:
+        db = sqlite3.connect(self.state / "ledger.sqlite3", timeout=10)
+        db.row_factory = sqlite3.Row
+        try:
+            return db.execute("SELECT * FROM images WHERE superseded IS NULL ORDER BY id").fetchall()
+        finally:
+            db.close()
+
+    def wait_done(self, n: int, timeout: float = 60) -> list[sqlite3.Row]:
+        deadline = time.monotonic() + timeout
+        rows: list[sqlite3.Row] = []
+        while time.monotonic() < deadline:
+            try:
+                rows = self.rows()
+            except sqlite3.OperationalError:
+                rows = []
+            if sum(r["state"] in ("done", "disposed", "quarantined") for r in rows) >= n:
+                return rows
+            time.sleep(0.1)
+        raise AssertionError(f"only {[(r['path'], r['state']) for r in rows]} after {timeout} s\n"
+                             + self.log.read_text()[-3000:])
+
+
+@pytest.fixture
+def device(tmp_path):
+    made: list[Device] = []
+
+    def factory(broker=None, **kw) -> Device:
+        d = Device(tmp_path, broker, **kw)
+        made.append(d)
+        return d
+
+    yield factory
+    for d in made:
+        if d.alive():
+            d.kill()
+
+
+def detections(sub: Subscriber) -> list[dict]:
+    return [m.json() for m in sub.on("/detections")]
+
+
+def test_images_in_messages_out(device, mosquitto):
+    sub = Subscriber(mosquitto, "camtrap/trap-t/#").start()
+    dev = device(mosquitto).start()
+    animals = [drop(dev.watch, f"IMG_{k:04d}.JPG", lynx_frame(k)) for k in range(3)]
+    empties = [drop(dev.watch, f"EMPTY_{k:04d}.JPG", empty_frame(k)) for k in range(2)]
+    rows = dev.wait_done(5)
+    assert sub.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/detections")]) >= 3, 20)
+    msgs = detections(sub)
+    assert {m["f"] for m in msgs} == {p.name for p in animals}
+    for m in sub.on("/detections"):
+        assert len(m.payload) <= 200
+        body = m.json()
+        assert body["sp"] == "lypa" and body["p"] >= 0.3 and body["n"] == 1
+    assert len(sub.on("/alerts")) >= 1  # lynx is on the watch list (once per event)
+    assert sub.wait_for(lambda ms: any(m.topic.endswith("/telemetry") for m in ms), 10)
+    assert any(m.json()["state"] == "online" for m in sub.on("/status"))
+    # empties deleted only after their result was committed; animals kept
+    assert all(p.exists() for p in animals)
+    assert not any(p.exists() for p in empties)
+    by_path = {Path(r["path"]).name: r for r in rows}
+    for p in empties:
+        assert by_path[p.name]["state"] == "disposed" and by_path[p.name]["disposal"] == "deleted"
+        assert json.loads(by_path[p.name]["result"])["empty"] is True
+    assert dev.terminate() == 0
+    # MegaDetector batch output kept beside the ledger (journaled; whole file rewritten at stop)
+    md = json.loads((dev.state / "records" / "md_results.json").read_text())
+    assert sorted(Path(i["file"]).name for i in md["images"]) == sorted(p.name for p in animals + empties)
+    assert sub.wait_for(lambda ms: any(m.topic.endswith("/status") and m.json()["state"] == "stopped"
+                                       for m in ms), 10)
+    sub.stop()
+
+
+def test_real_reconyx_burst_is_one_event(device):
+    dev = device(policy="keep", gap_s=5).start()
+    for f in sorted(REAL.glob("*.JPG")):
+        drop(dev.watch, f.name, f.read_bytes())
+    rows = dev.wait_done(10, timeout=90)
+    events = {r["event_id"] for r in rows}
+    assert len(rows) == 10 and len(events) == 1 and None not in events
+    assert all(r["state"] in ("done", "disposed") for r in rows)
+    taken = sorted(r["taken_at"] for r in rows)
+    assert 5.0 <= taken[-1] - taken[0] <= 7.0  # EXIF times, not file mtimes (all written within a second)
+    assert dev.terminate() == 0
+
+
+@pytest.mark.parametrize("kill_after", [0, 3, 7])
+def test_sigkill_mid_burst_loses_nothing(device, mosquitto, kill_after):
+    sub = Subscriber(mosquitto, "camtrap/trap-t/detections").start()
+    dev = device(mosquitto).start()
+    frames = []
+    for k in range(12):
+        data = lynx_frame(k) if k % 2 == 0 else empty_frame(k)
+        frames.append((drop(dev.watch, f"F{k:03d}.JPG", data), k % 2 == 0))
+    if kill_after:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if sum(r["result"] is not None for r in dev.rows()) >= kill_after:
+                break
+            time.sleep(0.01)
+    dev.kill()
+    dev.start()
+    rows = dev.wait_done(12, timeout=60)
+    assert len(rows) == 12 and all(r["result"] is not None for r in rows)  # one row per path, one result each
+    for path, animal in frames:
+        assert path.exists() == animal, path  # no animal frame deleted; every empty deleted
+    animal_names = {p.name for p, a in frames if a}
+    assert sub.wait_for(lambda ms: {m.json()["f"] for m in ms} >= animal_names, 20)
+    seqs = [m.json()["s"] for m in sub.snapshot()]
+    assert sorted(set(seqs)) == sorted({r["id"] for r in rows if Path(r["path"]).name in animal_names})
+    dev.terminate()
+    sub.stop()
+
+
+def test_broker_outage_mid_burst(device, mosquitto):
+    sub = Subscriber(mosquitto, "camtrap/trap-t/detections", persistent=True, receive_maximum=1).start()
+    dev = device(mosquitto).start()
+    for k in range(4):
+        drop(dev.watch, f"A{k:03d}.JPG", lynx_frame(k))
+    dev.wait_done(4)
+    mosquitto.stop()  # SIGTERM: a killed mosquitto may lose what it had acknowledged (see test_publish)
+    for k in range(4, 10):
+        drop(dev.watch, f"A{k:03d}.JPG", lynx_frame(k))
+    dev.wait_done(10)
+    time.sleep(0.5)
+    mosquitto.start()
+    sub.client.reconnect()
+    assert sub.wait_for(lambda ms: len({m.json()["s"] for m in ms}) >= 10, 30), len(sub.snapshot())
+    seqs = [m.json()["s"] for m in sub.snapshot()]
+    dedup = list(dict.fromkeys(seqs))
+    assert dedup == sorted(dedup) and len(dedup) == 10  # all of them, in order
+    assert len(seqs) - len(dedup) <= 2  # QoS 1: at most one resend per outage and hop
+    assert dev.alive()
+    dev.terminate()
+    sub.stop()
+
+
+def test_bad_inputs_are_quarantined_and_the_daemon_stays_up(device, tmp_path):
+    dev = device(policy="keep").start()
+    corpus = make_bad_corpus(tmp_path / "corpus")
+    for path, _expected in corpus.values():
+        dest = dev.watch / path.name
+        if path.is_symlink():
+            os.symlink(os.readlink(path), dest)
+        else:
+            shutil.copyfile(path, dest)
+    expected_rows = [p for p, e in corpus.values() if e != "reject"]
+    rows = dev.wait_done(len(expected_rows), timeout=120)
+    state = {Path(os.fsdecode(r["path"])).name: r for r in rows}
+    for name, (path, expected) in corpus.items():
+        if expected == "reject":
+            assert path.name not in state, name  # the symlink out of the folder is never read
+            continue
+        r = state[path.name]
+        if expected == "quarantine":
+            assert r["state"] == "quarantined", (name, r["state"])
+            assert r["error"] and "\n" not in r["error"], name
+        else:
+            assert r["state"] in ("done", "disposed"), (name, r["state"], r["error"])
+    assert dev.alive()
+    assert dev.wait_log('"quarantined":', 10)
+    log = dev.log.read_text()
+    assert "refused" in log  # the symlink out of the folder
+    dev.terminate()
