@@ -96,6 +96,16 @@ def _run_onnx(path: Path, entry: ModelEntry, images: list[np.ndarray]) -> list[l
     return out
 
 
+def _frozen_layers(meta: dict) -> int:
+    """Layers shared with the global backbone: run.json's freeze, expert.json's frozen.freeze, or the
+    freeze the experts used on a global model trained whole."""
+    for v in (meta.get("shared_freeze"), (meta.get("frozen") or {}).get("freeze"), meta.get("freeze"),
+              meta.get("frozen_layers")):
+        if v:
+            return int(v)
+    return 0
+
+
 def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out: Path,
                  data: Path | None = None, sign_key: Path | None = None, version: str | None = None,
                  n_samples: int = 4, conf: float = 0.25, parity: bool = True) -> Manifest:
@@ -119,7 +129,13 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
             edir = experts_dir / g
             if not edir.is_dir():
                 raise FileNotFoundError(f"{experts_dir}: no expert for group {g!r} (expected {edir})")
-            plan.append((g, "expert", g, edir, _read_json(edir / "expert.json")))
+            # export.experts writes <group>/expert.json beside the training run <group>/run/
+            erun = edir / "run" if (edir / "run" / "weights").is_dir() else edir
+            plan.append((g, "expert", g, erun, _read_json(edir / "expert.json")))
+        shared = _read_json(experts_dir / "experts.json").get("global", {})
+        if shared.get("backbone_sha256") and "backbone_sha256" not in run_meta:  # the backbone the experts share
+            plan[0] = (*plan[0][:4], {**run_meta, "backbone_sha256": shared["backbone_sha256"],
+                                      "shared_freeze": shared.get("freeze")})
         entries: list[ModelEntry] = []
         provenance: dict = {"models": {}}
         for name, role, group, run, meta in plan:
@@ -130,7 +146,7 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
             entries.append(ModelEntry(
                 name=name, file=f"models/{name}.onnx", sha256=sha256_file(exp.onnx_path), role=role,
                 group=group, classes=exp.classes, imgsz=exp.imgsz, layout=exp.layout, conf_threshold=conf,
-                frozen_layers=int(meta.get("freeze", meta.get("frozen_layers", 0)) or 0),
+                frozen_layers=_frozen_layers(meta),
                 backbone_sha256=meta.get("backbone_sha256"),
             ))
             kept = {k: meta[k] for k in ("args", "metrics", "dataset_hash") if k in meta}
@@ -150,7 +166,8 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
             models=entries, groups=groups, codes=species_codes(species, PAPER_CODES),
             cascade=CascadeSettings(route_threshold=conf),
             samples=[SampleEntry(**s) for s in samples],
-            provenance={**provenance, "dataset_hash": run_meta.get("dataset_hash"), "data": str(data or "")},
+            provenance={**provenance, "dataset_hash": run_meta.get("dataset_hash") or run_meta.get("dataset_sha256"),
+                        "data": str(data or "")},
         )
         (tmp / "manifest.json").write_bytes(manifest.to_bytes())
         if sign_key is not None:

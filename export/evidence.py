@@ -130,6 +130,42 @@ def _model_imgsz(yolo, default: int = 640) -> int:
     return int(v) if v else default
 
 
+def onnx_engine(model: str | Path):
+    """A model bundle folder (its global model) or an ultralytics-exported .onnx -> (engine, ModelEntry).
+
+    Runs on edge.engines' ONNX Runtime backend, the same raw [B, 4+nc, anchors] output as PyTorch,
+    so evidence can come from what is deployed (and CI needs no training to get a good model).
+    A bare .onnx takes its class names and image size from the metadata ultralytics writes.
+    """
+    import ast
+
+    from edge.engines import create_engine
+    from edge.manifest import ModelEntry
+
+    p = Path(model)
+    if p.is_dir():
+        from edge.bundle import load_bundle
+
+        bundle = load_bundle(p)
+        entry = bundle.manifest.global_model
+        return create_engine("onnxruntime", bundle.model_path(entry.name), entry), entry
+    import hashlib
+
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    try:
+        names = ast.literal_eval(meta["names"])
+        imgsz = ast.literal_eval(meta["imgsz"])
+    except (KeyError, ValueError, SyntaxError):
+        raise ValueError(f"{p}: no ultralytics 'names'/'imgsz' metadata; pass a bundle folder instead") from None
+    classes = [str(names[i]) for i in sorted(names)] if isinstance(names, dict) else [str(x) for x in names]
+    size = max(imgsz) if isinstance(imgsz, (list, tuple)) else int(imgsz)
+    entry = ModelEntry(name=p.stem, file=p.name, sha256=hashlib.sha256(p.read_bytes()).hexdigest(), role="global",
+                       classes=classes, imgsz=size, layout="yolov8")
+    return create_engine("onnxruntime", p, entry), entry
+
+
 def compute_evidence(
     run: str | Path,
     data: str | Path,
@@ -141,30 +177,43 @@ def compute_evidence(
     split: str = "val",
     batch: int = 16,
 ) -> Evidence:
-    """Run the model on every image of ``split`` and collect hard counts and soft evidence."""
+    """Run the model on every image of ``split`` and collect hard counts and soft evidence.
+
+    ``run``: a training run folder or .pt (PyTorch), or a bundle folder or .onnx (ONNX Runtime).
+    """
     import cv2
-    import torch
 
     from edge.vision import decode, letterbox
     from export.train import label_path, list_images, read_data_yaml
-    from export.yolo_env import YOLO
 
     if not 0 < soft_conf <= conf < 1:
         raise ValueError(f"want 0 < soft_conf <= conf < 1, got soft_conf={soft_conf}, conf={conf}")
-    weights = resolve_weights(run)
+    onnx = Path(run).suffix.lower() == ".onnx" or (Path(run) / "manifest.json").is_file()
+    weights = Path(run) if onnx else resolve_weights(run)
     spec = read_data_yaml(data)
     if split not in spec.splits:
         raise ValueError(f"{spec.yaml_path}: no '{split}' split")
     images = list_images(spec.splits[split])
     if not images:
         raise ValueError(f"{spec.yaml_path}: the '{split}' split has no images")
-    yolo = YOLO(weights)
-    names = yolo.model.names
-    classes = [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else [str(x) for x in names]
+    if onnx:
+        engine, entry = onnx_engine(weights)
+        classes, size = list(entry.classes), entry.imgsz
+        if imgsz and int(imgsz) != size:
+            raise ValueError(f"{weights}: the ONNX model's input is fixed at {size} px, not {imgsz}")
+        model = None
+    else:
+        import torch
+
+        from export.yolo_env import YOLO
+
+        yolo = YOLO(weights)
+        names = yolo.model.names
+        classes = [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else [str(x) for x in names]
+        size = int(imgsz or _model_imgsz(yolo))
+        model = yolo.model.float().eval()
     if classes != spec.names:
         raise ValueError(f"{weights}: model classes {classes} differ from {spec.yaml_path} names {spec.names}")
-    size = int(imgsz or _model_imgsz(yolo))
-    model = yolo.model.float().eval()
     n = len(classes)
     counts = np.zeros((n, n + 1), dtype=np.int64)
     soft_sum = np.zeros((n, n))
@@ -181,10 +230,13 @@ def compute_evidence(
             xs.append(x)
             lbs.append(lb)
             shapes.append(img.shape[:2])
-        with torch.no_grad():
-            out = model(torch.from_numpy(np.stack(xs)))
-        raw = out[0] if isinstance(out, (tuple, list)) else out
-        raw = raw.detach().cpu().numpy()
+        if model is None:
+            raw = engine.infer(np.stack(xs))
+        else:
+            with torch.no_grad():
+                out = model(torch.from_numpy(np.stack(xs)))
+            raw = out[0] if isinstance(out, (tuple, list)) else out
+            raw = raw.detach().cpu().numpy()
         if raw.ndim != 3 or raw.shape[1] != 4 + n:
             raise ValueError(f"{weights}: raw output {list(raw.shape)} is not the YOLOv8/11 layout "
                              f"[B, {4 + n}, anchors]; end-to-end heads carry no per-class scores")
@@ -194,6 +246,8 @@ def compute_evidence(
             soft = decode(raw[b], "yolov8", classes, lbs[b], conf=soft_conf, iou=NMS_IOU, agnostic=True)
             gts = gt_boxes(label_path(img_path), w, h, n)
             accumulate(gts, hard, soft, counts, soft_sum, soft_n, false_pos, iou_match)
+    if model is None:
+        engine.close()
     soft_mean = np.divide(soft_sum, soft_n[:, None], out=np.zeros_like(soft_sum), where=soft_n[:, None] > 0)
     ev = Evidence(species=classes, counts=counts, soft=soft_mean, soft_n=soft_n, false_positives=false_pos,
                   conf=conf, soft_conf=soft_conf, iou_match=iou_match, imgsz=size, images=len(images),

@@ -72,9 +72,11 @@ class Device:
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen | None = None
         self.log = root / "daemon.log"
+        self._mark = 0  # log offset of the current run
 
     def start(self) -> Device:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._mark = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)
         assert self.wait_log("ready", 60), self.log.read_text()[-3000:]
@@ -83,7 +85,7 @@ class Device:
     def wait_log(self, text: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log.exists() and text in self.log.read_text():
+            if self.log.exists() and text in self.log.read_bytes()[self._mark:].decode(errors="replace"):
                 return True
             if self.proc is not None and self.proc.poll() is not None:
                 return False
