@@ -123,8 +123,11 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
     try:
         sample_paths = _images_for_samples(data, n_samples)
         sample_imgs = [cv2.imread(str(p)) for p in sample_paths]
+        # the experts' summary knows the global backbone's hash and frozen depth (shared-backbone runtime)
+        shared = _read_json(experts_dir / "experts.json").get("global", {})
+        global_meta = {**run_meta, **{k: shared[k] for k in ("backbone_sha256", "freeze") if k in shared}}
         plan: list[tuple[str, str, str | None, Path, dict]] = [
-            ("global", "global", None, global_run, run_meta)]
+            ("global", "global", None, global_run, global_meta)]
         for g in groups:
             edir = experts_dir / g
             if not edir.is_dir():
