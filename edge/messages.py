@@ -3,7 +3,7 @@
 One place for every byte that leaves the device, so the daemon, the demo and ``camtrap-edge
 decode`` cannot disagree.
 
-Topics, under a prefix (default ``camtrap/<device_id>/``): ``status`` (retained), ``detections``,
+Topics, under a prefix (default ``camtrap/<device_id>/``): ``status`` (retained), ``detections``, ``events``,
 ``alerts`` (same schema as detections), ``telemetry``, ``cmd/<name>`` (``cmd/<name>/reply``).
 
 Compact JSON detection (schema v1, keys in this order, absent keys mean "none")::
