@@ -24,19 +24,21 @@ import logging
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from edge import __version__
 from edge.config import Config, load_config
 from edge.disposal import DisposalPolicy, apply, free_mb, plan_disposal
 from edge.events import EventGrouper, FrameAnswer, make_frame, summarize
 from edge.imageio import ImageError, LoadedImage, read_image
-from edge.ledger import DuplicateResult, ImageRow, Ledger, OutMsg
+from edge.ledger import DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
 from edge.messages import (
     DetectionMessage,
     encode_detection_json,
@@ -99,6 +101,7 @@ class Daemon:
         self.md_writer = None
         self._reader: threading.Thread | None = None
         self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
+        self._camera_tz = ZoneInfo(cfg.device.timezone)
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -261,7 +264,10 @@ class Daemon:
         d = ans.decision
         scale = img.scale or 1.0
         w, h = img.orig_size
-        frame = make_frame(it.row.path, img.taken_at, it.row.mtime)
+        taken = img.taken_at
+        if taken is not None and taken.tzinfo is None:  # EXIF has no zone: the camera clock's, from config
+            taken = taken.replace(tzinfo=self._camera_tz)
+        frame = make_frame(it.row.path, taken, it.row.mtime)
         assign = self.events.add(frame, time.monotonic())
         ev = assign.event.id
         sp, score = d.top
@@ -291,6 +297,13 @@ class Daemon:
         except DuplicateResult:
             log.info("%s already has a result; keeping the first", it.row.path)
             return
+        except (sqlite3.Error, LedgerError) as e:  # disk full, I/O error: keep the file, say so loudly
+            log.error("ALARM: the ledger cannot commit the result of %s (%s); the image is kept and "
+                      "disposal is off until a commit succeeds", it.row.path, e)
+            self._disposal_alarm = f"ledger commit failed: {e}"
+            return
+        if self._disposal_alarm and self._disposal_alarm.startswith("ledger commit failed"):
+            self._disposal_alarm = None
         if self.md_writer is not None:
             from edge.detection import Detection
 
@@ -319,8 +332,10 @@ class Daemon:
             log.error("disposal of %s failed: %s", path, res.note)
             return
         how = {"keep": "kept", "delete": "deleted"}.get(res.kind, f"moved:{res.dest}")
-        self.ledger.mark_disposed(row.id, ("audit:" if action.audit else "") + how)
-        if res.kind in ("delete", "move") and not action.audit:
+        self.ledger.mark_disposed(row.id, how)  # the words edge.records maps to Camtrap DP
+        if action.audit:
+            self.ledger.bump("audit_kept")
+        elif res.kind in ("delete", "move"):
             self.ledger.bump("discarded")
 
     # -- events -----------------------------------------------------------------------------

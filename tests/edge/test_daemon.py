@@ -270,3 +270,27 @@ def test_bad_inputs_are_quarantined_and_the_daemon_stays_up(device, tmp_path):
     log = dev.log.read_text()
     assert "refused" in log  # the symlink out of the folder
     dev.terminate()
+
+
+def test_camtrapdp_export_of_what_the_daemon_did(device, tmp_path):
+    """Results, deleted empties (kept as blank observations) and quarantined junk, from the
+    daemon's own ledger, validate as Camtrap DP 1.0.2."""
+    from test_camtrapdp_validate import validate_camtrapdp
+
+    dev = device(policy="delete").start()
+    drop(dev.watch, "IMG_0001.JPG", lynx_frame(0))
+    drop(dev.watch, "IMG_0002.JPG", empty_frame(1))
+    drop(dev.watch, "IMG_0003.JPG", b"not a jpeg at all")
+    dev.wait_done(3)
+    assert dev.terminate() == 0
+    out = tmp_path / "pkg"
+    rc = subprocess.run([sys.executable, "-m", "edge.cli", "export-camtrapdp", "--config", str(dev.config),
+                         "--out", str(out), "--latitude", "37.0", "--longitude", "-6.4"],
+                        capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    assert validate_camtrapdp(out) == []
+    obs = (out / "observations.csv").read_text()
+    media = (out / "media.csv").read_text()
+    assert "IMG_0002.JPG" in media and ",blank," in obs  # the deleted empty still counts as effort
+    assert "Lynx pardinus" in obs
+    assert "IMG_0003.JPG" in media  # unreadable, recorded, not dropped
