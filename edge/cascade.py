@@ -108,6 +108,17 @@ class Decision:
         best = max(self.detections, key=lambda d: d.score)
         return best.species, float(best.score)
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Decision:
+        """Rebuild a frame's decision from ``to_dict()`` (e.g. a result stored in the ledger)."""
+        r = d.get("route") or {}
+        route = Route(reason=r.get("reason", "routed"), groups=tuple(r.get("groups", ())),
+                      global_best=float(r.get("global_best", 0.0)), no_expert=tuple(r.get("no_expert", ())),
+                      why=r.get("why", ""))
+        return cls(detections=tuple(Detection.from_dict(x) for x in d.get("detections", ())), route=route,
+                   models_run=tuple(r.get("models_run", ())), model_best=dict(r.get("model_best", {})),
+                   why=r.get("why", ""))
+
     def to_dict(self) -> dict:
         sp, score = self.top
         return {

@@ -34,13 +34,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from edge import __version__
+from edge.cascade import Decision, event_decision
 from edge.config import Config, load_config
 from edge.disposal import DisposalPolicy, apply, free_mb, plan_disposal
-from edge.events import EventGrouper, FrameAnswer, make_frame, summarize
+from edge.events import EventGrouper, make_frame
 from edge.imageio import ImageError, LoadedImage, read_image
 from edge.ledger import DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
 from edge.messages import (
-    DetectionMessage,
     encode_detection_json,
     message_from_decision,
     telemetry_payload,
@@ -156,7 +156,7 @@ class Daemon:
                 model_classes={m.name: m.classes for m in man.models}, flush_every=cfg.records.md_flush_every)
         self._finish_interrupted()
         first_event = self.ledger.max_event_id() + 1
-        self.events = EventGrouper(gap_s=cfg.events.gap_s, idle_s=max(cfg.events.gap_s * 2, 10.0),
+        self.events = EventGrouper(gap_s=cfg.events.gap_s, idle_s=max(cfg.events.gap_s * 2, 1.0),
                                    first_id=first_event)
         if cfg.mqtt is not None:
             from edge.publish import Publisher
@@ -345,21 +345,14 @@ class Daemon:
         results = self.ledger.event_results(ev)
         if not results:
             return
-        answers = [FrameAnswer(r.get("species"), float(r.get("score") or 0.0),
-                               int((r.get("counts") or {}).get(r.get("species"), 0))) for r in results]
-        summary = summarize(answers)
+        ev_dec = event_decision([Decision.from_dict(r) for r in results])
         msgs = []
-        if summary.species is not None:
-            routes = [r.get("route", {}).get("reason", "routed") for r in results if r.get("species")]
-            msg = DetectionMessage(seq=ev, time=int(min(r.get("taken_at") or 0 for r in results)),
-                                   species=self.codes.get(summary.species, summary.species[:8]),
-                                   score=summary.score, count=summary.count,
-                                   route=max(set(routes), key=routes.count) if routes else "routed",
-                                   model=self.model_version, group=self.group_of.get(summary.species),
-                                   event=ev, frames=summary.frames)
+        if not ev_dec.empty:
+            msg = message_from_decision(ev_dec, seq=ev, time=int(min(r.get("taken_at") or 0 for r in results)),
+                                        codes=self.codes, group_of=self.group_of, model=self.model_version,
+                                        event=ev)
             msgs.append(OutMsg("detection", "events", encode_detection_json(msg)))
-        self.ledger.close_event(ev, {"species": summary.species, "score": summary.score,
-                                     "count": summary.count, "frames": summary.frames}, msgs)
+        self.ledger.close_event(ev, ev_dec.to_dict(), msgs)
 
     # -- periodic ---------------------------------------------------------------------------
     def _tick(self, now: float) -> None:

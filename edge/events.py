@@ -19,7 +19,7 @@ wall time (the caller passes ``now``); then it is closed and its event-level ans
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,44 +175,3 @@ class EventGrouper:
             e.closed = True
         self._open.clear()
         return sorted(out, key=lambda e: e.id)
-
-
-@dataclass(frozen=True)
-class FrameAnswer:
-    """A frame's answer as the event summary needs it: best species (None = empty), its score,
-    and how many animals of it the frame shows."""
-
-    species: str | None
-    score: float = 0.0
-    count: int = 0
-
-
-@dataclass(frozen=True)
-class EventAnswer:
-    species: str | None
-    score: float  # best single-frame score of that species
-    count: int  # most animals of that species seen in any one frame (a burst re-sees the same ones)
-    frames: int  # frames in the event
-    frames_with_species: int
-
-
-def summarize(answers: Sequence[FrameAnswer]) -> EventAnswer:
-    """One answer per event: the species with the largest summed score over frames wins (a
-    species seen confidently in many frames beats a single stray high score); empty only when
-    no frame saw anything. Ties break on best single score, then name (deterministic)."""
-    totals: dict[str, float] = {}
-    best: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    hits: dict[str, int] = {}
-    for a in answers:
-        if a.species is None:
-            continue
-        totals[a.species] = totals.get(a.species, 0.0) + a.score
-        best[a.species] = max(best.get(a.species, 0.0), a.score)
-        counts[a.species] = max(counts.get(a.species, 0), a.count)
-        hits[a.species] = hits.get(a.species, 0) + 1
-    if not totals:
-        return EventAnswer(species=None, score=0.0, count=0, frames=len(answers), frames_with_species=0)
-    sp = min(totals, key=lambda s: (-totals[s], -best[s], s))
-    return EventAnswer(species=sp, score=best[sp], count=counts[sp], frames=len(answers),
-                       frames_with_species=hits[sp])

@@ -215,3 +215,12 @@ def test_event_of_empty_frames_is_empty():
     ev = event_decision([frame(), frame()])
     assert ev.empty and ev.species is None and ev.count == 0 and ev.best_frame == -1
     assert event_decision([]).frames == 0
+
+
+def test_decision_round_trips_through_its_dict():
+    _, d = run([det("lynx", 0.8), det("deer", 0.6)], {"medium": [det("lynx", 0.9, model="medium")],
+                                                      "large": [det("deer", 0.7, box=(60, 60, 90, 90))]})
+    assert d.route.reason == "routed" and len(d.detections) == 2
+    back = Decision.from_dict(d.to_dict())
+    assert back.to_dict() == d.to_dict()
+    assert back.top == (d.top[0], round(d.top[1], 5))

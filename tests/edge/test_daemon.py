@@ -160,7 +160,11 @@ def test_images_in_messages_out(device, mosquitto):
         assert len(m.payload) <= 200
         body = m.json()
         assert body["sp"] == "lypa" and body["p"] >= 0.3 and body["n"] == 1
-    assert len(sub.on("/alerts")) >= 1  # lynx is on the watch list (once per event)
+    assert len(sub.on("/alerts")) == 1  # lynx is on the watch list: once per event
+    # the burst closes after 2 x gap_s without a new frame: one event-level answer
+    assert sub.wait_for(lambda ms: any(m.topic.endswith("/events") for m in ms), 15)
+    [ev] = [m.json() for m in sub.on("/events")]
+    assert ev["sp"] == "lypa" and ev["nf"] == 5 and ev["ev"] == msgs[0]["ev"]
     assert sub.wait_for(lambda ms: any(m.topic.endswith("/telemetry") for m in ms), 10)
     assert any(m.json()["state"] == "online" for m in sub.on("/status"))
     # empties deleted only after their result was committed; animals kept

@@ -11,11 +11,9 @@ import pytest
 from edge.events import (
     EventGrouper,
     Frame,
-    FrameAnswer,
     frame_time,
     group_events,
     make_frame,
-    summarize,
 )
 from edge.imageio import read_image
 
@@ -104,13 +102,3 @@ def test_incremental_out_of_order_and_late_frames():
     assert late.event.id not in (1,) and late.new
     with pytest.raises(ValueError):
         EventGrouper(gap_s=1.0, idle_s=0)
-
-
-def test_summarize():
-    ans = summarize([FrameAnswer("lyn", 0.6, 1), FrameAnswer("fel", 0.9, 1), FrameAnswer("lyn", 0.7, 2),
-                     FrameAnswer(None), FrameAnswer("lyn", 0.5, 1)])
-    assert (ans.species, ans.score, ans.count, ans.frames, ans.frames_with_species) == ("lyn", 0.7, 2, 5, 3)
-    empty = summarize([FrameAnswer(None), FrameAnswer(None)])
-    assert empty.species is None and empty.frames == 2
-    tie = summarize([FrameAnswer("b", 0.5, 1), FrameAnswer("a", 0.5, 1)])
-    assert tie.species == "a"
