@@ -90,7 +90,8 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
 
 def _cmd(args: argparse.Namespace) -> int:
     c = classify_paths(args.paths, args.bundle, args.out, backend=args.backend, batch=args.batch,
-                       public_keys=args.public_key, require_signature=args.require_signature)
+                       public_keys=[Path(k) for k in args.public_key or []],  # files, not PEM text
+                       require_signature=args.require_signature)
     print(f"{c['images']} images: {c['animals']} with animals, {c['empty']} empty, {c['failed']} unreadable "
           f"({c['seconds']} s) -> {args.out}")
     return 0

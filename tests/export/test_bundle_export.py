@@ -3,14 +3,13 @@ bundle -> loaded and self-tested by the device code."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ultralytics")
+
+import fixtures  # tests/export/fixtures.py (pytest puts this folder on sys.path)
 
 from edge.bundle import load_bundle
 from edge.selftest import selftest
@@ -19,20 +18,10 @@ from export.experts import train_experts
 from export.train import TINY_YAML, train
 
 
-def _fixtures():
-    name = "camtrap_tests_export_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
-    f = _fixtures()
+    f = fixtures
     data = f.make_dataset(root / "ds", n_train=24, n_val=8, size=96)
     train(data, TINY_YAML, root / "global", epochs=1, imgsz=96, batch=8, plots=False, say=lambda s: None)
     groups = f.write_groups(root / "groups.yaml")
@@ -54,7 +43,7 @@ def test_bundle_is_signed_complete_and_pickle_free(bundle):
     assert [e.name for e in m.models] == ["global", *m.groups]
     assert m.global_model.layout == "yolov8" and m.global_model.imgsz == 96
     assert m.global_model.frozen_layers == 10
-    assert set(m.groups) == set(_fixtures().GROUPS)
+    assert set(m.groups) == set(fixtures.GROUPS)
     for e in m.models:
         if e.role == "expert":
             assert e.classes == m.groups[e.group] and e.frozen_layers == 10

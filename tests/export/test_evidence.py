@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
+import fixtures  # tests/export/fixtures.py (pytest puts this folder on sys.path)
 import numpy as np
 import pytest
 
 from edge.detection import Detection
 from export.evidence import accumulate, gt_boxes
-
-
-def _fixtures():
-    name = "camtrap_tests_export_fixtures"  # shared with test_train.py: one module object
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def _det(cls: int, score: float, box, scores=()):
@@ -66,7 +55,7 @@ def test_evidence_from_a_tiny_trained_model(tmp_path):
     from export.grouping import read_groups, run_grouping
     from export.train import train
 
-    data = _fixtures().make_dataset(tmp_path / "ds", n_train=24, n_val=12, size=96, seed=1)
+    data = fixtures.make_dataset(tmp_path / "ds", n_train=24, n_val=12, size=96, seed=1)
     run = tmp_path / "run"
     tiny = Path(__file__).resolve().parents[2] / "export" / "models" / "camtrap-tiny.yaml"
     train(data, tiny, run, epochs=2, imgsz=96, batch=8, plots=False, say=lambda s: None)

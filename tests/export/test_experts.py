@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
+
+import fixtures  # tests/export/fixtures.py (pytest puts this folder on sys.path)  # noqa: E402
 
 from export.experts import (  # noqa: E402
     build_expert_dataset,
@@ -23,16 +22,6 @@ from export.experts import (  # noqa: E402
 from export.train import TINY_YAML, read_data_yaml, train  # noqa: E402
 
 
-def _fixtures():
-    name = "camtrap_tests_export_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 def _saved_model(pt):
     ck = torch.load(pt, map_location="cpu", weights_only=False)
     return ck.get("ema") or ck["model"]  # final checkpoints keep the EMA weights under "model"
@@ -41,13 +30,13 @@ def _saved_model(pt):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
-    return _fixtures().make_dataset(root / "ds", n_train=24, n_val=8, size=96)
+    return fixtures.make_dataset(root / "ds", n_train=24, n_val=8, size=96)
 
 
 # ---------------------------------------------------------------- groups and derived datasets (fast)
 
 def test_unknown_species_in_groups_is_one_clear_line(tmp_path, dataset):
-    f = _fixtures()
+    f = fixtures
     bad = f.write_groups(tmp_path / "g.yaml", {"medium": ["fox", "lynx"], "small": ["rabbit", "mouse", "wolf"]})
     with pytest.raises(ValueError, match="wolf") as e:
         read_groups(bad, read_data_yaml(dataset).names)
@@ -59,7 +48,7 @@ def test_unknown_species_in_groups_is_one_clear_line(tmp_path, dataset):
 def test_cli_bad_groups_exit_2(tmp_path, dataset, capsys):
     from export.cli import main
 
-    bad = _fixtures().write_groups(tmp_path / "g.yaml", {"all": ["fox", "lynx", "rabbit", "mouse", "wolf"]})
+    bad = fixtures.write_groups(tmp_path / "g.yaml", {"all": ["fox", "lynx", "rabbit", "mouse", "wolf"]})
     rc = main(["experts", "--data", str(dataset), "--groups", str(bad), "--from", str(tmp_path / "norun"),
                "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -98,7 +87,7 @@ def test_derived_dataset_negatives_and_empty_cap(tmp_path, dataset):
 
 @pytest.mark.slow
 def test_experts_share_the_frozen_backbone(tmp_path, dataset):
-    f = _fixtures()
+    f = fixtures
     run = tmp_path / "global"
     train(dataset, TINY_YAML, run, epochs=1, imgsz=96, batch=8, plots=False, say=lambda s: None)
     groups = f.write_groups(tmp_path / "groups.yaml")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,9 @@ import yaml
 pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
 
+import fixtures  # tests/export/fixtures.py (pytest puts this folder on sys.path)
+
 from export.pipeline import fingerprint, load_config, run_pipeline
-
-
-def _fixtures():
-    name = "camtrap_tests_export_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def _write(path: Path, doc: dict) -> Path:
@@ -66,7 +56,7 @@ def test_fingerprint_depends_on_config_and_inputs():
 
 @pytest.mark.slow
 def test_pipeline_resumes_and_reruns_only_what_changed(tmp_path):
-    f = _fixtures()
+    f = fixtures
     f.make_dataset(tmp_path / "ds", n_train=24, n_val=8, size=96)
     groups = f.write_groups(tmp_path / "groups.yaml")
     small = {"epochs": 1, "imgsz": 96, "batch": 8, "plots": False}
@@ -113,7 +103,7 @@ def test_pipeline_resumes_and_reruns_only_what_changed(tmp_path):
 def test_pipeline_group_step_clusters_with_grouping(tmp_path):
     """The real group step (export.grouping on the trained model), from an existing data.yaml."""
     pytest.importorskip("export.evidence")
-    f = _fixtures()
+    f = fixtures
     data = f.make_dataset(tmp_path / "ds", n_train=16, n_val=8, size=96)
     small = {"epochs": 1, "imgsz": 96, "batch": 8, "plots": False}
     cfg = _write(tmp_path / "p.yaml", {"workdir": "w", "data": str(data), "train": small,

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
+
+import fixtures  # tests/export/fixtures.py (pytest puts this folder on sys.path)
 
 from export.train import (
     TINY_YAML,
@@ -22,17 +22,6 @@ from export.train import (
     read_data_yaml,
     train,
 )
-
-
-def _fixtures():
-    name = "camtrap_tests_export_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fixtures.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
 
 # ---------------------------------------------------------------- pure rules, hand-made counts
 
@@ -77,7 +66,7 @@ def test_class_counts_instances_images_empty():
 # ---------------------------------------------------------------- data.yaml reading and bad input
 
 def test_read_data_yaml_relative_path_and_label_rule(tmp_path):
-    data = _fixtures().make_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
+    data = fixtures.make_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
     d = yaml.safe_load(data.read_text())
     d["path"] = "."  # relative to the yaml's folder, whatever the cwd
     data.write_text(yaml.safe_dump(d))
@@ -94,7 +83,7 @@ def test_missing_data_yaml_is_one_clear_line(tmp_path):
 
 
 def test_bad_label_class_names_file_and_line(tmp_path):
-    data = _fixtures().make_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
+    data = fixtures.make_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
     lab = tmp_path / "ds" / "labels" / "train" / "train_000.txt"
     lab.write_text("7 0.5 0.5 0.1 0.1\n")
     with pytest.raises(ValueError, match=r"train_000\.txt:1: class 7 outside 0\.\.3"):
@@ -102,7 +91,7 @@ def test_bad_label_class_names_file_and_line(tmp_path):
 
 
 def test_missing_model_is_clear(tmp_path):
-    data = _fixtures().make_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
+    data = fixtures.make_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
     with pytest.raises(FileNotFoundError, match=r"yolov8n\.pt: model not found"):
         train(data, "yolov8n.pt", tmp_path / "run", epochs=1)
 
@@ -125,7 +114,7 @@ def test_classic_yolov5_pickle_gets_the_mdv5_hint(tmp_path, monkeypatch):
     torch.save({"model": Model()}, tmp_path / "md_v5a.0.0.pt")
     monkeypatch.delitem(sys.modules, "models")
     monkeypatch.delitem(sys.modules, "models.yolo")
-    data = _fixtures().make_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
+    data = fixtures.make_dataset(tmp_path / "ds", n_train=4, n_val=2, size=64)
     with pytest.raises(ValueError, match="MegaDetector v6") as e:
         train(data, tmp_path / "md_v5a.0.0.pt", tmp_path / "run", epochs=1)
     assert "\n" not in str(e.value)
@@ -153,7 +142,7 @@ def test_tiny_yaml_loads_with_explicit_scale():
 
 @pytest.mark.slow
 def test_train_one_epoch_writes_run_json(tmp_path):
-    data = _fixtures().make_dataset(tmp_path / "ds", n_train=24, n_val=8, size=96)
+    data = fixtures.make_dataset(tmp_path / "ds", n_train=24, n_val=8, size=96)
     lines: list[str] = []
     rec = train(data, TINY_YAML, tmp_path / "run", epochs=1, imgsz=96, batch=8, plots=False, say=lines.append)
     run = tmp_path / "run"
@@ -179,7 +168,7 @@ def test_train_one_epoch_writes_run_json(tmp_path):
 
 @pytest.mark.slow
 def test_switches_off_and_freeze_from_checkpoint(tmp_path):
-    data = _fixtures().make_dataset(tmp_path / "ds", n_train=12, n_val=4, size=96)
+    data = fixtures.make_dataset(tmp_path / "ds", n_train=12, n_val=4, size=96)
     first = train(data, TINY_YAML, tmp_path / "a", epochs=1, imgsz=96, batch=8, plots=False,
                   class_weights=False, oversample=False, say=lambda s: None)
     assert first["class_weights"] is None and first["metrics"]["loss_class_weights"] is None
