@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import logging
 import shutil
@@ -21,6 +20,7 @@ import cv2
 import numpy as np
 import yaml
 
+from edge.bundle import sha256_file
 from edge.manifest import CascadeSettings, Manifest, ModelEntry, SampleEntry, species_codes
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,6 @@ PAPER_CODES = {
     "Sus scrofa": "sus", "Vulpes vulpes": "vul", "Capreolus capreolus": "caca", "Canis familiaris": "can",
     "Canis lupus": "can", "Felis catus": "fel", "Mustela": "mus", "Lutra lutra": "lut",
 }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict:
@@ -125,7 +117,8 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
         sample_imgs = [cv2.imread(str(p)) for p in sample_paths]
         # the experts' summary knows the global backbone's hash and frozen depth (shared-backbone runtime)
         shared = _read_json(experts_dir / "experts.json").get("global", {})
-        global_meta = {**run_meta, **{k: shared[k] for k in ("backbone_sha256", "freeze") if k in shared}}
+        global_meta = {**run_meta, "shared_freeze": shared.get("freeze"),
+                       "backbone_sha256": run_meta.get("backbone_sha256") or shared.get("backbone_sha256")}
         plan: list[tuple[str, str, str | None, Path, dict]] = [
             ("global", "global", None, global_run, global_meta)]
         for g in groups:
@@ -135,10 +128,6 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
             # export.experts writes <group>/expert.json beside the training run <group>/run/
             erun = edir / "run" if (edir / "run" / "weights").is_dir() else edir
             plan.append((g, "expert", g, erun, _read_json(edir / "expert.json")))
-        shared = _read_json(experts_dir / "experts.json").get("global", {})
-        if shared.get("backbone_sha256") and "backbone_sha256" not in run_meta:  # the backbone the experts share
-            plan[0] = (*plan[0][:4], {**run_meta, "backbone_sha256": shared["backbone_sha256"],
-                                      "shared_freeze": shared.get("freeze")})
         entries: list[ModelEntry] = []
         provenance: dict = {"models": {}}
         for name, role, group, run, meta in plan:

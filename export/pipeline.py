@@ -35,6 +35,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge.bundle import sha256_file
+
 STEPS = ("prepare", "train", "group", "experts")
 STATE_VERSION = 1
 
@@ -152,12 +154,6 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
 
 
 # ---------------------------------------------------------------- fingerprints (pure + files)
-
-def sha256_file(path: Path) -> str:
-    from export.train import file_sha256
-
-    return file_sha256(path)
-
 
 def sha256_tree(root: Path, exclude: Path | None = None) -> str:
     """Names and sizes of the image files under a folder (cheap; catches adds, removes, edits).

@@ -29,7 +29,6 @@ from that. Boxes made by MDv5 (its batch JSON) are fine as training labels: see 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from edge.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +258,7 @@ def write_run_data_yaml(spec: DataSpec, out: Path, train: Sequence[Path] | None 
     return out
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+file_sha256 = sha256_file  # one implementation, in edge.bundle
 
 
 def is_checkpoint(model: str | os.PathLike) -> bool:
