@@ -45,8 +45,10 @@ def _split_images(data_yaml: Path, split: str) -> tuple[list[Path], list[str], l
     return imgs, truths, names, meta
 
 
-def _seq_of(meta: dict, img: Path) -> str:
-    rec = meta.get("images", meta).get(img.name) if isinstance(meta, dict) else None
+def _seq_of(meta: dict, img: Path, split: str) -> str:
+    """The image's burst (sequence) id from prepare's meta.json, keyed images/<split>/<name>."""
+    images = meta.get("images", meta) if isinstance(meta, dict) else {}
+    rec = images.get(f"images/{split}/{img.name}") or images.get(img.name)
     return str(rec.get("seq_id", img.stem)) if isinstance(rec, dict) else img.stem
 
 
@@ -117,7 +119,7 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     report["labels"] = labels
     report["routes"] = dict(routes)
     report["model_runs_per_image"] = float(np.mean(runs)) if runs else 0.0
-    seqs = [_seq_of(meta, p) for p in imgs]
+    seqs = [_seq_of(meta, p, split) for p in imgs]
     if n_boot > 0 and len(set(seqs)) > 1:
         report["gain_bootstrap"] = bootstrap_macro_f1_gain(truths, single, cascade, seqs, labels, n=n_boot)
     (out / "report.json").write_text(json.dumps(report, indent=1))

@@ -87,6 +87,10 @@ def test_tampered_manifest_is_refused(bundle, tmp_path):
 @pytest.mark.slow
 def test_evaluate_scores_single_stage_and_cascade_side_by_side(bundle, tmp_path):
     out = tmp_path / "report"
+    # prepare's meta.json: frames of a burst share a seq_id; the bootstrap resamples bursts
+    vals = sorted((bundle / "ds" / "images" / "val").iterdir())
+    meta = {"images": {f"images/val/{p.name}": {"seq_id": f"s{k // 2}"} for k, p in enumerate(vals)}}
+    (bundle / "ds" / "meta.json").write_text(json.dumps(meta))
     rc = export_main(["evaluate", "--bundle", str(bundle / "B"), "--data", str(bundle / "ds" / "data.yaml"),
                       "--split", "val", "--out", str(out), "--bootstrap", "50"])
     assert rc == 0
@@ -105,5 +109,6 @@ def test_evaluate_scores_single_stage_and_cascade_side_by_side(bundle, tmp_path)
         assert 0.0 <= r[name]["macro_f1"] <= 1.0
         assert (out / f"confusion_{name}.png").stat().st_size > 1000
     assert r["model_runs_per_image"] >= 1.0
+    assert r["gain_bootstrap"]["clusters"] == len(vals) // 2
     md = (out / "report.md").read_text()
     assert "| background |" in md and "Macro F1" in md
