@@ -45,7 +45,7 @@ from edge.messages import (
     message_from_decision,
     telemetry_payload,
 )
-from edge.runner import CascadeRunner, Classified
+from edge.runner import CascadeRunner, Classified, Prepared
 from edge.sdnotify import Notifier, watchdog_interval
 
 log = logging.getLogger("camtrap.daemon")
@@ -90,7 +90,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._batches: queue.Queue[list[_Item]] = queue.Queue(maxsize=READ_AHEAD)
+        self._batches: queue.Queue[tuple[list[_Item], Prepared]] = queue.Queue(maxsize=READ_AHEAD)
         self._infer_ms: deque[float] = deque(maxlen=200)
         self._alerted: set[tuple[int, str]] = set()
         self._next_telemetry = 0.0
@@ -100,6 +100,7 @@ class Daemon:
         self.ingest = None
         self.md_writer = None
         self._reader: threading.Thread | None = None
+        self.fatal: BaseException | None = None
         self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
         self._camera_tz = ZoneInfo(cfg.device.timezone)
 
@@ -200,7 +201,17 @@ class Daemon:
         self.ledger.bump("rejected")
 
     def _read_loop(self) -> None:
-        """Claim waiting images and decode them ahead of inference."""
+        """Claim waiting images and decode them ahead of inference. If this thread fails, the
+        whole daemon stops with an error (systemd restarts it and the ledger says what to redo):
+        a live processing loop over a dead reader would ping the watchdog while doing nothing."""
+        try:
+            self._read_forever()
+        except Exception as e:
+            log.exception("reader thread failed; stopping so that the service restarts")
+            self.fatal = e
+            self.stop()
+
+    def _read_forever(self) -> None:
         batch = max(1, self.cfg.engine.batch_size)
         while not self._stop.is_set():
             rows = self.ledger.claim(batch)
@@ -216,9 +227,11 @@ class Daemon:
                     items.append(_Item(row, None, str(e)))
                 except OSError as e:
                     items.append(_Item(row, None, f"{row.path}: cannot read ({e.strerror or e})"))
+            good = [it.image.bgr for it in items if it.image is not None]
+            prepared = self.runner.prepare(good)  # letterboxing, too, overlaps the previous inference
             while not self._stop.is_set():
                 try:
-                    self._batches.put(items, timeout=0.5)
+                    self._batches.put((items, prepared), timeout=0.5)
                     break
                 except queue.Full:
                     continue
@@ -233,14 +246,12 @@ class Daemon:
                 self.notifier.watchdog()  # from the loop that does the work, not a timer
                 self._last_ping = now
             try:
-                items = self._batches.get(timeout=0.5)
+                self._process(*self._batches.get(timeout=0.5))
             except queue.Empty:
-                items = []
-            if items:
-                self._process(items)
+                pass
             self._tick(time.monotonic())
 
-    def _process(self, items: list[_Item]) -> None:
+    def _process(self, items: list[_Item], prepared: Prepared) -> None:
         good = []
         for it in items:
             if it.error is not None:
@@ -253,7 +264,7 @@ class Daemon:
         if not good:
             return
         t = time.perf_counter()
-        answers = self.runner.classify([it.image.bgr for it in good])  # type: ignore[union-attr]
+        answers = self.runner.classify_prepared(prepared)
         self._infer_ms.append((time.perf_counter() - t) * 1000.0 / len(good))
         for it, ans in zip(good, answers, strict=True):
             self._finish(it, ans)
@@ -421,7 +432,7 @@ def run_daemon(cfg: Config) -> int:
         d.run()
     finally:
         d.close()
-    return 0
+    return 1 if d.fatal is not None else 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 from edge.cascade import CascadePolicy, Decision, Route, decide, plan
 from edge.detection import Detection
 from edge.manifest import Manifest, ModelEntry
-from edge.vision import decode, letterbox_batch
+from edge.vision import Letterbox, decode, letterbox_batch
 
 # Decode below every threshold so the gate and the disposal floor can see weak animals;
 # thresholds are applied by the cascade, not here.
@@ -36,13 +36,26 @@ class ModelRunner:
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         if not images:
             return []
-        batch, lbs = letterbox_batch(list(images), self.entry.imgsz)
+        return self.detect_inputs(*letterbox_batch(list(images), self.entry.imgsz))
+
+    def detect_inputs(self, batch: np.ndarray, lbs: Sequence[Letterbox]) -> list[list[Detection]]:
+        """Detections on an already letterboxed NCHW batch (see ``CascadeRunner.prepare``)."""
         t = time.perf_counter()
         raw = self.engine.infer(batch)
         self.last_ms = (time.perf_counter() - t) * 1000.0
         conf = {c: min(self.floor, self.entry.threshold(c)) for c in self.entry.classes}
         return [decode(raw[i], self.entry.layout, self.entry.classes, lb, conf=conf,
                        iou=self.entry.iou_threshold, model=self.entry.name) for i, lb in enumerate(lbs)]
+
+
+@dataclass
+class Prepared:
+    """A batch letterboxed once per input size the bundle's models use. Built by
+    ``CascadeRunner.prepare`` (cheap to do on a reader thread, so preprocessing overlaps the
+    previous batch's inference), consumed by ``classify_prepared``."""
+
+    n: int
+    inputs: dict[int, tuple[np.ndarray, list[Letterbox]]]  # imgsz -> (NCHW float32, letterboxes)
 
 
 @dataclass
@@ -69,10 +82,22 @@ class CascadeRunner:
         self.experts = {g: ModelRunner(e, engines[e.name], floor) for g, e in manifest.experts.items()}
         self.group_of = {s: g for g, members in manifest.groups.items() for s in members}
 
+    def prepare(self, images: Sequence[np.ndarray]) -> Prepared:
+        if not images:
+            return Prepared(0, {})
+        sizes = {self.global_runner.entry.imgsz, *(r.entry.imgsz for r in self.experts.values())}
+        return Prepared(len(images), {s: letterbox_batch(list(images), s) for s in sorted(sizes)})
+
     def classify(self, images: Sequence[np.ndarray]) -> list[Classified]:
         """Classify a batch (e.g. a burst); returns one Classified per image, in order."""
-        g_dets = self.global_runner.detect(images)
-        g_ms = self.global_runner.last_ms / max(len(images), 1)
+        return self.classify_prepared(self.prepare(images))
+
+    def classify_prepared(self, prep: Prepared) -> list[Classified]:
+        """The cascade over a prepared batch: the global model on all, each expert on its share."""
+        if prep.n == 0:
+            return []
+        g_dets = self.global_runner.detect_inputs(*prep.inputs[self.global_runner.entry.imgsz])
+        g_ms = self.global_runner.last_ms / prep.n
         routes: list[Route] = [plan(d, self.group_of, list(self.experts), self.policy) for d in g_dets]
         # which images each expert must see
         wanted: dict[str, list[int]] = {g: [] for g in self.experts}
@@ -80,14 +105,15 @@ class CascadeRunner:
             for g in r.groups:
                 if g in wanted:
                     wanted[g].append(i)
-        e_dets: list[dict[str, list[Detection]]] = [{} for _ in images]
-        e_raw_best = [0.0] * len(images)
+        e_dets: list[dict[str, list[Detection]]] = [{} for _ in range(prep.n)]
+        e_raw_best = [0.0] * prep.n
         e_ms: dict[str, float] = {}
         for g, idx in wanted.items():
             if not idx:
                 continue
             runner = self.experts[g]
-            outs = runner.detect([images[i] for i in idx])
+            x, lbs = prep.inputs[runner.entry.imgsz]
+            outs = runner.detect_inputs(x[idx], [lbs[i] for i in idx])
             e_ms[runner.entry.name] = runner.last_ms / len(idx)
             for i, dets in zip(idx, outs, strict=True):
                 e_raw_best[i] = max([e_raw_best[i], *(d.score for d in dets)])
