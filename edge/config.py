@@ -405,17 +405,14 @@ class RecordsSection(Section):
 
 
 class PathsSection(Section):
-    """Where the daemon keeps its state."""
+    """Where the daemon keeps its state. Unreadable files are not moved: they stay where the camera
+    wrote them, marked quarantined in the ledger (a file still being uploaded that was taken for
+    truncated is picked up again, as a new image, when its writer finishes it)."""
 
     state_dir: ConfigPath = Field(
         default=DEFAULT_STATE_DIR,
         title="State folder",
         description="Ledger, models, engines, records (systemd StateDirectory).",
-    )
-    quarantine_dir: ConfigPath | None = Field(
-        default=None,
-        title="Quarantine folder",
-        description="Unreadable or refused inputs are moved here. Default: <state_dir>/quarantine.",
     )
 
 
@@ -468,12 +465,10 @@ class Config(Section):
         self.records.md_json = self.records.md_json or s / "records" / "md_results.json"
         self.records.camtrapdp_dir = self.records.camtrapdp_dir or s / "records" / "camtrapdp"
         self.disposal.audit_dir = self.disposal.audit_dir or s / "audit"
-        self.paths.quarantine_dir = self.paths.quarantine_dir or s / "quarantine"
         self.device.deployment_id = self.device.deployment_id or self.device.id
         for name, p in (
             ("disposal.move_to", self.disposal.move_to),
             ("disposal.audit_dir", self.disposal.audit_dir),
-            ("paths.quarantine_dir", self.paths.quarantine_dir),
         ):
             for w in self.watch.folders:
                 if p is not None and _inside(p, w):

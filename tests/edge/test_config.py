@@ -51,7 +51,6 @@ def test_minimal_config_derives_paths_from_state_dir(tmp_path):
     assert cfg.records.md_json == state / "records" / "md_results.json"
     assert cfg.records.camtrapdp_dir == state / "records" / "camtrapdp"
     assert cfg.disposal.audit_dir == state / "audit"
-    assert cfg.paths.quarantine_dir == state / "quarantine"
     assert cfg.device.deployment_id == "trap-07"
     assert cfg.mqtt is None
     assert (cfg.disposal.policy, cfg.disposal.audit_rate) == ("keep", 0.01)

@@ -151,7 +151,7 @@ def test_sysusers_and_tmpfiles_in_a_scratch_root(tmp_path):
                    check=True, capture_output=True)  # fmt: skip
     uid = int(user[2])
     state = root / "var/lib/camtrap-edge"
-    for sub in ("", "models", "engines", "records", "quarantine", "audit"):
+    for sub in ("", "models", "engines", "records", "audit"):
         st = (state / sub).stat()
         assert st.st_uid == uid and (st.st_mode & 0o777) == 0o750, sub
     etc = (root / "etc/camtrap-edge").stat()
