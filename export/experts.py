@@ -295,7 +295,8 @@ def _run(args) -> int:
                       empty_ratio=args.empty_ratio, freeze=args.freeze, only=args.only or None,
                       epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, class_weights=args.class_weights,
                       oversample=args.oversample, target_share=args.target_share, max_repeat=args.max_repeat,
-                      seed=args.seed, device=args.device, patience=args.patience, plots=args.plots)
+                      seed=args.seed, device=args.device, patience=args.patience, plots=args.plots,
+                      optimizer=args.optimizer, lr0=args.lr0)
     return 1 if any(e["identical"] is False for e in s["experts"].values()) else 0
 
 

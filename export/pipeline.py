@@ -84,6 +84,8 @@ class TrainOptions(_Strict):
     device: str = "cpu"
     patience: int = Field(50, ge=0)
     plots: bool = True
+    optimizer: str = "auto"
+    lr0: float | None = Field(None, gt=0)
 
 
 class TrainConfig(TrainOptions):

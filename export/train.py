@@ -370,6 +370,7 @@ def _progress_callbacks(epochs: int, prefix: str, say: Callable[[str], None], se
 
 def fit(model: Path, data_yaml: Path, out: Path, *, epochs: int, imgsz: int, batch: int, freeze: int,
         class_weights: Sequence[float] | None, seed: int, device: str, patience: int, plots: bool,
+        optimizer: str = "auto", lr0: float | None = None,
         prefix: str = "[train]", say: Callable[[str], None] = print) -> dict[str, Any]:
     """One ultralytics training run into `out` (out/weights/best.pt, last.pt); returns metrics."""
     from ultralytics.utils.torch_utils import unwrap_model
@@ -383,7 +384,7 @@ def fit(model: Path, data_yaml: Path, out: Path, *, epochs: int, imgsz: int, bat
         trainer=_trainer_class(class_weights), data=str(data_yaml), epochs=epochs, imgsz=imgsz,
         batch=batch, freeze=freeze, seed=seed, deterministic=True, device=device, patience=patience,
         amp=False, workers=0, project=str(out.parent), name=out.name, exist_ok=True, plots=plots,
-        cls_pw=0.0, val=True,
+        cls_pw=0.0, val=True, optimizer=optimizer, **({"lr0": lr0} if lr0 is not None else {}),
     )
     tr = yolo.trainer
     if not (out / "weights" / "best.pt").is_file():
@@ -430,7 +431,8 @@ def versions() -> dict[str, str]:
 def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike, *, epochs: int = 50,
           imgsz: int = 640, batch: int = 16, freeze: int | None = None, class_weights: bool = True,
           oversample: bool = True, target_share: float = 0.5, max_repeat: int = 10, seed: int = 0,
-          device: str = "cpu", patience: int = 50, plots: bool = True, prefix: str = "[train]",
+          device: str = "cpu", patience: int = 50, plots: bool = True, optimizer: str = "auto",
+          lr0: float | None = None, prefix: str = "[train]",
           say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a detector on a YOLO dataset; writes out/weights/{best,last}.pt and out/run.json.
 
@@ -477,7 +479,7 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
     t0 = time.monotonic()
     metrics = fit(model_path, data_yaml, run, epochs=epochs, imgsz=imgsz, batch=batch, freeze=freeze,
                   class_weights=weights, seed=seed, device=device, patience=patience, plots=plots,
-                  prefix=prefix, say=say)
+                  optimizer=optimizer, lr0=lr0, prefix=prefix, say=say)
     if metrics["loaded_instances"] is not None and metrics["loaded_instances"] != inst_after:
         say(f"{prefix} warning: ultralytics loaded {metrics['loaded_instances']} boxes per class, the labels list "
             f"{inst_after} (labels it rejected as corrupt are in its log above)")
@@ -486,7 +488,8 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
                  "model": str(model_path.resolve() if model_path.is_file() else model_path), "out": str(run),
                  "epochs": epochs, "imgsz": imgsz, "batch": batch, "freeze": freeze,
                  "class_weights": class_weights, "oversample": oversample, "target_share": target_share,
-                 "max_repeat": max_repeat, "seed": seed, "device": device, "patience": patience},
+                 "max_repeat": max_repeat, "seed": seed, "device": device, "patience": patience,
+                 "optimizer": optimizer, "lr0": lr0},
         "model_sha256": file_sha256(model_file(model_path)),
         "from_checkpoint": from_ckpt,
         "dataset_sha256": dataset_sha256(spec),
@@ -533,13 +536,17 @@ def add_train_options(p, *, epochs: int = 50) -> None:
     p.add_argument("--device", default="cpu", help="cpu, 0, 0,1, mps")
     p.add_argument("--patience", type=int, default=50, help="epochs without improvement before stopping")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip ultralytics' plots")
+    p.add_argument("--optimizer", default="auto", choices=["auto", "SGD", "Adam", "AdamW", "MuSGD"],
+                   help="ultralytics optimizer; 'auto' picks AdamW with a small lr for short runs. The paper "
+                   "used SGD, lr0 0.01, momentum 0.9")
+    p.add_argument("--lr0", type=float, default=None, help="initial learning rate (with --optimizer other than auto)")
 
 
 def _run(args) -> int:
     train(args.data, args.model, args.out, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
           freeze=args.freeze, class_weights=args.class_weights, oversample=args.oversample,
           target_share=args.target_share, max_repeat=args.max_repeat, seed=args.seed, device=args.device,
-          patience=args.patience, plots=args.plots)
+          patience=args.patience, plots=args.plots, optimizer=args.optimizer, lr0=args.lr0)
     return 0
 
 

@@ -175,5 +175,9 @@ def test_switches_off_and_freeze_from_checkpoint(tmp_path):
     assert not (tmp_path / "a" / "train_list.txt").exists()
     assert first["oversampling"]["train_list_lines"] == first["oversampling"]["train_images"]
     second = train(data, tmp_path / "a" / "weights" / "best.pt", tmp_path / "b", epochs=1, imgsz=96, batch=8,
-                   plots=False, say=lambda s: None)
+                   plots=False, optimizer="SGD", lr0=0.02, say=lambda s: None)
     assert second["from_checkpoint"] is True and second["freeze"] == 10  # the default from a checkpoint
+    # the paper's optimizer reaches ultralytics (its own record of the run's arguments)
+    used = yaml.safe_load((tmp_path / "b" / "args.yaml").read_text())
+    assert (used["optimizer"], used["lr0"]) == ("SGD", 0.02)
+    assert (second["args"]["optimizer"], second["args"]["lr0"]) == ("SGD", 0.02)
