@@ -413,9 +413,14 @@ class Daemon:
         if self._reader is not None:
             self._reader.join(timeout=5)
         # batches decoded but not processed stay 'processing' in the ledger: redone at next start
+        if getattr(self, "events", None) is not None:
+            for e in self.events.close_all():  # a clean stop answers the bursts in hand now
+                self._close_event(e.id)
         if self.md_writer is not None:
             self.md_writer.close()
         if self.publisher is not None:
+            if self.publisher.connected:
+                self.publisher.wait_drained(5.0)  # what is left stays in the outbox for the next start
             self.publisher.stop()
         for e in getattr(self, "engines", {}).values():
             e.close()

@@ -298,3 +298,21 @@ def test_camtrapdp_export_of_what_the_daemon_did(device, tmp_path):
     assert "IMG_0002.JPG" in media and ",blank," in obs  # the deleted empty still counts as effort
     assert "Lynx pardinus" in obs
     assert "IMG_0003.JPG" in media  # unreadable, recorded, not dropped
+
+
+def test_a_clean_stop_answers_the_open_burst(device, mosquitto):
+    sub = Subscriber(mosquitto, "camtrap/trap-t/#").start()
+    dev = device(mosquitto, gap_s=60).start()  # the burst would stay open for 2 minutes
+    for k in range(2):
+        drop(dev.watch, f"B{k:03d}.JPG", lynx_frame(k))
+    dev.wait_done(2)
+    assert not sub.on("/events")
+    assert dev.terminate() == 0
+    assert sub.wait_for(lambda ms: any(m.topic.endswith("/status") and m.json()["state"] == "stopped"
+                                       for m in ms), 10)
+    msgs = sub.snapshot()
+    stopped = next(i for i, m in enumerate(msgs) if m.topic.endswith("/status") and m.json()["state"] == "stopped")
+    assert any(m.topic.endswith("/events") for m in msgs[:stopped])  # answered before going away
+    [ev] = [m.json() for m in sub.on("/events")]
+    assert ev["nf"] == 2 and ev["sp"] == "lypa"
+    sub.stop()
