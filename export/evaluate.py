@@ -32,6 +32,8 @@ def _truth(label_file: Path, names: list[str]) -> str:
 
 
 def _split_images(data_yaml: Path, split: str) -> tuple[list[Path], list[str], list[str], dict]:
+    if not data_yaml.is_file():
+        raise FileNotFoundError(f"{data_yaml}: data.yaml not found (run `camtrap-export prepare` first)")
     d = yaml.safe_load(data_yaml.read_text())
     if not d.get(split):
         raise ValueError(f"{data_yaml}: no '{split}' split")
@@ -82,11 +84,11 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     from edge.engines import load_engines
     from edge.runner import CascadeRunner
 
+    imgs, truths, names, meta = _split_images(data_yaml, split)  # bad input fails before models load
     bundle = load_bundle(bundle_path)
     man = bundle.manifest
     runner = CascadeRunner(man, load_engines(bundle, backend))
     g = man.global_model
-    imgs, truths, names, meta = _split_images(data_yaml, split)
     if set(names) != set(g.classes):
         raise ValueError(f"{data_yaml}: classes {sorted(names)} differ from the bundle's {sorted(g.classes)}")
     single, cascade, routes, runs = [], [], Counter(), []
