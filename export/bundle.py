@@ -22,6 +22,7 @@ import yaml
 
 from edge.bundle import sha256_file
 from edge.manifest import CascadeSettings, Manifest, ModelEntry, SampleEntry, species_codes
+from export.atomic import building
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,9 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
     run_meta = _read_json(global_run / "run.json")
     if data is None and run_meta.get("args", {}).get("data"):
         data = Path(run_meta["args"]["data"])
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "models").mkdir(parents=True)
-    (tmp / "samples").mkdir()
-    try:
+    with building(out) as tmp:
+        (tmp / "models").mkdir()
+        (tmp / "samples").mkdir()
         sample_paths = _images_for_samples(data, n_samples)
         sample_imgs = [cv2.imread(str(p)) for p in sample_paths]
         # the experts' summary knows the global backbone's hash and frozen depth (shared-backbone runtime)
@@ -166,12 +165,6 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
             from edge.signing import sign
 
             (tmp / "manifest.sig").write_bytes(sign(manifest.to_bytes(), Path(sign_key).read_bytes()))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("bundle %s written: %d models, %d samples%s", out, len(entries), len(samples),
              ", signed" if sign_key else "")
     return manifest

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from export.atomic import building
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -777,11 +779,7 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
             if rep_splits[split]["images"] and not rep_splits[split]["boxes"][n]:
                 warnings.append(f"'{n}' has no boxes in {split}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with building(out) as tmp:
         how = _write(tmp, out, items, names, link)
         files = {s: sorted((tmp / "images" / s).iterdir()) for s in SPLITS}
         digest = _hash_tree(tmp, files, names)
@@ -798,16 +796,6 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
                     for it in sorted(items, key=lambda i: (SPLITS.index(i.split), i.name))}}  # type: ignore[arg-type]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         (tmp / "split_report.md").write_text(_report_md(report))
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -19,13 +19,13 @@ import argparse
 import json
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+
+from export.atomic import building
 
 log = logging.getLogger(__name__)
 
@@ -475,11 +475,9 @@ def synthesize(out: Path, seed: int = 0, n_images: int = 600, size: tuple[int, i
                    for i, loc in enumerate(locations)}
     cat_id = {s: i + 1 for i, s in enumerate(SPECIES)}
 
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     images, annotations = [], []
     counter = dict.fromkeys(locations, 0)
-    try:
+    with building(out) as tmp:
         for loc in locations:
             (tmp / "images" / loc).mkdir(parents=True)
         for b in bursts:
@@ -523,12 +521,6 @@ def synthesize(out: Path, seed: int = 0, n_images: int = 600, size: tuple[int, i
             "annotations": annotations,
         }
         (tmp / "coco.json").write_text(json.dumps(coco, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("synth: %d images (%d empty) in %d locations -> %s", len(images),
              sum(1 for a in annotations if a["category_id"] == 0), n_locations, out / "coco.json")
     return out / "coco.json"

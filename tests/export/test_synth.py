@@ -158,3 +158,16 @@ def test_cli_writes_and_refuses_to_clobber(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "other"), "--images", "5", "--overwrite"]) == 2
     assert (tmp_path / "other" / "keep.txt").is_file()
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_building_replaces_only_on_success(tmp_path):
+    from export.atomic import building
+
+    out = tmp_path / "out"
+    with building(out) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), building(out) as tmp:
+        (tmp / "a").write_text("2")
+        raise RuntimeError("half-way")
+    assert (out / "a").read_text() == "1"  # the failed run left the old folder as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and no temporary folder
