@@ -103,6 +103,7 @@ class Daemon:
         self.fatal: BaseException | None = None
         self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
         self._camera_tz = ZoneInfo(cfg.device.timezone)
+        self._publishing = cfg.mqtt is not None  # no broker configured: ledger and records only
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -291,7 +292,7 @@ class Daemon:
         for det in result["detections"]:  # back to original-image pixels when decoded reduced
             det["box"] = [round(v / scale, 1) for v in det["box"]]
         msgs = []
-        if not d.empty:
+        if not d.empty and self._publishing:
             alert = bool(sp in self.watch_species and score >= self.cfg.alerts.min_score
                          and (ev, sp) not in self._alerted)
             msg = message_from_decision(d, seq=it.row.id, time=int(frame.t), codes=self.codes,
@@ -358,7 +359,7 @@ class Daemon:
             return
         ev_dec = event_decision([Decision.from_dict(r) for r in results])
         msgs = []
-        if not ev_dec.empty:
+        if not ev_dec.empty and self._publishing:
             msg = message_from_decision(ev_dec, seq=ev, time=int(min(r.get("taken_at") or 0 for r in results)),
                                         codes=self.codes, group_of=self.group_of, model=self.model_version,
                                         event=ev)
@@ -388,7 +389,7 @@ class Daemon:
                                     outbox=self.ledger.outbox_depth(), infer_ms=ms,
                                     disk_free_mb=free_mb(folder), temp_c=cpu_temperature(),
                                     extra={"alarm": self._disposal_alarm} if self._disposal_alarm else None)
-        if self.cfg.mqtt is not None:
+        if self._publishing:
             self.ledger.enqueue([OutMsg("telemetry", "telemetry", payload)])
         log.info("telemetry %s", payload.decode())
 
@@ -444,7 +445,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(load_config(args.config))
 
 
+def status_report(cfg: Config, last: int = 5) -> str:
+    """What the ledger says, for a ranger at the console (safe while the daemon runs: WAL)."""
+    path = Path(cfg.ledger.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ledger yet (has the daemon run with this config?)")
+    with Ledger(path) as led:
+        states, counters = led.state_counts(), led.counters()
+        lines = [f"ledger {path}",
+                 "images: " + ", ".join(f"{k} {v}" for k, v in states.items()),
+                 f"outbox: {led.outbox_depth()} message(s) waiting for the broker",
+                 "counters: " + (", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "none")]
+        done = [r for r in led.images() if r.result is not None][-last:]
+        for r in done:
+            res = r.result or {}
+            what = "empty" if res.get("empty") else f"{res.get('species')} {res.get('score', 0):.2f}"
+            lines.append(f"  {Path(r.path).name}: {what} ({r.state}{', ' + r.disposal if r.disposal else ''})")
+        for r in led.images("quarantined")[-last:]:
+            lines.append(f"  {Path(r.path).name}: quarantined: {r.error}")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    print(status_report(load_config(args.config), args.last))
+    return 0
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("run", help="the daemon: watch folders, classify, publish, dispose of empties")
     p.add_argument("--config", required=True, type=Path, help="device config YAML")
     p.set_defaults(func=_cmd_run)
+    s = sub.add_parser("status", help="what the ledger says: image states, outbox, latest results")
+    s.add_argument("--config", required=True, type=Path, help="device config YAML")
+    s.add_argument("--last", type=int, default=5, help="latest results to list")
+    s.set_defaults(func=_cmd_status)

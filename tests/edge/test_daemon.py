@@ -287,6 +287,11 @@ def test_camtrapdp_export_of_what_the_daemon_did(device, tmp_path):
     drop(dev.watch, "IMG_0003.JPG", b"not a jpeg at all")
     dev.wait_done(3)
     assert dev.terminate() == 0
+    st = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", str(dev.config)],
+                        capture_output=True, text=True)
+    assert st.returncode == 0, st.stderr
+    assert "IMG_0001.JPG: Lynx pardinus" in st.stdout and "IMG_0002.JPG: empty (disposed, deleted)" in st.stdout
+    assert "IMG_0003.JPG: quarantined:" in st.stdout and "outbox: 0" in st.stdout
     out = tmp_path / "pkg"
     rc = subprocess.run([sys.executable, "-m", "edge.cli", "export-camtrapdp", "--config", str(dev.config),
                          "--out", str(out), "--latitude", "37.0", "--longitude", "-6.4"],
