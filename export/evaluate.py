@@ -79,13 +79,14 @@ def _plot_confusion(m: np.ndarray, labels: list[str], title: str, path: Path) ->
 
 
 def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend: str = "onnxruntime",
-             batch: int = 8, n_boot: int = 1000) -> dict:
+             batch: int = 8, n_boot: int = 1000, public_keys: list[Path] | None = None,
+             require_signature: bool = False) -> dict:
     from edge.bundle import load_bundle
     from edge.engines import load_engines
     from edge.runner import CascadeRunner
 
     imgs, truths, names, meta = _split_images(data_yaml, split)  # bad input fails before models load
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path, public_keys=public_keys or None, require_signature=require_signature)
     man = bundle.manifest
     runner = CascadeRunner(man, load_engines(bundle, backend))
     g = man.global_model
@@ -149,7 +150,8 @@ def render_markdown(r: dict) -> str:
 
 def _cmd(args: argparse.Namespace) -> int:
     r = evaluate(Path(args.bundle), Path(args.data), args.split, Path(args.out), backend=args.backend,
-                 n_boot=args.bootstrap)
+                 n_boot=args.bootstrap, public_keys=[Path(k) for k in args.public_key or []],
+                 require_signature=args.require_signature)
     print(f"macro F1 single {r['single_stage']['macro_f1']:.3f} cascade {r['cascade']['macro_f1']:.3f} "
           f"({r['images']} images, {r['model_runs_per_image']:.2f} model runs/image); report in {args.out}")
     return 0
@@ -163,4 +165,6 @@ def add_cli(sub) -> None:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0 = none)")
+    p.add_argument("--public-key", action="append", help="trusted Ed25519 public key (PEM file); repeatable")
+    p.add_argument("--require-signature", action="store_true", help="refuse an unsigned or untrusted bundle")
     p.set_defaults(func=_cmd)

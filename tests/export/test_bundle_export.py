@@ -92,7 +92,8 @@ def test_evaluate_scores_single_stage_and_cascade_side_by_side(bundle, tmp_path)
     meta = {"images": {f"images/val/{p.name}": {"seq_id": f"s{k // 2}"} for k, p in enumerate(vals)}}
     (bundle / "ds" / "meta.json").write_text(json.dumps(meta))
     rc = export_main(["evaluate", "--bundle", str(bundle / "B"), "--data", str(bundle / "ds" / "data.yaml"),
-                      "--split", "val", "--out", str(out), "--bootstrap", "50"])
+                      "--split", "val", "--out", str(out), "--bootstrap", "50",
+                      "--public-key", str(bundle / "keys" / "test.pub"), "--require-signature"])
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     import yaml
