@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import ValidationError
 
+from edge.hashing import sha256_file
 from edge.manifest import Manifest, ModelEntry, SampleEntry
 from edge.signing import KeySource, SignatureError, verify
 
@@ -71,14 +72,6 @@ class Bundle:
 
     def sample_paths(self) -> list[Path]:
         return [self.sample_path(s) for s in self.manifest.samples]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_bundle(path: str | Path, *, public_keys: Iterable[KeySource] | None = None,

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edge.hashing import sha256_file
+
 log = logging.getLogger(__name__)
 
 Policy = Literal["keep", "move", "delete"]
@@ -240,17 +242,9 @@ def _existing_copy(src: Path, st: os.stat_result, dest: Path) -> Path | None:
             return c
         if cst.st_size == st.st_size:
             if src_hash is None:
-                src_hash = _sha256(src)
-            if _sha256(c) == src_hash:
+                src_hash = sha256_file(src)
+            if sha256_file(c) == src_hash:
                 return c
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(d: Path) -> None:

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import yaml
 
-from edge.bundle import sha256_file
+from edge.hashing import sha256_file
 from edge.manifest import CascadeSettings, Manifest, ModelEntry, SampleEntry, species_codes
 from export.atomic import building
 

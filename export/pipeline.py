@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge.bundle import sha256_file
+from edge.hashing import sha256_file
 
 STEPS = ("prepare", "train", "group", "experts")
 STATE_VERSION = 1

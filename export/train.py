@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from edge.bundle import sha256_file
+from edge.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
