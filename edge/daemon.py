@@ -13,7 +13,7 @@ Threads and who owns what::
 Crash safety comes from the ledger: an image is ``processing`` until its result and messages
 commit in one transaction; only then is it disposed of. After a crash, ``recover()`` puts
 ``processing`` rows back, done-but-not-disposed rows are disposed again (idempotent), and
-events left open are closed from the results on record. Redoing is harmless: one result per
+events left open are reopened from the results on record. Redoing is harmless: one result per
 image, ever.
 """
 
@@ -156,10 +156,10 @@ class Daemon:
                 cfg.records.md_json, detector=f"{man.global_model.name}@{man.bundle_version}",
                 classifier=f"cascade@{man.bundle_version}", species=man.global_model.classes,
                 model_classes={m.name: m.classes for m in man.models}, flush_every=cfg.records.md_flush_every)
-        self._finish_interrupted()
         first_event = self.ledger.max_event_id() + 1
         self.events = EventGrouper(gap_s=cfg.events.gap_s, idle_s=max(cfg.events.gap_s * 2, 1.0),
                                    first_id=first_event)
+        self._finish_interrupted()
         if cfg.mqtt is not None:
             from edge.publish import Publisher
 
@@ -181,12 +181,21 @@ class Daemon:
                  ", ".join(map(str, cfg.watch.folders)))
 
     def _finish_interrupted(self) -> None:
-        """Work a crash left half-done: disposal of committed results, and open events."""
+        """Work a stop left half-done: disposal of committed results, and open events, which are
+        reopened (with the alerts they already raised) so a burst spanning a restart stays one."""
         for row in self.ledger.images("done"):
             if row.disposal is None and row.result is not None:
                 self._dispose(row, row.result)
+        now = time.monotonic()
         for ev in self.ledger.unclosed_events():
-            self._close_event(ev)
+            results = self.ledger.event_results(ev)
+            frames = [make_frame(r["file"], None, float(r["taken_at"])) for r in results
+                      if "file" in r and "taken_at" in r]
+            if not frames:
+                self._close_event(ev)
+                continue
+            self.events.reopen(ev, frames, now)
+            self._alerted.update((ev, r["alerted"]) for r in results if r.get("alerted"))
 
     # -- ingest side ------------------------------------------------------------------------
     def _on_candidate(self, path: Path) -> None:
@@ -303,6 +312,7 @@ class Daemon:
             if alert:
                 msgs.append(OutMsg("alert", "alerts", payload, image_id=it.row.id))
                 self._alerted.add((ev, sp))
+                result["alerted"] = sp  # so a restart does not alert twice for this event
         try:
             self.ledger.complete(it.row.id, result, msgs, event_id=ev, taken_at=frame.t,
                                  counters={"empty": 1} if d.empty else None)

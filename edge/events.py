@@ -19,7 +19,7 @@ wall time (the caller passes ``now``); then it is closed and its event-level ans
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,6 +150,17 @@ class EventGrouper:
         target.end = max(target.end, frame.t)
         target.last_added = now
         return Assignment(event=target, new=new, closed=closed)
+
+    def reopen(self, event_id: int, frames: Sequence[Frame], now: float) -> Event:
+        """Put back an event a stop left open (its frames as recorded), so that a burst spanning
+        a restart stays one event; it closes like any other, by gap or idle time."""
+        if not frames:
+            raise ValueError(f"event {event_id}: nothing to reopen")
+        ev = Event(id=event_id, camera=frames[0].camera, start=min(f.t for f in frames),
+                   end=max(f.t for f in frames), frames=list(frames), last_added=now)
+        self._open.setdefault(ev.camera, []).append(ev)
+        self._next_id = max(self._next_id, event_id + 1)
+        return ev
 
     def expire(self, now: float) -> list[Event]:
         """Close and return the events nothing has joined for ``idle_s`` (call it periodically)."""

@@ -198,7 +198,7 @@ def test_real_reconyx_burst_is_one_event(device):
 
 @pytest.mark.parametrize("kill_after", [0, 3, 7])
 def test_sigkill_mid_burst_loses_nothing(device, mosquitto, kill_after):
-    sub = Subscriber(mosquitto, "camtrap/trap-t/detections").start()
+    sub = Subscriber(mosquitto, "camtrap/trap-t/#").start()
     dev = device(mosquitto).start()
     frames = []
     for k in range(12):
@@ -217,9 +217,14 @@ def test_sigkill_mid_burst_loses_nothing(device, mosquitto, kill_after):
     for path, animal in frames:
         assert path.exists() == animal, path  # no animal frame deleted; every empty deleted
     animal_names = {p.name for p, a in frames if a}
-    assert sub.wait_for(lambda ms: {m.json()["f"] for m in ms} >= animal_names, 20)
-    seqs = [m.json()["s"] for m in sub.snapshot()]
+    assert sub.wait_for(lambda ms: {m.json()["f"] for m in ms if m.topic.endswith("/detections")} >= animal_names, 20)
+    seqs = [m.json()["s"] for m in sub.on("/detections")]
     assert sorted(set(seqs)) == sorted({r["id"] for r in rows if Path(r["path"]).name in animal_names})
+    # the burst stays one event across the restart, with one alert and one event-level answer
+    assert len({r["event_id"] for r in rows}) == 1
+    assert len({m.json()["s"] for m in sub.on("/alerts")}) == 1
+    assert sub.wait_for(lambda ms: any(m.topic.endswith("/events") for m in ms), 15)
+    assert {m.json()["nf"] for m in sub.on("/events")} == {12}
     dev.terminate()
     sub.stop()
 

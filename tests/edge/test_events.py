@@ -102,3 +102,15 @@ def test_incremental_out_of_order_and_late_frames():
     assert late.event.id not in (1,) and late.new
     with pytest.raises(ValueError):
         EventGrouper(gap_s=1.0, idle_s=0)
+
+
+def test_reopened_event_keeps_its_id_and_takes_later_frames():
+    g = EventGrouper(gap_s=2.0, idle_s=5.0, first_id=10)
+    ev = g.reopen(7, [Frame("c/1", "c", 100.0), Frame("c/2", "c", 101.0)], now=0.0)
+    assert ev.id == 7 and g.next_id == 10
+    a = g.add(Frame("c/3", "c", 102.5), now=1.0)
+    assert a.event.id == 7 and not a.new and len(a.event.frames) == 3
+    assert g.add(Frame("c/9", "c", 200.0), now=2.0).event.id == 10  # a later burst: a new event
+    assert [e.id for e in g.expire(now=100.0)] == [10]  # 7 was closed by the gap, 10 by idle time
+    with pytest.raises(ValueError):
+        g.reopen(8, [], now=0.0)
