@@ -259,7 +259,6 @@ def run_bundle(bundle_dir: Path, items: list[tuple[Path, str, str]], batch: int 
 
     bundle = load_bundle(bundle_dir)
     runner = CascadeRunner(bundle.manifest, load_engines(bundle, "onnxruntime"))
-    g = bundle.manifest.global_model
     rows = []
     for k in range(0, len(items), batch):
         chunk = items[k:k + batch]
@@ -269,12 +268,9 @@ def run_bundle(bundle_dir: Path, items: list[tuple[Path, str, str]], batch: int 
             if a is None:
                 raise ValueError(f"{p}: unreadable image")
             arrays.append(a)
-        results = runner.classify(arrays)
-        singles = runner.global_runner.detect(arrays)
-        for res, dets in zip(results, singles, strict=True):
-            kept = [x for x in dets if x.score >= g.threshold(x.species)]
+        for res in runner.classify(arrays):
             d = res.decision
-            rows.append({"single": max(kept, key=lambda x: x.score).species if kept else BACKGROUND,
+            rows.append({"single": res.single_stage or BACKGROUND,
                          "cascade": d.top[0] or BACKGROUND, "route": d.route.reason, "runs": len(d.models_run)})
     return rows
 

@@ -65,6 +65,7 @@ class Classified:
     decision: Decision
     max_animal_score: float  # over every model that ran, at the decode floor
     timings_ms: dict[str, float] = field(default_factory=dict)
+    single_stage: str | None = None  # the global model's own top species at its thresholds (None = empty)
 
 
 def _above(dets: list[Detection], entry: ModelEntry) -> list[Detection]:
@@ -125,5 +126,7 @@ class CascadeRunner:
             timings = {self.manifest.global_model.name: g_ms}
             timings.update({self.experts[g].entry.name: e_ms[self.experts[g].entry.name]
                             for g in e_dets[i] if self.experts[g].entry.name in e_ms})
-            results.append(Classified(decision, best, timings))
+            alone = _above(gd, self.global_runner.entry)
+            single = max(alone, key=lambda x: x.score).species if alone else None
+            results.append(Classified(decision, best, timings, single))
         return results

@@ -106,9 +106,7 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
             routes[d.route.reason] += 1
             runs.append(len(d.models_run))
             cascade.append(d.top[0] or BACKGROUND)
-        for dets in runner.global_runner.detect(arrays):
-            kept = [x for x in dets if x.score >= g.threshold(x.species)]
-            single.append(max(kept, key=lambda x: x.score).species if kept else BACKGROUND)
+            single.append(res.single_stage or BACKGROUND)  # same global run, its own thresholds
     labels = [*g.classes, BACKGROUND]
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"bundle": str(bundle_path), "bundle_version": man.bundle_version, "data": str(data_yaml),

@@ -24,6 +24,8 @@ def test_prepared_batch_equals_direct_classification_and_empty_batches_are_fine(
     assert [c.decision.to_dict() for c in direct] == [c.decision.to_dict() for c in prepared]
     assert direct[0].decision.top[0] == "Lynx pardinus" and direct[1].decision.empty
     assert direct[2].decision.top[0] == "Felis silvestris"
+    # the single-stage answer comes from the same global run, at the global model's thresholds
+    assert [c.single_stage for c in direct] == ["Lynx pardinus", None, "Felis silvestris"]
     assert r.classify([]) == [] and r.classify_prepared(r.prepare([])) == []
     # experts see only the frames routed to them; the empty frame goes to every expert
     assert direct[0].decision.models_run[0] == "global" and "felids" in direct[0].decision.models_run
