@@ -331,9 +331,7 @@ class Daemon:
 
             dets = [Detection.from_dict(x) for x in result["detections"]]
             self.md_writer.add(it.row.path, dets, image_size=(w, h))
-        row = self.ledger.get(it.row.id)
-        if row is not None:
-            self._dispose(row, result)
+        self._dispose(it.row, result)  # only id and path are used; both are what was claimed
         for closed in assign.closed:
             self._close_event(closed.id)
 
