@@ -67,7 +67,7 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
                 chunk, loaded = [], []
                 for f in files[k:k + batch]:
                     try:
-                        loaded.append(read_image(f, max_side=4096))
+                        loaded.append(read_image(f, max_side=runner.input_side))
                         chunk.append(f)
                     except ImageError as e:
                         log.warning("%s", e)

@@ -36,6 +36,8 @@ from pydantic import (
     model_validator,
 )
 
+from edge.imageio import DEFAULT_MAX_MEGAPIXELS, PILLOW_MAX_MEGAPIXELS
+
 DEFAULT_CONFIG_PATH = Path("/etc/camtrap-edge/config.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/camtrap-edge")
 
@@ -150,10 +152,13 @@ class WatchSection(Section):
         description="Glob patterns of image names, matched case-insensitively.",
     )
     max_megapixels: float = Field(
-        default=50.0,
+        default=DEFAULT_MAX_MEGAPIXELS,
         gt=0,
+        le=PILLOW_MAX_MEGAPIXELS,
         title="Largest image",
-        description="Images above this many megapixels are quarantined instead of decoded (memory bombs).",
+        description="Images (any format) above this many megapixels, read from the header, are "
+        "quarantined without being decoded (memory bombs); decoded memory stays below 3 bytes a pixel "
+        f"of it. At most {PILLOW_MAX_MEGAPIXELS} (Pillow refuses larger images outright).",
     )
 
 

@@ -232,7 +232,8 @@ class Daemon:
             items = []
             for row in rows:
                 try:
-                    items.append(_Item(row, read_image(row.path, max_side=4096, max_pixels=self._max_pixels), None))
+                    items.append(_Item(row, read_image(row.path, max_side=self.runner.input_side,
+                                                          max_pixels=self._max_pixels), None))
                 except ImageError as e:
                     items.append(_Item(row, None, str(e)))
                 except OSError as e:

@@ -9,9 +9,14 @@ Design choices (why):
 - Bytes are read once with ``np.fromfile`` and decoded from memory with ``cv2.imdecode``, so
   non-ASCII paths work (``cv2.imread`` fails on them on some platforms) and the header, the
   EXIF and the pixels all come from the same bytes (no race with a writer).
-- Pillow only parses headers and EXIF (lazy ``Image.open``): it tells the format, mode and size
-  without decoding, so a huge JPEG is decoded reduced by libjpeg's DCT scaling
-  (``IMREAD_REDUCED_COLOR_2/4/8``) and memory stays bounded.
+- One size rule for every format, applied before any pixel is decoded: Pillow only parses
+  headers and EXIF (lazy ``Image.open``: the JPEG SOF or the PNG IHDR), so an image above
+  ``max_pixels`` (the device's ``watch.max_megapixels``) is refused from its header with one line,
+  and a file too large to hold any image within the limit is refused from its size before it is
+  read. Decoded memory is therefore at most ``max_pixels`` x 3 bytes, whatever the format.
+- A JPEG is decoded at the largest reduced scale (libjpeg's DCT scaling, ``IMREAD_REDUCED_*``
+  1/2, 1/4, 1/8) whose long side still covers ``max_side`` (the models' input size): a
+  2048x1440 Reconyx frame for a 640 px model is decoded at 1024x720, for 160 px at 256x180.
 - Orientation is explicit: OpenCV's ``imread`` and ``imdecode`` apply EXIF orientation by
   default (checked on OpenCV 5.0, also with ``IMREAD_REDUCED_*``: an Orientation=6 JPEG stored
   80x40 decodes 40 wide by 80 high), but ``imdecode`` ignored it in older builds. So we always
@@ -38,15 +43,23 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # We never let Pillow decode full pixels (draft mode only), and bound memory ourselves below,
-# so its decompression-bomb *warning* is noise here; the hard error above ~179 MP still applies.
+# so its decompression-bomb *warning* is noise here. Its hard error above ~179 MP
+# (2 x Image.MAX_IMAGE_PIXELS) still applies, which is why watch.max_megapixels stops there.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 JPEG_EOI = b"\xff\xd9"
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 SUPPORTED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG"}  # MPO: multi-picture JPEG
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-DEFAULT_MAX_PIXELS = 48_000_000  # above this a JPEG is decoded reduced even without max_side
-MAX_FULL_DECODE_PIXELS = 64_000_000  # non-JPEG formats cannot be decoded reduced: refuse above this
+DEFAULT_MAX_MEGAPIXELS = 50.0  # the default of watch.max_megapixels: larger images are refused
+DEFAULT_MAX_PIXELS = int(DEFAULT_MAX_MEGAPIXELS * 1_000_000)
+# Pillow refuses to open anything above 2 x MAX_IMAGE_PIXELS (a decompression bomb) whatever we
+# ask, so a configured limit cannot usefully exceed this.
+PILLOW_MAX_MEGAPIXELS = 2 * Image.MAX_IMAGE_PIXELS // 1_000_000 if Image.MAX_IMAGE_PIXELS else 10_000
+# Largest file that can hold an image within the limit: an uncompressed 16-bit RGBA PNG
+# (8 bytes a pixel) plus headers and EXIF. Anything bigger is refused before it is read.
+MAX_BYTES_PER_PIXEL = 8
+FILE_SLACK_BYTES = 16 * 1024 * 1024
 
 _ORIENT_SWAPS = {5, 6, 7, 8}
 _TAG_ORIENTATION, _TAG_MAKE, _TAG_MODEL, _TAG_DATETIME = 0x0112, 0x010F, 0x0110, 0x0132
@@ -167,11 +180,17 @@ def read_image(path: str | os.PathLike, max_side: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode ``path`` to BGR uint8 with EXIF orientation applied, or raise :class:`ImageError`.
 
-    ``max_side``: the long side of the returned array is at most this (the detector letterboxes
-    to <= 1280 px anyway); huge JPEGs are decoded reduced (1/2, 1/4, 1/8) straight from the DCT.
-    ``max_pixels``: without ``max_side``, JPEGs above this many pixels are decoded reduced.
+    ``max_side``: the long side of the returned array is at most this (pass the models' input
+    size); a JPEG is decoded reduced (1/2, 1/4, 1/8) straight from the DCT as far as its long
+    side still covers ``max_side``, then resized down (area interpolation) to exactly it.
+    ``max_pixels``: an image with more pixels than this (width x height from its header) is
+    refused before decoding, in every format; so is a file larger than such an image could be.
     """
     try:
+        size = os.stat(path).st_size
+        if size > max_pixels * MAX_BYTES_PER_PIXEL + FILE_SLACK_BYTES:
+            raise ImageError(path, f"file of {size / 1e6:.0f} MB is larger than any image within the "
+                             f"{_mp(max_pixels)} MP limit (watch.max_megapixels) could be: refused unread")
         data = np.fromfile(os.fspath(path), dtype=np.uint8)
     except FileNotFoundError:
         raise ImageError(path, "file vanished before it could be read") from None
@@ -185,6 +204,9 @@ def read_image(path: str | os.PathLike, max_side: int | None = None,
     raw = data.tobytes()
     pil, fmt = _open_header(path, raw)
     w, h = pil.size
+    if w * h > max_pixels:
+        raise ImageError(path, f"{fmt} of {w}x{h} ({_mp(w * h)} MP) is above the {_mp(max_pixels)} MP "
+                         "limit (watch.max_megapixels): refused without decoding")
     exif = _exif(pil)
     orientation = int(exif.get(_TAG_ORIENTATION, 1) or 1)
     if orientation not in range(1, 9):
@@ -195,12 +217,7 @@ def read_image(path: str | os.PathLike, max_side: int | None = None,
             raise ImageError(path, f"truncated {fmt} (no end marker; {data.size} bytes): still being "
                              "written or cut off")
 
-    factor = 1
-    if fmt == "JPEG":
-        factor = _reduce_factor(w, h, max_side, max_pixels)
-    elif w * h > MAX_FULL_DECODE_PIXELS:
-        raise ImageError(path, f"{fmt} of {w}x{h} is too large to decode within the memory bound "
-                         f"({MAX_FULL_DECODE_PIXELS // 1_000_000} MP; JPEG can be decoded reduced)")
+    factor = _reduce_factor(w, h, max_side) if fmt == "JPEG" else 1
     flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
             8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
     bgr = cv2.imdecode(data, flag | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -247,7 +264,8 @@ def _open_header(path, raw: bytes) -> tuple[Image.Image, str]:
         raise ImageError(path, f"not an image (unrecognised content, starts with {_describe_head(raw)})") \
             from None
     except Image.DecompressionBombError as e:
-        raise ImageError(path, f"image too large to process ({e})") from None
+        raise ImageError(path, f"image above Pillow's {PILLOW_MAX_MEGAPIXELS} MP bound: refused without "
+                         f"decoding ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"unreadable image header ({e})") from None
     fmt = SUPPORTED_FORMATS.get(pil.format or "")
@@ -278,19 +296,20 @@ def _jpeg_entropy_complete(raw: bytes) -> bool:
         return False
 
 
-def _reduce_factor(w: int, h: int, max_side: int | None, max_pixels: int) -> int:
-    """JPEG DCT scaling 1/2/4/8: at least enough to stay under ``max_pixels`` (memory bound), and
-    with ``max_side`` as far as the long side stays >= max_side (no detail lost for the detector)."""
-    def pixels(f: int) -> int:
-        return -(-w // f) * -(-h // f)
-
+def _reduce_factor(w: int, h: int, max_side: int | None) -> int:
+    """JPEG DCT scaling 1/2/4/8: the largest reduction whose long side (libjpeg rounds up) is
+    still >= ``max_side``, so the detector loses no detail; 1 without ``max_side``."""
     factor = 1
-    while factor < 8 and pixels(factor) > max_pixels:
-        factor *= 2
     if max_side is not None:
         while factor < 8 and -(-max(w, h) // (factor * 2)) >= max_side:
             factor *= 2
     return factor
+
+
+def _mp(pixels: float) -> str:
+    """Megapixels for a message: 50, 55.0, 100.8, 0.0012."""
+    v = pixels / 1e6
+    return str(int(v)) if v == int(v) else f"{v:.1f}" if v >= 1 else f"{v:.2g}"
 
 
 def _apply_orientation(a: np.ndarray, o: int) -> np.ndarray:

@@ -83,11 +83,21 @@ class CascadeRunner:
         self.experts = {g: ModelRunner(e, engines[e.name], floor) for g, e in manifest.experts.items()}
         self.group_of = {s: g for g, members in manifest.groups.items() for s in members}
 
+    @property
+    def input_sizes(self) -> list[int]:
+        """The square input sizes of the bundle's models, ascending."""
+        return sorted({self.global_runner.entry.imgsz, *(r.entry.imgsz for r in self.experts.values())})
+
+    @property
+    def input_side(self) -> int:
+        """The largest model input: images need no more pixels than this on their long side, so the
+        reader decodes JPEGs reduced down to it (``read_image(max_side=...)``)."""
+        return self.input_sizes[-1]
+
     def prepare(self, images: Sequence[np.ndarray]) -> Prepared:
         if not images:
             return Prepared(0, {})
-        sizes = {self.global_runner.entry.imgsz, *(r.entry.imgsz for r in self.experts.values())}
-        return Prepared(len(images), {s: letterbox_batch(list(images), s) for s in sorted(sizes)})
+        return Prepared(len(images), {s: letterbox_batch(list(images), s) for s in self.input_sizes})
 
     def classify(self, images: Sequence[np.ndarray]) -> list[Classified]:
         """Classify a batch (e.g. a burst); returns one Classified per image, in order."""

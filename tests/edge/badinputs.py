@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -40,6 +42,19 @@ def huge_jpeg_bytes() -> bytes:
     ok, enc = cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 80])
     assert ok
     return enc.tobytes()
+
+
+def big_png(path: Path, w: int, h: int) -> Path:
+    """A valid RGB PNG of w x h black pixels, written row by row (never held whole in memory)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = bytes(1 + 3 * w)  # filter byte 0 + black pixels
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
 
 
 def rotated_jpeg_bytes() -> bytes:
@@ -94,7 +109,8 @@ def make_bad_corpus(dir: str | os.PathLike) -> dict[str, tuple[Path, str]]:
     (d / "RCNX-real-ir.JPG").write_bytes(real)  # 3-channel IR frame with a colour logo
 
     put("exif_rotated", "rotated.jpg", rotated_jpeg_bytes(), "ok")
-    put("huge_100mp", "huge-100mp.jpg", huge_jpeg_bytes(), "ok")
+    put("huge_100mp", "huge-100mp.jpg", huge_jpeg_bytes(), "quarantine")  # above watch.max_megapixels (50)
+    out["huge_png_55mp"] = (big_png(d / "huge-55mp.png", 7500, 7334), "quarantine")  # issue 7.4
     put("jpeg_trailer", "trailer.jpg", real + b"CAMERA-TRAILER-DATA" * 4, "ok")  # bytes after EOI
 
     outside = d.parent / f"{d.name}-outside"

@@ -28,7 +28,7 @@ from edge.imageio import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from badinputs import HUGE_SIZE, make_bad_corpus, real_frames
+from badinputs import HUGE_SIZE, big_png, make_bad_corpus, real_frames
 
 # production filters this at import; pytest resets warning filters per test
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -145,27 +145,73 @@ def test_jpeg_with_trailer_after_eoi_is_not_truncated(corpus):
     assert read_image(path).bgr.shape == (1440, 2048, 3)
 
 
-def test_huge_jpeg_decoded_reduced(corpus):
+def test_huge_jpeg_decoded_reduced_when_the_limit_allows(corpus):
     w, h = HUGE_SIZE
-    im = read_image(corpus["huge_100mp"][0], max_side=1280)
+    im = read_image(corpus["huge_100mp"][0], max_side=1280, max_pixels=150_000_000)
     assert im.orig_size == (w, h)
     assert max(im.bgr.shape[:2]) == 1280 and im.scale == pytest.approx(1280 / w)
     hh, ww = im.bgr.shape[:2]
     assert im.bgr[hh // 4, ww // 4].tolist() == pytest.approx([0, 0, 255], abs=8)  # red top-left
     assert im.bgr[hh // 4, 3 * ww // 4].tolist() == pytest.approx([0, 255, 0], abs=8)
     assert im.bgr[3 * hh // 4, ww // 4].tolist() == pytest.approx([255, 0, 0], abs=8)
-    im2 = read_image(corpus["huge_100mp"][0])  # no max_side: still bounded by max_pixels
-    assert im2.bgr.shape[0] * im2.bgr.shape[1] <= 48_000_000
+
+
+@pytest.mark.parametrize("which", ["png_55mp", "jpeg_100mp"])
+def test_images_above_max_megapixels_are_refused_from_the_header(corpus, tmp_path, which):
+    """watch.max_megapixels is one rule for every format, applied before decoding (issue 7.4:
+    a 55 MP PNG under the 50 MP default was decoded in full, RSS 176 -> 648 MB)."""
+    if which == "png_55mp":
+        path, dims = corpus["huge_png_55mp"][0], "7500x7334 (55.0 MP)"
+    else:
+        path, dims = corpus["huge_100mp"][0], "12000x8400 (100.8 MP)"
+    code = textwrap.dedent(f"""
+        import resource
+        from edge.imageio import ImageError, read_image
+        read_image({str(real_frames()[0])!r}, max_side=640)   # warm up: imports, codecs
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            read_image({str(path)!r}, max_side=640, max_pixels=50_000_000)
+            print("decoded")
+        except ImageError as e:
+            print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "decoded" not in out, out
+    grew_mb, msg = out.strip().split(" ", 1)
+    assert int(grew_mb) < 20, out  # a full decode of either would take > 160 MB
+    assert msg.startswith(show_path(path) + ": ") and "\n" not in msg
+    assert f"{dims} is above the 50 MP limit (watch.max_megapixels)" in msg, msg
+    assert "refused without decoding" in msg
+
+
+def test_limit_is_inclusive_and_default_is_the_config_default(tmp_path):
+    from edge.config import WatchSection
+    from edge.imageio import DEFAULT_MAX_PIXELS
+
+    assert WatchSection.model_fields["max_megapixels"].default * 1_000_000 == DEFAULT_MAX_PIXELS
+    p = big_png(tmp_path / "small.png", 40, 30)
+    assert read_image(p, max_pixels=1200).bgr.shape == (30, 40, 3)  # exactly at the limit: read
+    with pytest.raises(ImageError, match=r"40x30 \(0.0012 MP\) is above the 0.0012 MP limit"):
+        read_image(p, max_pixels=1199)
+
+
+def test_file_too_large_for_any_image_within_the_limit_is_refused_unread(tmp_path):
+    p = tmp_path / "huge.jpg"
+    with open(p, "wb") as f:
+        f.truncate(8 * 1000 + 16 * 1024 * 1024 + 1)  # sparse: no disk used
+    with pytest.raises(ImageError, match=r"larger than any image within the 0\.001 MP limit"):
+        read_image(p, max_pixels=1000)
 
 
 def test_huge_jpeg_memory_stays_bounded(corpus):
-    """Peak RSS of reading the 100 MP JPEG must stay far below a full decode (302 MB)."""
+    """Peak RSS of reading the 100 MP JPEG (allowed by a raised limit) must stay far below a
+    full decode (302 MB): it is decoded reduced straight from the DCT."""
     code = textwrap.dedent(f"""
         import resource, sys
         from edge.imageio import read_image
         read_image({str(real_frames()[0])!r}, max_side=1280)   # warm up: imports, codecs
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        im = read_image({str(corpus["huge_100mp"][0])!r}, max_side=1280)
+        im = read_image({str(corpus["huge_100mp"][0])!r}, max_side=1280, max_pixels=150_000_000)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((after - before) // 1024, im.bgr.shape)
     """)
@@ -175,12 +221,31 @@ def test_huge_jpeg_memory_stays_bounded(corpus):
 
 
 def test_reduce_factor():
-    assert _reduce_factor(2048, 1440, 1280, 48_000_000) == 1
-    assert _reduce_factor(4096, 3072, 1280, 48_000_000) == 2
-    assert _reduce_factor(12000, 8400, 1280, 48_000_000) == 8
-    assert _reduce_factor(12000, 8400, None, 48_000_000) == 2
-    assert _reduce_factor(12000, 8400, None, 200_000_000) == 1
-    assert _reduce_factor(100, 100, 1280, 48_000_000) == 1
+    """The largest DCT reduction that still covers the model input (libjpeg rounds sizes up)."""
+    assert _reduce_factor(2048, 1440, 1280) == 1
+    assert _reduce_factor(2048, 1440, 1024) == 2
+    assert _reduce_factor(2048, 1440, 640) == 2
+    assert _reduce_factor(2048, 1440, 512) == 4
+    assert _reduce_factor(2048, 1440, 160) == 8
+    assert _reduce_factor(4096, 3072, 1280) == 2
+    assert _reduce_factor(12000, 8400, 1280) == 8
+    assert _reduce_factor(12000, 8400, None) == 1
+    assert _reduce_factor(100, 100, 1280) == 1
+    assert _reduce_factor(2049, 1440, 256) == 8  # ceil(2049 / 8) = 257 >= 256
+
+
+@pytest.mark.parametrize("side", [160, 320, 640])
+def test_real_frame_decoded_reduced_to_the_model_input(side):
+    """A 2048x1440 Reconyx frame read for a ``side`` px model: long side exactly ``side``, and
+    the pixels agree with a full decode resized the same way (DCT scaling loses nothing the
+    model would see)."""
+    path = real_frames()[0]
+    im = read_image(path, max_side=side)
+    assert im.orig_size == (2048, 1440) and max(im.bgr.shape[:2]) == side
+    full = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    ref = cv2.resize(full, (im.bgr.shape[1], im.bgr.shape[0]), interpolation=cv2.INTER_AREA)
+    diff = np.abs(ref.astype(np.int16) - im.bgr.astype(np.int16))
+    assert diff.mean() < 2.0, diff.mean()
 
 
 def test_is_ready_and_file_complete(tmp_path, corpus):
