@@ -35,36 +35,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from edge.detection import Detection, iou
+from edge.manifest import CascadeSettings
 from edge.vision import nms
 
 Reason = Literal["routed", "background", "gated", "no-expert"]
 GLOBAL = "global"
 
 
-class CascadePolicy(BaseModel):
-    """Cascade thresholds (defaults from the bundle's ``CascadeSettings``, overridable by config)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    route_threshold: float = Field(default=0.25, ge=0, le=1, description="global score that routes")
-    expert_floor: float = Field(default=0.3, ge=0, le=1, description="weakest expert vote accepted "
-                                "in the all-experts pass")
-    gate_threshold: float | None = Field(default=None, ge=0, le=1, description="global best score "
-                                         "below which an empty frame skips the all-experts pass")
-    merge_iou: float = Field(default=0.5, gt=0, le=1, description="IoU above which boxes of different "
-                             "experts are the same animal (the more confident one stays)")
-    keep_unmatched_global: bool = Field(default=False, description="keep a routed global box that no "
-                                        "expert box overlaps (the paper drops it)")
-
-    @classmethod
-    def from_manifest(cls, settings: object, **overrides: object) -> CascadePolicy:
-        """From ``edge.manifest.CascadeSettings`` (or anything with the same attributes)."""
-        values = {k: getattr(settings, k) for k in cls.model_fields if hasattr(settings, k)}
-        values.update(overrides)
-        return cls(**values)
+CascadePolicy = CascadeSettings
+"""The thresholds ``plan`` and ``decide`` use: the bundle's ``CascadeSettings`` after the device
+config's overrides (``edge.config.CascadeSection.apply``). One class, so one set of bounds."""
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,21 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+
+from edge.configpath import ConfigPath
+from edge.engines import EngineSettings
+from edge.engines.onnxruntime import OnnxRuntimeConfig
+from edge.manifest import CascadeSettings
 
 from edge.imageio import DEFAULT_MAX_MEGAPIXELS, PILLOW_MAX_MEGAPIXELS
 
@@ -43,17 +48,6 @@ DEFAULT_STATE_DIR = Path("/var/lib/camtrap-edge")
 
 
 # --- building blocks -------------------------------------------------------------------------
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    if base is not None and not value.is_absolute():
-        return Path(base) / value
-    return value
-
-
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-"""A path that is relative to the config file's folder when not absolute (use it in sections)."""
-
-
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors."""
 
@@ -189,59 +183,25 @@ class BundleSection(Section):
         return self
 
 
-class EngineSection(Section):
-    """The inference backend."""
+def overrides_of(model: type[BaseModel], name: str) -> type[Section]:
+    """A config section with every field of ``model``, optional: unset (null) keeps the model's own value.
 
-    backend: Literal["onnxruntime", "tensorrt"] = Field(
-        default="onnxruntime",
-        title="Backend",
-        description="onnxruntime (any CPU; CUDA/TensorRT providers when present) or tensorrt (Jetson).",
-    )
-    precision: Literal["fp16", "fp32", "int8"] = Field(
-        default="fp16",
-        title="Precision",
-        description="TensorRT precision; int8 is calibrated on the bundle's samples and must pass an "
-        "accuracy gate against fp16.",
-    )
-    cache_dir: ConfigPath | None = Field(
-        default=None,
-        title="Engine cache",
-        description="Where built TensorRT plans and the timing cache live. Default: <state_dir>/engines.",
-    )
-    providers: list[str] = Field(
-        default_factory=list,
-        title="ONNX Runtime providers",
-        description="Execution providers in order of preference, e.g. [CUDAExecutionProvider, "
-        "CPUExecutionProvider]; empty = best available.",
-    )
-    batch_size: int = Field(
-        default=4, ge=1, le=64, title="Batch size", description="Largest batch of burst frames per inference."
-    )
-    threads: int | None = Field(
-        default=None, ge=1, title="CPU threads", description="ONNX Runtime intra-op threads; null = library default."
-    )
+    Each field keeps its title, description and bounds, so the section refuses exactly what
+    ``model`` refuses, and a field added to ``model`` is overridable without another edit here.
+    """
+    fields: dict[str, Any] = {
+        n: (f.annotation | None, FieldInfo.merge_field_infos(f, default=None))
+        for n, f in model.model_fields.items()
+    }
+    return create_model(name, __base__=Section, __module__=__name__, **fields)
 
 
-class CascadeSection(Section):
+_CascadeOverrides = overrides_of(CascadeSettings, "_CascadeOverrides")
+
+
+class CascadeSection(_CascadeOverrides):  # type: ignore[misc,valid-type]  # fields made from CascadeSettings
     """Overrides of the bundle's cascade settings (unset = the bundle's value)."""
 
-    route_threshold: float | None = Field(
-        default=None, ge=0, le=1, title="Route threshold", description="Global-model score that routes to an expert."
-    )
-    expert_floor: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        title="Expert floor",
-        description="Weakest expert vote accepted in the all-experts pass.",
-    )
-    gate_threshold: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        title="Background gate",
-        description="Global best-animal score below which an empty frame skips the all-experts pass.",
-    )
     disable_gate: bool = Field(
         default=False,
         title="Disable gate",
@@ -253,6 +213,13 @@ class CascadeSection(Section):
         if self.disable_gate and self.gate_threshold is not None:
             raise ValueError("gate_threshold: set gate_threshold or disable_gate, not both")
         return self
+
+    def apply(self, settings: CascadeSettings) -> CascadeSettings:
+        """The bundle's settings with the fields set here replacing theirs (validated again as a whole)."""
+        values = settings.model_dump() | self.model_dump(exclude_none=True, exclude={"disable_gate"})
+        if self.disable_gate:
+            values["gate_threshold"] = None
+        return CascadeSettings.model_validate(values)
 
 
 class EventsSection(Section):
@@ -429,8 +396,10 @@ class Config(Section):
     bundle: BundleSection = Field(
         default_factory=BundleSection, title="Bundle", description="The model bundle and its signature check."
     )
-    engine: EngineSection = Field(
-        default_factory=EngineSection, title="Engine", description="Inference backend and precision."
+    engine: EngineSettings = Field(
+        default_factory=OnnxRuntimeConfig,
+        title="Engine",
+        description="The inference backend and its settings: the backend's own config, chosen by type.",
     )
     cascade: CascadeSection = Field(
         default_factory=CascadeSection, title="Cascade", description="Overrides of the bundle's cascade settings."
@@ -528,14 +497,18 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
     """('mqtt', 'port') -> 'mqtt.port'; list indices as [i]; pydantic's union/type tags dropped."""
     out = ""
     model: type[BaseModel] | None = Config
+    tags: dict[str, type[BaseModel]] = {}
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
             continue
+        if part in tags:  # the backend's tag in engine.<tag>.field: the field is engine.field
+            model, tags = tags[part], {}
+            continue
         fields = model.model_fields if model is not None else {}
         if part in fields:
             out += f".{part}" if out else part
-            model = _model_of(fields[part].annotation)
+            model, tags = _model_of(fields[part].annotation), _tagged_models(fields[part].annotation)
         elif model is not None or not _UNION_TAG.match(part):
             out += f".{part}" if out else part  # an unknown key: keep it, it is the error's subject
             model = None
@@ -543,7 +516,7 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The BaseModel inside X, X | None, list[X]."""
+    """The BaseModel inside X, X | None, list[X] (the first one, for a union of models)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
@@ -553,11 +526,26 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _tagged_models(annotation: Any) -> dict[str, type[BaseModel]]:
+    """A union of models told apart by ``type`` (the engine section): tag -> model; {} otherwise."""
+    out: dict[str, type[BaseModel]] = {}
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel) and "type" in arg.model_fields:
+            out[str(arg.model_fields["type"].default)] = arg
+        else:
+            out.update(_tagged_models(arg))
+    return out
+
+
 def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
     model: type[BaseModel] | None = Config
+    tags: dict[str, type[BaseModel]] = {}
     for part in loc[:-1]:
-        if isinstance(part, str) and model is not None and part in model.model_fields:
-            model = _model_of(model.model_fields[part].annotation)
+        if isinstance(part, str) and part in tags:
+            model, tags = tags[part], {}
+        elif isinstance(part, str) and model is not None and part in model.model_fields:
+            ann = model.model_fields[part].annotation
+            model, tags = _model_of(ann), _tagged_models(ann)
     return list(model.model_fields) if model is not None else []
 
 
@@ -636,8 +624,8 @@ def summary(cfg: Config) -> list[str]:
         f"reconcile every {w.reconcile_every_s:g} s, patterns {' '.join(w.patterns)})",
         f"bundle: {cfg.bundle.path} (signature "
         + (f"required, keys in {cfg.bundle.public_keys_dir})" if cfg.bundle.require_signature else "NOT required)"),
-        f"engine: {cfg.engine.backend} {cfg.engine.precision}, batch {cfg.engine.batch_size}, "
-        f"cache {cfg.engine.cache_dir}",
+        f"engine: {cfg.engine.type} ("
+        + ", ".join(f"{k} {v}" for k, v in cfg.engine.model_dump(exclude={"type"}).items()) + ")",
         f"events: gap {cfg.events.gap_s:g} s ({cfg.events.clock} clock)",
     ]
     m = cfg.mqtt
@@ -671,12 +659,22 @@ def summary(cfg: Config) -> list[str]:
 
 
 def warnings(cfg: Config) -> list[str]:
-    """Things that are valid but probably not what was meant (e.g. before the first install)."""
-    out = [f"watch folder {f} does not exist (yet)" for f in cfg.watch.folders if not f.exists()]
+    """Things that are valid but would stop the daemon on this machine (e.g. before the first install).
+
+    ``check-config --strict`` (the unit's ExecStartPre, and install.sh before it enables the
+    unit) fails on any of them; plain ``check-config`` prints them as warnings.
+    """
+    from edge.engines import engine_class
+
+    out = [f"watch folder {f} does not exist (yet) or is not a folder" for f in cfg.watch.folders if not f.is_dir()]
     if cfg.bundle.path is not None and not cfg.bundle.path.exists():
         out.append(f"bundle {cfg.bundle.path} does not exist (yet)")
     if cfg.bundle.require_signature and cfg.bundle.public_keys_dir and not cfg.bundle.public_keys_dir.is_dir():
         out.append(f"public keys folder {cfg.bundle.public_keys_dir} does not exist")
+    backend = engine_class(cfg.engine.type)
+    if not backend.is_available():
+        out.append(f"engine: the {cfg.engine.type} backend needs {', '.join(backend.requires)}, "
+                   "not importable here")
     return out
 
 
@@ -687,6 +685,8 @@ def _type_name(annotation: Any) -> str:
         return _type_name(args[0])
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
+    if _tagged_models(annotation):
+        return "section, by `type`"
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in args if a is not type(None)]
         return " \\| ".join(names) + (" \\| null" if type(None) in args else "")
@@ -721,9 +721,14 @@ def _default_text(field: Any) -> str:
 def _sections(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, type[BaseModel]]]:
     yield prefix, model
     for name, f in model.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tagged = _tagged_models(f.annotation)
+        if tagged:  # one table per backend: engine (type: onnxruntime), engine (type: tensorrt)
+            for tag, sub in tagged.items():
+                yield f"{key} (type: {tag})", sub
+            continue
         sub = _model_of(f.annotation)
         if sub is not None:
-            key = f"{prefix}.{name}" if prefix else name
             if typing.get_origin(f.annotation) is list:
                 key += "[]"
             yield from _sections(sub, key)
@@ -754,10 +759,15 @@ def config_reference_markdown() -> str:
         for name, f in model.model_fields.items():
             desc = (f"**{f.title}.** " if f.title else "") + (f.description or "")
             desc = desc.strip().replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
-            if desc and not desc.endswith("."):
+            if desc and not desc.endswith((".", ".**")):
                 desc += "."
-            if _model_of(f.annotation) is not None:
-                desc += f" See [`{key + '.' if key else ''}{name}`](#{(key + name).replace('.', '').lower()})."
+            full = f"{key}.{name}" if key else name
+            tagged = _tagged_models(f.annotation)
+            if tagged:
+                desc += " See " + ", ".join(f"[`{full} (type: {t})`](#{full.replace('.', '')}-type-{t})"
+                                            for t in tagged) + "."
+            elif _model_of(f.annotation) is not None:
+                desc += f" See [`{full}`](#{full.replace('.', '').lower()})."
             out.append(f"| `{name}` | {_type_name(f.annotation)} | {_default_text(f)} | {desc} |")
         out.append("")
     return "\n".join(out)
@@ -776,10 +786,15 @@ def _check_config(args: argparse.Namespace) -> int:
         for line in problems:
             print(f"{args.config}: {line}")
         return 2
+    notes = warnings(cfg)
+    if args.strict and notes:  # the daemon would not start: say why, one line each
+        for line in notes:
+            print(f"{args.config}: {line}")
+        return 2
     print(f"ok: {args.config}")
     for line in summary(cfg):
         print(f"  {line}")
-    for line in warnings(cfg):
+    for line in notes:
         print(f"warning: {line}")
     return 0
 
@@ -789,6 +804,9 @@ def add_cli(sub: Any) -> None:
         "check-config", help="validate a device config: 'ok' and a summary, or one line per bad field"
     )
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
+    p.add_argument("--strict", action="store_true",
+                   help="also fail (exit 2) on what would stop the daemon here: a missing watch folder, "
+                   "bundle or keys folder, an engine backend whose runtime is not installed")
     p.set_defaults(func=_check_config)
 
 

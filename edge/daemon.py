@@ -30,7 +30,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from edge import __version__
@@ -58,17 +57,6 @@ class _Item:
     row: ImageRow
     image: LoadedImage | None
     error: str | None
-
-
-def engine_options(cfg: Config) -> dict[str, Any]:
-    """The engine section of the device config as the backend's own config fields."""
-    e = cfg.engine
-    if e.backend == "tensorrt":
-        return {"precision": e.precision, "cache_dir": e.cache_dir, "max_batch": e.batch_size}
-    opts: dict[str, Any] = {"providers": e.providers or ["cpu"], "max_batch": e.batch_size}
-    if e.threads:
-        opts["intra_op_threads"] = e.threads
-    return opts
 
 
 def cpu_temperature() -> float | None:
@@ -121,15 +109,8 @@ class Daemon:
                                   extract_to=Path(cfg.paths.state_dir) / "models" / "unpacked")
         man = self.bundle.manifest
         self.notifier.extend_timeout(1800)  # a TensorRT build on a Jetson takes minutes
-        self.engines = load_engines(self.bundle, cfg.engine.backend, **engine_options(cfg))
-        overrides = {k: v for k, v in cfg.cascade.model_dump().items()
-                     if v is not None and k in ("route_threshold", "expert_floor", "gate_threshold")}
-        from edge.cascade import CascadePolicy
-
-        policy = CascadePolicy.from_manifest(man.cascade, **overrides)
-        if cfg.cascade.disable_gate:
-            policy = policy.model_copy(update={"gate_threshold": None})
-        self.runner = CascadeRunner(man, self.engines, policy)
+        self.engines = load_engines(self.bundle, cfg.engine)
+        self.runner = CascadeRunner(man, self.engines, cfg.cascade.apply(man.cascade))
         samples = read_samples(self.bundle)
         if samples:  # warm-up: a first slow run must not trip the watchdog later
             self.runner.classify(samples[:1])
@@ -177,7 +158,7 @@ class Daemon:
         self.ingest.start()
         self.notifier.ready(f"watching {len(cfg.watch.folders)} folder(s), model {self.model_version}")
         log.info("camtrap-edge %s ready: model %s (%s), backend %s, watching %s", __version__,
-                 self.model_version, ", ".join(self.engines), cfg.engine.backend,
+                 self.model_version, ", ".join(self.engines), cfg.engine.type,
                  ", ".join(map(str, cfg.watch.folders)))
 
     def _finish_interrupted(self) -> None:
@@ -222,7 +203,7 @@ class Daemon:
             self.stop()
 
     def _read_forever(self) -> None:
-        batch = max(1, self.cfg.engine.batch_size)
+        batch = max(1, self.cfg.engine.max_batch)
         while not self._stop.is_set():
             rows = self.ledger.claim(batch)
             if not rows:

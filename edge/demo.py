@@ -214,7 +214,7 @@ def write_config(path: Path, *, watch: Path, state: Path, host: str, port: int) 
         "device": {"id": DEVICE_ID, "location_name": "camtrap-edge demo"},
         "watch": {"folders": [str(watch)], "settle_s": 0.3, "reconcile_every_s": 5.0},
         "bundle": {"path": str(DEMO_BUNDLE), "public_keys_dir": str(DEMO_KEYS), "require_signature": True},
-        "engine": {"backend": "onnxruntime", "batch_size": 4},
+        "engine": {"type": "onnxruntime", "max_batch": 4},
         # frames 1 s apart form one event; it closes 10 s after its last frame and is published
         "events": {"gap_s": 3.0, "clock": "mtime"},
         "mqtt": {"host": host, "port": port, "protocol": "3.1.1", "keepalive": 30, "reconnect_max_s": 5.0},

@@ -82,16 +82,34 @@ class SampleEntry(_Strict):
 
 
 class CascadeSettings(_Strict):
-    """Defaults for the cascade decision; the device config may override them."""
+    """The cascade's thresholds: the one definition (bounds included) of every cascade setting.
 
-    route_threshold: float = Field(default=0.25, ge=0, le=1, description="global score that routes")
+    The bundle carries them (``Manifest.cascade``), ``edge.cascade`` decides with them (its
+    ``CascadePolicy`` is this class), and the device config's ``cascade:`` section is derived
+    from these fields (``edge.config.CascadeSection``), so a value refused here is refused in
+    a manifest, in a policy and in a config file alike, with the same bound.
+    """
+
+    route_threshold: float = Field(
+        default=0.25, ge=0, le=1, title="Route threshold", description="Global-model score that routes to an expert."
+    )
     expert_floor: float = Field(
-        default=0.3, ge=0, le=1, description="weakest expert vote accepted in the all-experts pass"
+        default=0.3, ge=0, le=1, title="Expert floor", description="Weakest expert vote accepted in the "
+        "all-experts pass."
     )
     gate_threshold: float | None = Field(
-        default=None,
-        description="global best-animal score below which an empty frame skips the all-experts pass "
-        "(calibrated on validation data; None = never skip)",
+        default=None, ge=0, le=1, title="Background gate",
+        description="Global best-animal score below which an empty frame skips the all-experts pass "
+        "(calibrated on validation data; null = never skip).",
+    )
+    merge_iou: float = Field(
+        default=0.5, gt=0, le=1, title="Cross-expert merge IoU",
+        description="IoU above which boxes of different experts are the same animal (the more confident "
+        "one stays).",
+    )
+    keep_unmatched_global: bool = Field(
+        default=False, title="Keep unmatched global boxes",
+        description="Keep a routed global box that no expert box overlaps (the paper drops it).",
     )
 
 

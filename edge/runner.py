@@ -78,7 +78,7 @@ class CascadeRunner:
     def __init__(self, manifest: Manifest, engines: dict, policy: CascadePolicy | None = None,
                  floor: float = DECODE_FLOOR) -> None:
         self.manifest = manifest
-        self.policy = policy or CascadePolicy.from_manifest(manifest.cascade)
+        self.policy = policy or manifest.cascade
         self.global_runner = ModelRunner(manifest.global_model, engines[manifest.global_model.name], floor)
         self.experts = {g: ModelRunner(e, engines[e.name], floor) for g, e in manifest.experts.items()}
         self.group_of = {s: g for g, members in manifest.groups.items() for s in members}

@@ -7,7 +7,7 @@ when an ONNX Runtime engine is built, tensorrt and pycuda only inside a TensorRT
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from edge.engines.base import (
     EngineConfig,
     available_backends,
     compare_detections,
+    config_union,
     create_engine,
     engine_class,
     make_config,
@@ -31,9 +32,14 @@ if TYPE_CHECKING:
     from edge.manifest import ModelEntry
     from edge.vision import Letterbox
 
+    EngineSettings: TypeAlias = EngineConfig  # statically: some backend's config
+else:
+    EngineSettings = config_union(default="onnxruntime")
+    """The device config's ``engine:`` section: exactly the config classes the backends are built from."""
+
 __all__ = [
-    "Engine", "EngineConfig", "available_backends", "compare_detections", "create_engine", "detect_batch",
-    "engine_class", "load_engines", "make_config", "read_samples", "register", "registered_backends",
+    "Engine", "EngineConfig", "EngineSettings", "available_backends", "compare_detections", "create_engine",
+    "detect_batch", "engine_class", "load_engines", "make_config", "read_samples", "register", "registered_backends",
 ]
 
 
@@ -63,15 +69,21 @@ def detect_batch(raw: np.ndarray, entry: ModelEntry, letterboxes: list[Letterbox
             for i, lb in enumerate(letterboxes)]
 
 
-def load_engines(bundle: Bundle, backend: str = "onnxruntime", *, runtime: Mapping[str, Any] | None = None,
-                 **cfg: Any) -> dict[str, Engine]:
+def load_engines(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *,
+                 runtime: Mapping[str, Any] | None = None, **cfg: Any) -> dict[str, Engine]:
     """One engine per model of ``bundle``, by model name; all closed again if any fails.
 
-    ``cfg`` are the backend's config fields (e.g. ``precision="int8"``, ``cache_dir=...``).
+    ``backend`` is a backend's config (the device config's ``engine:`` section) or its name, then
+    ``cfg`` are that backend's config fields (e.g. ``precision="int8"``, ``cache_dir=...``).
     TensorRT INT8 calibrates on the bundle's samples and must pass the accuracy gate
     against FP16 on them, or loading fails with the gate's findings.
     """
-    config = make_config(backend, **cfg)  # validate once, before anything is built
+    if isinstance(backend, EngineConfig):
+        if cfg:
+            raise TypeError("give the engine settings either as a config or as keywords, not both")
+        config = backend
+    else:
+        config = make_config(backend, **cfg)  # validate once, before anything is built
     int8 = getattr(config, "precision", None) == "int8"
     images = read_samples(bundle) if int8 else []
     if int8 and not images:
@@ -91,7 +103,7 @@ def load_engines(bundle: Bundle, backend: str = "onnxruntime", *, runtime: Mappi
                     thresholds={c: entry.threshold(c) for c in entry.classes}, **dict(runtime or {}),
                 )
             else:
-                engines[entry.name] = engine_class(backend)(path, entry, config, **dict(runtime or {}))
+                engines[entry.name] = engine_class(config.type)(path, entry, config, **dict(runtime or {}))
     except BaseException:
         for e in engines.values():
             e.close()

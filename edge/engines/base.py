@@ -21,11 +21,12 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from edge.configpath import ConfigPath
 from edge.detection import Detection, iou
 from edge.manifest import ModelEntry
 
@@ -37,8 +38,14 @@ class EngineConfig(BaseModel):
 
     type: str = Field(title="Backend", description="which backend runs the models")
     max_batch: int = Field(
-        default=8, ge=1, le=1024, title="Largest batch per run",
-        description="bigger batches are split; TensorRT also sizes its optimisation profile and buffers on it",
+        default=4, ge=1, le=1024, title="Largest batch per run",
+        description="burst frames per inference; bigger batches are split; TensorRT also sizes its "
+        "optimisation profile and buffers on it",
+    )
+    cache_dir: ConfigPath | None = Field(
+        default=None, title="Engine cache",
+        description="where the backend keeps what it builds from the ONNX (TensorRT plans and timing cache; "
+        "the TensorRT provider's engines). The device config defaults it to <state_dir>/engines",
     )
     warmup_runs: int = Field(
         default=1, ge=0, le=100, title="Warm-up inferences",
@@ -164,6 +171,22 @@ def engine_class(backend: str) -> type[Engine]:
         return _REGISTRY[backend]
     except KeyError:
         raise ValueError(f"unknown engine backend {backend!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+
+
+def config_union(default: str) -> Any:
+    """The type of a config's ``engine:`` section: every registered backend's config class, told
+    apart by its ``type`` (a pydantic discriminated union, as Frigate's detector plugins are), so a
+    config file is validated by the class the engine itself is built from. ``type`` may be left
+    out for ``default``. Call it after every backend module is imported (edge/engines/__init__.py)."""
+    classes = tuple(cls.config_class for cls in _REGISTRY.values())
+
+    def default_type(value: Any) -> Any:
+        if isinstance(value, Mapping) and "type" not in value:
+            return {"type": default, **value}
+        return value
+
+    union = classes[0] if len(classes) == 1 else Union[classes]  # noqa: UP007 - built at run time
+    return Annotated[union, Field(discriminator="type"), BeforeValidator(default_type)]
 
 
 def make_config(backend: str, **cfg: Any) -> EngineConfig:

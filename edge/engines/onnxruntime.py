@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: any CPU; CUDA or TensorRT execution providers where installed and asked.
+"""ONNX Runtime backend: any CPU; the TensorRT or CUDA execution providers where this
+onnxruntime build has them (onnxruntime-gpu, e.g. the Jetson wheel of JetPack 6).
+
+Providers are named by short keys (``cpu``, ``cuda``, ``tensorrt``; ONNX Runtime's own names
+such as ``CUDAExecutionProvider`` are accepted and mean the same). ``auto``, the default, is
+the best this build offers: TensorRT, then CUDA, then CPU. The CPU provider always comes last
+as the fallback. Which providers a session really got is read back from the session and
+logged, since ONNX Runtime itself falls back when a GPU provider cannot start.
 
 The input name and batch dimension are read from the session, not assumed: a model exported
 with a fixed batch still works (chunks are padded to it), a dynamic one takes any chunk.
@@ -7,41 +14,87 @@ with a fixed batch still works (chunks are padded to it), a dynamic one takes an
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from edge.engines.base import Engine, EngineConfig, register
 from edge.manifest import ModelEntry
 
 log = logging.getLogger(__name__)
 
-Provider = Literal["cpu", "cuda", "tensorrt"]
-_PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
+Provider = Literal["auto", "cpu", "cuda", "tensorrt"]
+PROVIDER_NAMES: dict[str, str] = {
     "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
 }
+"""Short key -> ONNX Runtime's provider name, best first (the order ``auto`` tries them in)."""
+_SHORT = {v.lower(): k for k, v in PROVIDER_NAMES.items()}
+
+
+def _short_names(value: Any) -> Any:
+    """``auto`` alone for ``[auto]``; ONNX Runtime's own provider names (any case) for the short keys."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [_SHORT.get(v.lower(), v) if isinstance(v, str) else v for v in value]
+    return value
 
 
 class OnnxRuntimeConfig(EngineConfig):
-    type: Literal["onnxruntime"] = "onnxruntime"
-    providers: list[Provider] = Field(
-        default_factory=lambda: ["cpu"], min_length=1, title="Execution providers, in order of preference",
-        description="cpu always works; cuda/tensorrt are used when this onnxruntime build has them, "
-        "otherwise skipped with a warning (the CPU provider is always the last fallback)",
+    """ONNX Runtime (`type: onnxruntime`, the default): any CPU, or the GPU through onnxruntime-gpu."""
+
+    type: Literal["onnxruntime"] = Field(default="onnxruntime", title="Backend", description="onnxruntime")
+    providers: Annotated[list[Provider], BeforeValidator(_short_names)] = Field(
+        default_factory=lambda: ["auto"], min_length=1, title="Execution providers",
+        description="in order of preference: auto, cpu, cuda, tensorrt (ONNX Runtime's names, e.g. "
+        "CUDAExecutionProvider, mean the same). auto (the default) stands for every provider this "
+        "onnxruntime build offers that is not listed before it, best first: tensorrt, cuda, cpu. A "
+        "listed provider this build lacks is skipped with a warning; cpu is always the last fallback",
     )
     intra_op_threads: int = Field(
         default=0, ge=0, le=256, title="Threads per operator",
         description="0 lets ONNX Runtime choose (one per core); set lower to leave cores to the daemon",
     )
     fp16: bool = Field(default=True, title="FP16 in the TensorRT provider", description="only for tensorrt")
-    trt_cache_dir: Path | None = Field(
-        default=None, title="TensorRT provider engine cache",
-        description="where the tensorrt provider keeps its built engines; None disables its cache",
-    )
+
+
+def choose_providers(config: OnnxRuntimeConfig, available: Sequence[str]) -> tuple[list[str | tuple[str, dict]],
+                                                                                   list[str]]:
+    """The ``providers=`` argument for an InferenceSession, and the requested providers this build lacks.
+
+    Pure, so the choice can be tested against any provider list (a Jetson's included).
+    """
+    wanted: list[tuple[str, bool]] = []  # (key, asked by name)
+    for key in config.providers:
+        wanted += [(k, False) for k in PROVIDER_NAMES] if key == "auto" else [(key, True)]
+    chosen: list[str | tuple[str, dict]] = []
+    missing: list[str] = []
+    done: set[str] = set()
+    for key, named in wanted:
+        name = PROVIDER_NAMES[key]
+        if key in done:
+            continue
+        done.add(key)
+        if name not in available:
+            if named:
+                missing.append(name)
+            continue
+        if key == "tensorrt":
+            opts: dict[str, Any] = {"trt_fp16_enable": config.fp16}
+            if config.cache_dir is not None:  # without a cache every start rebuilds (minutes on a Jetson)
+                opts.update(trt_engine_cache_enable=True, trt_timing_cache_enable=True,
+                            trt_engine_cache_path=str(Path(config.cache_dir) / "onnxruntime-tensorrt"))
+            chosen.append((name, opts))
+        else:
+            chosen.append(name)
+    if PROVIDER_NAMES["cpu"] not in chosen:
+        chosen.append(PROVIDER_NAMES["cpu"])
+    return chosen, missing
 
 
 @register
@@ -59,12 +112,21 @@ class OnnxRuntimeEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if config.intra_op_threads:
             opts.intra_op_num_threads = config.intra_op_threads
-        self.providers = self._providers(ort.get_available_providers())
+        self.providers, missing = choose_providers(config, ort.get_available_providers())
+        for name in missing:
+            log.warning("%s: this onnxruntime build lacks %s; skipping it", entry.name, name)
         try:
             self._session = ort.InferenceSession(str(self.model_path), sess_options=opts,
                                                  providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise ValueError(f"{self.model_path}: ONNX Runtime cannot load model {entry.name!r}: {e}") from None
+        self.used_providers: list[str] = list(self._session.get_providers())
+        asked = [p if isinstance(p, str) else p[0] for p in self.providers]
+        if self.used_providers != asked:  # a GPU provider that failed to start (missing CUDA/TensorRT libs)
+            log.warning("%s: ONNX Runtime uses %s (asked for %s)", entry.name, ", ".join(self.used_providers),
+                        ", ".join(asked))
+        else:
+            log.info("%s: ONNX Runtime providers %s", entry.name, ", ".join(self.used_providers))
         inp = self._session.get_inputs()[0]
         self.input_name = inp.name
         if inp.name != entry.input_name:
@@ -79,24 +141,8 @@ class OnnxRuntimeEngine(Engine):
         self.output_name = self._session.get_outputs()[0].name
         self.warmup()
 
-    def _providers(self, available: list[str]) -> list:
-        chosen: list = []
-        for p in self.config.providers:
-            name = _PROVIDER_NAMES[p]
-            if name not in available:
-                log.warning("%s: ONNX Runtime here lacks %s; skipping it", self.entry.name, name)
-                continue
-            if p == "tensorrt":
-                opts: dict = {"trt_fp16_enable": self.config.fp16}
-                if self.config.trt_cache_dir:
-                    opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(self.config.trt_cache_dir),
-                                trt_timing_cache_enable=True)
-                chosen.append((name, opts))
-            elif name not in chosen:
-                chosen.append(name)
-        if "CPUExecutionProvider" not in chosen:
-            chosen.append("CPUExecutionProvider")
-        return chosen
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "providers": self.used_providers}
 
     @property
     def max_batch(self) -> int:

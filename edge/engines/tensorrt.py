@@ -46,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from edge.configpath import ConfigPath
 from edge.detection import Detection
 from edge.engines.base import Engine, EngineConfig, compare_detections, register
 from edge.engines.trt_cache import (
@@ -65,7 +66,9 @@ Precision = Literal["fp32", "fp16", "int8"]
 
 
 class TensorRTConfig(EngineConfig):
-    type: Literal["tensorrt"] = "tensorrt"
+    """TensorRT (`type: tensorrt`, Jetson): plans built on the device from the bundle's ONNX, cached."""
+
+    type: Literal["tensorrt"] = Field(default="tensorrt", title="Backend", description="tensorrt")
     precision: Precision = Field(
         default="fp16", title="Precision",
         description="fp16 (default, the Jetson sweet spot); int8 needs calibration and must pass the "
@@ -75,10 +78,15 @@ class TensorRTConfig(EngineConfig):
                            description="bursts of 3-10 frames; buffers are sized for this")
     workspace_mb: int = Field(default=1024, ge=16, le=65536, title="Builder workspace (MiB)",
                               description="scratch memory TensorRT may use while choosing kernels")
-    cache_dir: Path | None = Field(default=None, title="Plan and timing cache folder",
-                                   description="default $CAMTRAP_TRT_CACHE or ~/.cache/camtrap/tensorrt")
-    device: int = Field(default=0, ge=0, title="CUDA device index")
-    rebuild: bool = Field(default=False, title="Ignore a cached plan and build again")
+    cache_dir: ConfigPath | None = Field(
+        default=None, title="Plan and timing cache folder",
+        description="null: $CAMTRAP_TRT_CACHE or ~/.cache/camtrap/tensorrt (the device config sets "
+        "<state_dir>/engines)",
+    )
+    device: int = Field(default=0, ge=0, title="CUDA device index", description="0 on a Jetson (one GPU)")
+    rebuild: bool = Field(default=False, title="Rebuild",
+                          description="ignore a cached plan and build it again (e.g. after a JetPack upgrade "
+                          "that kept the TensorRT version string)")
 
 
 @dataclass

@@ -173,15 +173,14 @@ def test_decision_to_dict_is_an_audit_record():
 
 
 # --- policy ------------------------------------------------------------------------------------
-def test_policy_from_manifest_settings_and_overrides():
+def test_policy_is_the_manifest_settings_with_their_bounds():
     s = CascadeSettings(route_threshold=0.4, expert_floor=0.5, gate_threshold=0.05)
-    p = CascadePolicy.from_manifest(s)
-    assert (p.route_threshold, p.expert_floor, p.gate_threshold, p.merge_iou) == (0.4, 0.5, 0.05, 0.5)
-    assert CascadePolicy.from_manifest(s, merge_iou=0.3).merge_iou == 0.3
-    with pytest.raises(ValidationError):
-        CascadePolicy(route_threshold=1.5)
-    with pytest.raises(ValidationError):
-        CascadePolicy(bogus=1)  # type: ignore[call-arg]
+    assert CascadePolicy is CascadeSettings  # one definition: no copy to drift
+    assert (s.route_threshold, s.expert_floor, s.gate_threshold, s.merge_iou) == (0.4, 0.5, 0.05, 0.5)
+    for bad in ({"route_threshold": 1.5}, {"gate_threshold": 1.5}, {"gate_threshold": -0.1}, {"merge_iou": 0},
+                {"bogus": 1}):
+        with pytest.raises(ValidationError):
+            CascadeSettings(**bad)
 
 
 # --- events ------------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from edge import config as cfgmod
 from edge.cli import main
 from edge.config import Config, ConfigError, config_reference_markdown, load_config
+from edge.manifest import CascadeSettings
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "systemd" / "config.example.yaml"
@@ -35,7 +37,7 @@ def _errors(tmp_path: Path, text: str) -> list[str]:
 def test_example_config_is_valid():
     cfg = load_config(EXAMPLE)
     assert cfg.device.id == "trap-01"
-    assert cfg.engine.backend == "tensorrt"
+    assert cfg.engine.type == "tensorrt"
     assert cfg.mqtt is not None and cfg.mqtt.port == 8883
     assert cfg.watch.folders == [Path("/srv/camtrap/incoming")]
 
@@ -60,8 +62,13 @@ def test_minimal_config_derives_paths_from_state_dir(tmp_path):
     ("extra", "expected"),
     [
         ("mqtt: {port: 70000}", "mqtt.port: Input should be less than or equal to 65535"),
-        ("engine: {backend: tensorflow}", "engine.backend: Input should be 'onnxruntime' or 'tensorrt'"),
-        ("engine: {precision: fp8}", "engine.precision: Input should be 'fp16', 'fp32' or 'int8'"),
+        ("engine: {type: tensorflow}", "engine: Input tag 'tensorflow' found using 'type' does not match any of "
+         "the expected tags: 'onnxruntime', 'tensorrt'"),
+        ("engine: {type: tensorrt, precision: fp8}", "engine.precision: Input should be 'fp32', 'fp16' or 'int8'"),
+        ("engine: {precision: fp16}", "engine.precision: unknown key (allowed: type, max_batch, cache_dir, "
+         "warmup_runs, providers, intra_op_threads, fp16)"),
+        ("engine: {providers: [CUDA]}", "engine.providers[0]: Input should be 'auto', 'cpu', 'cuda' or 'tensorrt'"),
+        ("engine: {type: tensorrt, max_batch: 65}", "engine.max_batch: Input should be less than or equal to 64"),
         ("disposal: {audit_rate: 1.5}", "disposal.audit_rate: Input should be less than or equal to 1"),
         ("disposal: {policy: move}", "disposal.move_to: must be set when policy is move"),
         ("disposal: {policy: move, move_to: incoming/empties}",
@@ -70,7 +77,7 @@ def test_minimal_config_derives_paths_from_state_dir(tmp_path):
         ("bundle: {public_keys_dir: null}", "bundle.public_keys_dir: must be set when require_signature is true"),
         ("events: {gap_s: 0}", "events.gap_s: Input should be greater than 0"),
         ("telemetry: {every_s: 1}", "telemetry.every_s: Input should be greater than or equal to 5"),
-        ("engine: {batch: 4}", "engine.batch: unknown key (allowed: backend, precision, cache_dir, providers,"),
+        ("engine: {batch: 4}", "engine.batch: unknown key (allowed: type, max_batch, cache_dir, warmup_runs,"),
         ("colour: blue", "colour: unknown key (allowed: device, watch, bundle,"),
         ("records: {project: {contributors: [{title: x, role: boss}]}}",
          "records.project.contributors[0].role: Input should be 'contact'"),
@@ -90,15 +97,15 @@ def test_every_bad_field_is_reported_at_once(tmp_path):
         device: {id: "trap/07", timezone: Mars/Olympus, latitude: 91}
         watch: {folders: [], polling: maybe}
         mqtt: {port: 0}
-        engine: {backend: x}
+        engine: {type: tensorrt, max_batch: 0}
         """)
     fields = [line.split(": ")[1] for line in lines]
     assert fields == ["device.id", "device.latitude", "device.timezone", "watch.folders", "watch.polling",
-                      "engine.backend", "mqtt.port"]  # fmt: skip
+                      "engine.max_batch", "mqtt.port"]  # fmt: skip
 
 
 def test_missing_required_sections(tmp_path):
-    lines = _errors(tmp_path, "engine: {backend: onnxruntime}\n")
+    lines = _errors(tmp_path, "engine: {type: onnxruntime}\n")
     assert [line.split(": ", 1)[1] for line in lines] == ["device: Field required", "watch: Field required"]
 
 
@@ -161,7 +168,7 @@ def test_check_config_ok_prints_summary(tmp_path, monkeypatch, capsys):
 
 
 def test_check_config_errors_exit_2_one_per_line(tmp_path, capsys):
-    p = _write(tmp_path, MINIMAL + "mqtt: {port: 70000}\nengine: {backend: x}\n")
+    p = _write(tmp_path, MINIMAL + "mqtt: {port: 70000}\nengine: {type: x}\n")
     assert main(["check-config", str(p)]) == 2
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all(line.startswith(f"{p}: ") for line in out)
@@ -185,8 +192,9 @@ def _models(model: type[BaseModel], seen: set) -> list[type[BaseModel]]:
 
 
 def test_every_field_of_our_sections_has_title_and_description():
-    ours = [m for m in _models(Config, set()) if m.__module__ == "edge.config"]
-    assert len(ours) >= 14
+    engines = list(cfgmod._tagged_models(Config.model_fields["engine"].annotation).values())
+    ours = [m for m in _models(Config, set()) if m.__module__ == "edge.config"] + engines
+    assert len(ours) >= 16 and {e.__name__ for e in engines} == {"OnnxRuntimeConfig", "TensorRTConfig"}
     missing = [f"{m.__name__}.{n}" for m in ours for n, f in m.model_fields.items()
                if not f.title or not f.description]  # fmt: skip
     assert missing == []
@@ -197,3 +205,56 @@ def test_docs_config_md_is_up_to_date():
     assert doc == config_reference_markdown(), "regenerate: python -m edge.config > docs/config.md"
     for key in ("## `device`", "## `mqtt`", "## `records.project`", "`audit_rate`", "`require_signature`"):
         assert key in doc
+
+
+# --- the cascade section is derived from the manifest's CascadeSettings -----------------------------
+@pytest.mark.parametrize("name", list(CascadeSettings.model_fields))
+def test_every_cascade_setting_is_overridable_from_the_config(tmp_path, name):
+    field = CascadeSettings.model_fields[name]
+    value = (not field.default) if field.annotation is bool else 0.42
+    cfg = load_config(_write(tmp_path, MINIMAL + f"cascade: {{{name}: {str(value).lower()}}}\n"))
+    bundle = CascadeSettings(gate_threshold=0.05)
+    policy = cfg.cascade.apply(bundle)
+    assert getattr(policy, name) == value
+    unchanged = {k: v for k, v in bundle.model_dump().items() if k != name}
+    assert {k: getattr(policy, k) for k in unchanged} == unchanged  # unset = the bundle's value
+
+
+@pytest.mark.parametrize(("name", "bad"), [("route_threshold", "1.5"), ("expert_floor", "-0.1"),
+                                           ("gate_threshold", "1.5"), ("merge_iou", "0"),
+                                           ("keep_unmatched_global", "maybe")])
+def test_bad_cascade_value_is_one_line_naming_the_field(tmp_path, name, bad):
+    lines = _errors(tmp_path, MINIMAL + f"cascade: {{{name}: {bad}}}\n")
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'config.yaml'}: cascade.{name}: "), lines
+    with pytest.raises(ValidationError):  # the manifest refuses the same value: one set of bounds
+        CascadeSettings.model_validate({name: yaml.safe_load(bad)})
+
+
+def test_disable_gate_overrides_the_bundle_gate(tmp_path):
+    cfg = load_config(_write(tmp_path, MINIMAL + "cascade: {disable_gate: true}\n"))
+    assert cfg.cascade.apply(CascadeSettings(gate_threshold=0.05)).gate_threshold is None
+    assert load_config(_write(tmp_path, MINIMAL)).cascade.apply(CascadeSettings(gate_threshold=0.05)
+                                                                ).gate_threshold == 0.05
+
+
+# --- check-config --strict: what would stop the daemon on this machine ----------------------------
+def test_check_config_strict_fails_on_missing_watch_folder_and_bundle(tmp_path, capsys):
+    p = _write(tmp_path, MINIMAL + "bundle: {require_signature: false, path: nowhere}\n")
+    assert main(["check-config", str(p)]) == 0  # plain: warnings only
+    capsys.readouterr()
+    assert main(["check-config", "--strict", str(p)]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{p}: watch folder {tmp_path / 'incoming'} does not exist (yet) or is not a folder",
+                   f"{p}: bundle {tmp_path / 'nowhere'} does not exist (yet)"]
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "nowhere").mkdir()
+    assert main(["check-config", "--strict", str(p)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {p}\n")
+
+
+def test_check_config_strict_fails_on_an_engine_runtime_that_is_not_installed(tmp_path, capsys):
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "b").mkdir()
+    p = _write(tmp_path, MINIMAL + "bundle: {require_signature: false, path: b}\nengine: {type: tensorrt}\n")
+    assert main(["check-config", "--strict", str(p)]) == 2  # no tensorrt/pycuda on this machine
+    assert capsys.readouterr().out == f"{p}: engine: the tensorrt backend needs tensorrt, pycuda, not importable here\n"

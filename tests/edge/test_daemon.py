@@ -58,7 +58,7 @@ class Device:
             "device": {"id": "trap-t"},
             "watch": {"folders": [str(self.watch)], "settle_s": 0.2, "reconcile_every_s": 2},
             "bundle": {"path": str(bundle), "require_signature": False},
-            "engine": {"backend": "onnxruntime", "batch_size": 4},
+            "engine": {"type": "onnxruntime", "max_batch": 4},
             "events": {"gap_s": gap_s},
             "alerts": {"species": ["Lynx pardinus"], "min_score": 0.3},
             "telemetry": {"every_s": 5},

@@ -234,3 +234,114 @@ def test_selftest_needs_samples(tmp_path):
     root = write_test_bundle(tmp_path / "b", with_samples=False)
     with pytest.raises(ValueError, match="no sample images"):
         selftest(load_bundle(root))
+
+
+# --- the device config's engine section is the backend's own config -------------------------------
+
+CPU_ONLY = ["CPUExecutionProvider"]
+CUDA_CPU = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+JETSON = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]  # onnxruntime-gpu 1.x
+
+
+def _device_config(tmp_path: Path, engine: str, bundle: Path):
+    from edge.config import load_config
+
+    (tmp_path / "in").mkdir(exist_ok=True)
+    p = tmp_path / "config.yaml"
+    p.write_text(f"device: {{id: t}}\nwatch: {{folders: [in]}}\npaths: {{state_dir: state}}\n"
+                 f"bundle: {{path: {bundle}, require_signature: false}}\nengine: {engine}\n")
+    return load_config(p)
+
+
+def _documented_providers() -> list[str]:
+    """Every value docs/config.md offers for engine.providers: the short keys and ONNX Runtime's names."""
+    from typing import get_args
+
+    from edge.engines.onnxruntime import PROVIDER_NAMES, Provider
+
+    return list(get_args(Provider)) + list(PROVIDER_NAMES.values())
+
+
+@pytest.mark.parametrize("engine", ["{}", "{type: onnxruntime}", "{providers: auto}",
+                                    "{type: onnxruntime, max_batch: 2, intra_op_threads: 1, fp16: false, "
+                                    "warmup_runs: 0}"]
+                         + [f"{{providers: [{p}]}}" for p in _documented_providers()])
+def test_config_file_builds_the_onnxruntime_engine(tmp_path, bundle_dir, engine):
+    cfg = _device_config(tmp_path, engine, bundle_dir)
+    engines = load_engines(load_bundle(cfg.bundle.path), cfg.engine)  # what check-config accepted
+    try:
+        assert set(engines) == {"global", "felids", "canids"}
+        for eng in engines.values():
+            assert eng.config is cfg.engine
+            assert eng.used_providers == CPU_ONLY  # all this machine has
+            assert eng.infer(_batch(1)).shape[0] == 1
+    finally:
+        for eng in engines.values():
+            eng.close()
+
+
+def test_config_file_builds_the_tensorrt_engine(tmp_path, bundle_dir):
+    from fake_tensorrt import FakeGPU
+
+    gpu = FakeGPU("10.3.0")
+    for precision in ("fp16", "fp32", "int8"):
+        cfg = _device_config(tmp_path, f"{{type: tensorrt, precision: {precision}, max_batch: 2}}", bundle_dir)
+        assert cfg.engine.cache_dir == tmp_path / "state" / "engines"  # derived from paths.state_dir
+        engines = load_engines(load_bundle(cfg.bundle.path), cfg.engine, runtime={"trt": gpu.trt, "cuda": gpu.cuda})
+        try:
+            for eng in engines.values():
+                d = eng.describe()
+                assert (d["backend"], d["precision"], eng.max_batch) == ("tensorrt", precision, 2)
+                assert Path(d["plan"]).parent == tmp_path / "state" / "engines"
+        finally:
+            for eng in engines.values():
+                eng.close()
+
+
+@pytest.mark.parametrize(("providers", "available", "expected", "missing"), [
+    (["auto"], JETSON, JETSON, []),  # best available, as on a Jetson with onnxruntime-gpu
+    (["auto"], CUDA_CPU, CUDA_CPU, []),
+    (["auto"], ["AzureExecutionProvider", "CPUExecutionProvider"], CPU_ONLY, []),  # the PyPI CPU wheel
+    (["cuda"], JETSON, CUDA_CPU, []),
+    (CUDA_CPU, JETSON, CUDA_CPU, []),
+    (["tensorrt", "cuda"], CPU_ONLY, CPU_ONLY, ["TensorrtExecutionProvider", "CUDAExecutionProvider"]),
+    (["cuda", "auto"], JETSON, ["CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"], []),
+    (["cpu"], JETSON, CPU_ONLY, []),
+])
+def test_provider_choice_against_a_faked_provider_list(tmp_path, providers, available, expected, missing):
+    from edge.engines.onnxruntime import OnnxRuntimeConfig, choose_providers
+
+    cfg = OnnxRuntimeConfig(providers=providers, cache_dir=tmp_path)
+    chosen, lacking = choose_providers(cfg, available)
+    assert [p if isinstance(p, str) else p[0] for p in chosen] == expected
+    assert lacking == missing
+    for p in chosen:
+        if not isinstance(p, str):  # the TensorRT provider: fp16 and a persistent engine cache
+            assert p[1] == {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
+                            "trt_engine_cache_path": str(tmp_path / "onnxruntime-tensorrt")}
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_a_gpu_provider_that_cannot_start_is_reported(tmp_path, monkeypatch, caplog):
+    """ONNX Runtime falls back on its own when a provider it lists cannot start: the engine says so."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: JETSON)
+    e = _entry(tmp_path / "g.onnx", yolo_like(2), ["a", "b"])
+    with create_engine("onnxruntime", tmp_path / "g.onnx", e) as eng:
+        assert eng.used_providers == CPU_ONLY
+        assert eng.describe()["providers"] == CPU_ONLY
+    assert "uses CPUExecutionProvider (asked for TensorrtExecutionProvider, CUDAExecutionProvider" in caplog.text
+
+
+def test_bad_manifest_cascade_value_is_one_line(tmp_path):
+    from edge.bundle import BundleError
+
+    root = write_test_bundle(tmp_path / "b", with_samples=False)
+    m = json.loads((root / "manifest.json").read_text())
+    m["cascade"]["gate_threshold"] = 1.5
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as e:
+        load_bundle(root)
+    assert str(e.value) == (f"{root}: manifest.json: cascade.gate_threshold: Input should be less than or equal "
+                            "to 1")
