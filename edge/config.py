@@ -39,9 +39,8 @@ from pydantic.fields import FieldInfo
 from edge.configpath import ConfigPath
 from edge.engines import EngineSettings
 from edge.engines.onnxruntime import OnnxRuntimeConfig
-from edge.manifest import CascadeSettings
-
 from edge.imageio import DEFAULT_MAX_MEGAPIXELS, PILLOW_MAX_MEGAPIXELS
+from edge.manifest import CascadeSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/camtrap-edge/config.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/camtrap-edge")
