@@ -136,7 +136,9 @@ class WatchSection(Section):
         default=2.0,
         ge=0,
         title="Settle time",
-        description="A file's size must stay unchanged this long before it is read (half-written uploads).",
+        description="A file that merely appears (polling, start-up scan, a creation not yet closed) must "
+        "stay unchanged this long before it is read (half-written uploads). Files closed after writing, "
+        "renamed or moved in are read at once.",
     )
     patterns: list[str] = Field(
         default_factory=lambda: ["*.jpg", "*.jpeg", "*.png"],

@@ -6,12 +6,18 @@ enough: the kernel drops inotify events when its queue overflows, and nothing at
 while the daemon is down. So :class:`Ingest` combines
 - close-after-write (``IN_CLOSE_WRITE``, watchdog ``FileClosedEvent``) and rename-into-place
   (``FileMovedEvent`` whose destination is in a watch folder): the file is complete, it becomes a
-  candidate at once;
-- a file that merely appears (moved in from outside the watched tree arrives as a bare
-  ``FileCreatedEvent``, a polling observer only sees creations and modifications, a scan finds
-  it): it becomes a candidate once it looks ready: same size and mtime at two looks ``settle``
-  seconds apart and a JPEG/PNG end marker, or unchanged for ``stale_s`` (then it is passed on
-  anyway so the reader can quarantine it instead of it waiting forever);
+  candidate at once, with no debounce (a 50 ms one was 51 of the 60 ms between a camera closing
+  a file and its MQTT message). A writer that closes and reopens a file is still safe: a
+  version already passed on is not passed on again, a rewrite is a new version the ledger
+  judges, and a still-incomplete version is refused by the reader as truncated, not lost;
+- a file moved in from outside the watched tree (``IN_MOVED_TO`` without its ``IN_MOVED_FROM``;
+  watchdog's full events report it as a move from ""), and every file of a folder renamed or
+  moved in: complete by the same convention, a candidate at once;
+- a file that merely appears (a polling observer only sees creations and modifications, a scan
+  finds it, a creation not yet closed): it becomes a candidate once it looks ready: same size
+  and mtime at two looks ``settle`` seconds apart and a JPEG/PNG end marker, or unchanged for
+  ``stale_s`` (then it is passed on anyway so the reader can quarantine it instead of it waiting
+  forever);
 - a scan at start-up and every ``reconcile_every`` seconds, which only passes on files whose
   (size, mtime) it has not passed on before.
 
@@ -41,7 +47,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATTERNS = ("*.jpg", "*.jpeg", "*.png")
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", ".swp", ".camtrap-partial")
-CLOSED_DEBOUNCE_S = 0.05  # coalesce a burst of events on one path into one candidate
 
 
 @dataclass
@@ -127,9 +132,14 @@ class Ingest:
             wanted = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent,
                       DirCreatedEvent, DirMovedEvent]
         else:
-            from watchdog.observers import Observer
+            try:  # Linux: full events tell a file moved in from outside the tree from a creation
+                from watchdog.observers.inotify import InotifyObserver
 
-            observer = Observer()
+                observer = InotifyObserver(generate_full_events=True)
+            except ImportError:  # other platforms (development only): moves-in settle like creations
+                from watchdog.observers import Observer
+
+                observer = Observer()
             # no IN_MODIFY (one per write() call: floods the queue during bulk copies) and no
             # IN_OPEN/IN_CLOSE_NOWRITE (our own reads would echo back)
             wanted = [FileCreatedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
@@ -195,8 +205,16 @@ class Ingest:
                 item = self._pending[path] = _Pending(due=0.0, complete=complete)
             else:
                 item.complete = complete or item.complete
-            item.due = now + (CLOSED_DEBOUNCE_S if item.complete else self.settle)
+            item.due = now if item.complete else now + self.settle  # settling only for bare appearances
             self._cv.notify_all()
+
+    def _note_tree(self, folder: str) -> None:
+        """Every file under a folder that was renamed or moved in is complete: no settling."""
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not _hidden_or_temp(d)
+                           and not self._excluded(os.path.join(dirpath, d))] if self.recursive else []
+            for name in filenames:
+                self._note(os.path.join(dirpath, name), complete=True)
 
     def _note_modified(self, path: str) -> None:
         """A write after a close or a rename: the file is being rewritten; wait for it again."""
@@ -402,11 +420,12 @@ def _route(ing: Ingest, event) -> None:
         if event.event_type == EVENT_TYPE_MOVED:
             dest = os.fsdecode(event.dest_path) if event.dest_path else ""
             if not event.is_directory:
-                ing._note_deleted(src)
+                if src:
+                    ing._note_deleted(src)
                 if dest:
-                    ing._note(dest, complete=True)  # renamed into place: complete by convention
+                    ing._note(dest, complete=True)  # renamed or moved in: complete by convention
             elif dest and ing._root_of(dest) is not None:
-                ing.scan_now()  # a folder renamed in: its files are complete, find them
+                ing._note_tree(dest)  # a folder renamed or moved in: its files are complete
             return
         if event.is_directory:
             return  # new folders: watchdog itself reports the files inside as created

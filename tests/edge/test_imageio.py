@@ -237,15 +237,16 @@ def test_reduce_factor():
 @pytest.mark.parametrize("side", [160, 320, 640])
 def test_real_frame_decoded_reduced_to_the_model_input(side):
     """A 2048x1440 Reconyx frame read for a ``side`` px model: long side exactly ``side``, and
-    the pixels agree with a full decode resized the same way (DCT scaling loses nothing the
-    model would see)."""
+    the pixels agree with a full decode area-averaged to the same size (DCT scaling averages
+    too; measured 0.6-0.9 levels of 255). A bilinear resize of the full frame, which
+    ultralytics' predict does, aliases and differs by 1.2-4 levels."""
     path = real_frames()[0]
     im = read_image(path, max_side=side)
     assert im.orig_size == (2048, 1440) and max(im.bgr.shape[:2]) == side
     full = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     ref = cv2.resize(full, (im.bgr.shape[1], im.bgr.shape[0]), interpolation=cv2.INTER_AREA)
     diff = np.abs(ref.astype(np.int16) - im.bgr.astype(np.int16))
-    assert diff.mean() < 2.0, diff.mean()
+    assert diff.mean() < 1.5, diff.mean()
 
 
 def test_is_ready_and_file_complete(tmp_path, corpus):

@@ -95,10 +95,51 @@ def test_rename_into_place_from_sibling_dir(tmp_path, jpeg):
     with ingest(sink, watch):
         time.sleep(0.3)
         (staging / "IMG_2.JPG").write_bytes(jpeg)
-        os.rename(staging / "IMG_2.JPG", watch / "IMG_2.JPG")  # arrives as a bare 'created'
+        os.rename(staging / "IMG_2.JPG", watch / "IMG_2.JPG")  # a move in from outside the tree
         assert sink.wait(lambda s: len(s.candidates) >= 1)
         time.sleep(QUIET)
     assert sink.candidates == [watch / "IMG_2.JPG"] and sink.complete_at_call[watch / "IMG_2.JPG"]
+
+
+@pytest.mark.parametrize("how", ["close_write", "move_in_file", "move_in_folder"])
+def test_complete_files_skip_settling(tmp_path, jpeg, how):
+    """Closed after writing, or moved in from outside the watched tree (alone or in a folder):
+    passed on at once, not after ``settle`` (here 60 s, far beyond the deadline). A move-in
+    from outside used to arrive as a bare creation and wait for settling."""
+    watch, outside = tmp_path / "watch", tmp_path / "outside"
+    watch.mkdir()
+    (outside / "card").mkdir(parents=True)
+    sink = Sink()
+    with ingest(sink, watch, settle=60.0, stale_s=120.0):
+        time.sleep(0.3)
+        if how == "close_write":
+            want = [watch / "IMG_1.JPG"]
+            want[0].write_bytes(jpeg)
+        elif how == "move_in_file":
+            (outside / "IMG_1.JPG").write_bytes(jpeg)
+            os.rename(outside / "IMG_1.JPG", watch / "IMG_1.JPG")
+            want = [watch / "IMG_1.JPG"]
+        else:
+            for n in (1, 2):
+                (outside / "card" / f"IMG_{n}.JPG").write_bytes(jpeg)
+            os.rename(outside / "card", watch / "card")
+            want = [watch / "card" / "IMG_1.JPG", watch / "card" / "IMG_2.JPG"]
+        assert sink.wait(lambda s: len(s.candidates) >= len(want), timeout=10.0), sink.names()
+        time.sleep(QUIET)
+    assert sorted(sink.candidates) == want
+
+
+def test_closed_file_is_due_at_once_without_debounce(tmp_path, jpeg):
+    """No debounce after close-write (it was 50 ms of the 60 ms from close to message)."""
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    ing = ingest(Sink(), watch, settle=60.0)  # not started: only the bookkeeping is looked at
+    p = str(watch / "IMG_1.JPG")
+    before = time.monotonic()
+    ing._note(p, complete=True)
+    assert ing._pending[p].due <= before + 0.001
+    ing._note(str(watch / "IMG_2.JPG"), complete=False)
+    assert ing._pending[str(watch / "IMG_2.JPG")].due >= before + 60.0
 
 
 def test_rsync_style_hidden_temp_then_rename(tmp_path, jpeg):
