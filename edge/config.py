@@ -659,6 +659,10 @@ def summary(cfg: Config) -> list[str]:
     return lines
 
 
+_RESERVED_DOMAINS = ("example", "example.com", "example.net", "example.org", "invalid", "test")
+"""Names reserved for documentation (RFC 2606): a host under them is the example config's placeholder."""
+
+
 def warnings(cfg: Config) -> list[str]:
     """Things that are valid but would stop the daemon on this machine (e.g. before the first install).
 
@@ -672,6 +676,11 @@ def warnings(cfg: Config) -> list[str]:
         out.append(f"bundle {cfg.bundle.path} does not exist (yet)")
     if cfg.bundle.require_signature and cfg.bundle.public_keys_dir and not cfg.bundle.public_keys_dir.is_dir():
         out.append(f"public keys folder {cfg.bundle.public_keys_dir} does not exist")
+    if cfg.mqtt is not None:
+        host = cfg.mqtt.host.lower().rstrip(".")
+        if any(host == d or host.endswith("." + d) for d in _RESERVED_DOMAINS):
+            out.append(f"mqtt.host {cfg.mqtt.host} is a reserved example name that never resolves (RFC 2606): "
+                       "set your broker")
     backend = engine_class(cfg.engine.type)
     if not backend.is_available():
         out.append(f"engine: the {cfg.engine.type} backend needs {', '.join(backend.requires)}, "
@@ -782,14 +791,14 @@ def _check_config(args: argparse.Namespace) -> int:
         for line in e.lines:
             print(line)
         return 2
+    # valid, but would not connect on this machine (missing variable or file); --strict adds
+    # what would stop the daemon here. All of them at once, one line each.
     problems = cfg.mqtt.runtime_problems() if cfg.mqtt is not None else []
-    if problems:  # valid, but would not connect on this machine (missing variable or file)
-        for line in problems:
-            print(f"{args.config}: {line}")
-        return 2
     notes = warnings(cfg)
-    if args.strict and notes:  # the daemon would not start: say why, one line each
-        for line in notes:
+    if args.strict:
+        problems, notes = problems + notes, []
+    if problems:
+        for line in problems:
             print(f"{args.config}: {line}")
         return 2
     print(f"ok: {args.config}")

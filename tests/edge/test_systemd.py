@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_unit_has_the_required_directives():
     svc = lambda k: d.get(("Service", k), [])  # noqa: E731
     assert svc("Type") == ["notify"] and svc("NotifyAccess") == ["main"]
     assert svc("ExecStart") == [f"{BIN} run --config /etc/camtrap-edge/config.yaml"]
-    assert svc("ExecStartPre") == [f"{BIN} check-config /etc/camtrap-edge/config.yaml"]
+    assert svc("ExecStartPre") == [f"{BIN} check-config --strict /etc/camtrap-edge/config.yaml"]
     assert svc("WatchdogSec") == ["60s"] and svc("Restart") == ["on-failure"]
     assert d[("Unit", "StartLimitIntervalSec")] and d[("Unit", "StartLimitBurst")]  # [Unit], where systemd reads them
     assert svc("User") == ["camtrap"] and svc("SupplementaryGroups") == ["video"]
@@ -195,26 +196,115 @@ def test_uninstall_dry_run_keeps_data_unless_purge(tmp_path):
     assert "/srv/camtrap" not in purge  # the camera's images are never deleted
 
 
+# --- install on a Jetson: JetPack detected from a faked /etc/nv_tegra_release ---------------------
+TEGRA_R36 = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 2025\n"
+JETSON_ORT = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _fake_jetpack(tmp_path: Path, *, ort: tuple[str, ...] | None = JETSON_ORT) -> list[str]:
+    """install.sh options for a faked JetPack 6: the L4T release file, a system Python whose site
+    packages hold JetPack's tensorrt (and onnxruntime-gpu when ``ort``), a CUDA folder with nvcc."""
+    site = tmp_path / "site"
+    (site / "tensorrt").mkdir(parents=True)
+    (site / "tensorrt" / "__init__.py").write_text('__version__ = "10.3.0"\n')
+    if ort is not None:
+        (site / "onnxruntime").mkdir()
+        (site / "onnxruntime" / "__init__.py").write_text(
+            f'__version__ = "1.20.0"\ndef get_available_providers():\n    return {list(ort)!r}\n')
+    py = tmp_path / "python3"
+    py.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+    py.chmod(0o755)
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\nexit 0\n")
+    nvcc.chmod(0o755)
+    (tmp_path / "nv_tegra_release").write_text(TEGRA_R36)
+    return ["--tegra-release", str(tmp_path / "nv_tegra_release"), "--python", str(py),
+            "--cuda", str(tmp_path / "cuda")]
+
+
+def _dry_run(tmp_path: Path, *options: str) -> tuple[list[str], subprocess.CompletedProcess]:
+    r = subprocess.run([str(SYSTEMD / "install.sh"), "--dry-run", "--prefix", str(tmp_path / "root"), *options],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "root").exists()
+    return [line[2:] for line in r.stdout.splitlines() if line.startswith("+ ")], r
+
+
+def test_install_on_jetpack_uses_the_system_tensorrt_and_onnxruntime_gpu(tmp_path):
+    steps, r = _dry_run(tmp_path, *_fake_jetpack(tmp_path))
+    assert "Jetson: L4T R36.4.3 (JetPack 6)" in r.stdout
+    assert "system TensorRT 10.3.0" in r.stdout and "system onnxruntime-gpu 1.20.0" in r.stdout
+    venv = str(tmp_path / "root/opt/camtrap-edge/venv")
+    assert f"{tmp_path / 'python3'} -m venv --system-site-packages {venv}" in steps
+    pip = [s for s in steps if s.startswith(f"{venv}/bin/pip install numpy<2 ")]
+    assert pip == [f"{venv}/bin/pip install numpy<2 {REPO}[edge-core]"]  # no PyPI onnxruntime over the GPU one
+    assert not any("[edge]" in s or "onnxruntime" in s for s in steps)
+    cuda = tmp_path / "cuda"
+    pycuda = next(s for s in steps if s.endswith(" pycuda"))
+    assert pycuda.startswith(f"env CUDA_ROOT={cuda} CPATH={cuda}/include LIBRARY_PATH={cuda}/lib64 PATH={cuda}/bin:")
+    assert "numpy<2 pycuda" in pycuda
+    config = tmp_path / "root/etc/camtrap-edge/config.yaml"
+    check = steps.index(f"{venv}/bin/camtrap-edge check-config --strict {config}")
+    assert steps[check + 1].startswith(f"systemctl --root={tmp_path / 'root'} enable camtrap-edge.service")
+
+
+def test_install_on_jetpack_without_onnxruntime_gpu(tmp_path):
+    opts = _fake_jetpack(tmp_path, ort=("AzureExecutionProvider", "CPUExecutionProvider"))  # a CPU build there
+    steps, r = _dry_run(tmp_path, *opts, "--ort-wheel", "/srv/wheels/onnxruntime_gpu-1.20.0-cp310-linux_aarch64.whl")
+    venv = str(tmp_path / "root/opt/camtrap-edge/venv")
+    assert (f"{venv}/bin/pip install numpy<2 {REPO}[edge-core] "
+            "/srv/wheels/onnxruntime_gpu-1.20.0-cp310-linux_aarch64.whl") in steps
+    steps, r = _dry_run(tmp_path, *opts)  # neither: the CPU build, said out loud
+    assert f"{venv}/bin/pip install numpy<2 {REPO}[edge-core] onnxruntime>=1.16" in steps
+    assert "no onnxruntime-gpu" in r.stderr and "docs/jetson.md" in r.stderr
+
+
+def test_install_off_jetson_uses_the_edge_extra(tmp_path):
+    steps, r = _dry_run(tmp_path, "--tegra-release", str(tmp_path / "absent"))
+    assert "Jetson" not in r.stdout
+    assert any(s.endswith(f"pip install {REPO}[edge]") for s in steps)
+    assert not any("numpy<2" in s or "edge-core" in s for s in steps)
+
+
+def test_pyproject_edge_is_edge_core_plus_onnxruntime():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["edge"] == ["camtrap-cascade[edge-core]", "onnxruntime>=1.16"]
+    assert not any(d.startswith("onnxruntime") for d in extras["edge-core"])
+
+
 @needs_root_tools
 def test_install_and_uninstall_into_a_prefix(tmp_path):
     root = tmp_path / "root"
-    r = subprocess.run([str(SYSTEMD / "install.sh"), "--prefix", str(root), "--no-venv"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    install = [str(SYSTEMD / "install.sh"), "--prefix", str(root), "--no-venv", "--python", sys.executable,
+               "--tegra-release", str(tmp_path / "absent")]
+    r = subprocess.run(install, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     unit = root / "etc/systemd/system/camtrap-edge.service"
+    wants = root / "etc/systemd/system/multi-user.target.wants/camtrap-edge.service"
     assert unit.read_text() == UNIT.read_text()
-    assert (root / "etc/systemd/system/multi-user.target.wants/camtrap-edge.service").is_symlink()
     cfg = root / "etc/camtrap-edge/config.yaml"
+    # the example config cannot run (no bundle, an example broker): installed, not enabled, and why
+    assert not wants.exists() and "unit NOT enabled" in r.stdout
+    assert "NOT enabled" in r.stderr
+    assert f"{cfg}: mqtt.host broker.example.org is a reserved example name" in r.stdout
+    assert f"{cfg}: bundle /var/lib/camtrap-edge/models/current does not exist" in r.stdout
     assert cfg.read_text() == (SYSTEMD / "config.example.yaml").read_text()
     assert (cfg.stat().st_mode & 0o777) == 0o640
     assert "camtrap:" in (root / "etc/passwd").read_text()
     (root / "var/lib/camtrap-edge/ledger.sqlite3").write_text("data")
     (root / "srv/camtrap/incoming/IMG_0001.JPG").write_text("image")
-    cfg.write_text("# edited\n")
-    # a second install keeps the edited config
-    subprocess.run([str(SYSTEMD / "install.sh"), "--prefix", str(root), "--no-venv"],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
-    assert cfg.read_text() == "# edited\n"
+    (tmp_path / "bundle").mkdir()
+    cfg.write_text(f"# edited\ndevice: {{id: trap-01}}\nwatch: {{folders: [{root}/srv/camtrap/incoming]}}\n"
+                   f"bundle: {{path: {tmp_path}/bundle, require_signature: false}}\n")
+    # a second install keeps the edited config, which passes the strict check: now it is enabled
+    r = subprocess.run(install, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "unit enabled" in r.stdout, r.stdout + r.stderr
+    assert cfg.read_text().startswith("# edited\n")
+    assert wants.is_symlink()
 
     subprocess.run([str(SYSTEMD / "uninstall.sh"), "--prefix", str(root)], check=True, capture_output=True)
     assert not unit.exists()
