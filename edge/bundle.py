@@ -284,3 +284,28 @@ def unpack_archive(archive: Path, parent: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The manifest of a bundle folder, a manifest.json or a bundle archive, read without
+    unpacking or verifying anything: for naming things (decode, records), never for running
+    models (that is :func:`load_bundle`)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no bundle (a folder with {MANIFEST}, a {MANIFEST}, or a .tar)")
+    if tarfile.is_tarfile(p):
+        with tarfile.open(p) as tar:
+            member = next((m for m in tar.getmembers()
+                           if m.isfile() and m.name.lstrip("./") == MANIFEST), None)
+            f = tar.extractfile(member) if member is not None else None
+            if f is None:
+                raise BundleError(f"{path}: no {MANIFEST} in the archive")
+            data = f.read(MAX_MEMBER_BYTES)
+    else:
+        data = p.read_bytes()
+    try:
+        return Manifest.from_bytes(data, source=str(p))
+    except ValidationError as e:
+        raise BundleError(f"{p}: {_one_line(e)}") from None

@@ -42,7 +42,7 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
     from edge.bundle import load_bundle
     from edge.engines import load_engines
     from edge.imageio import ImageError, read_image
-    from edge.records import MdBatchWriter
+    from edge.records.megadetector import MdBatchWriter
     from edge.runner import CascadeRunner
 
     files = list(iter_images(paths))

@@ -10,7 +10,7 @@ import logging
 import sys
 
 # module (under edge/) -> registers one or more commands
-COMMAND_MODULES = ["classify", "selftest", "messages", "daemon", "records", "config", "demo"]
+COMMAND_MODULES = ["classify", "selftest", "commands.messages", "daemon", "commands.records", "config", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,7 +131,7 @@ class Daemon:
                                        audit_rate=cfg.disposal.audit_rate, audit_dir=cfg.disposal.audit_dir,
                                        floor=cfg.disposal.floor, min_free_mb=cfg.disposal.min_free_mb)
         if cfg.records.md_json:
-            from edge.records import MdBatchWriter
+            from edge.records.megadetector import MdBatchWriter
 
             self.md_writer = MdBatchWriter(
                 cfg.records.md_json, detector=f"{man.global_model.name}@{man.bundle_version}",

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edge.atomic import fsync_dir
 from edge.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def apply(action: Action, path: str | os.PathLike, *, root: str | os.PathLike | 
         except OSError as e:
             log.warning("disposal: cannot delete %s: %s", src, e)
             return Result("delete", False, src, note=f"cannot delete: {e.strerror or e}")
-        _fsync_dir(src.parent)
+        fsync_dir(src.parent)
         return Result("delete", True, src, note=action.reason)
     if action.kind == "move":
         if action.dest_dir is None:
@@ -190,14 +191,14 @@ def move_file(src: Path, dest: Path, *, copy: bool | None = None) -> Path:
     done = _existing_copy(src, st, dest)
     if done is not None:  # a previous, interrupted attempt got this far
         os.unlink(src)
-        _fsync_dir(src.parent)
+        fsync_dir(src.parent)
         return done
     target = _free_name(dest)
     if not copy:
         try:
             os.rename(src, target)
-            _fsync_dir(target.parent)
-            _fsync_dir(src.parent)
+            fsync_dir(target.parent)
+            fsync_dir(src.parent)
             return target
         except OSError as e:
             if e.errno != errno.EXDEV:
@@ -209,9 +210,9 @@ def move_file(src: Path, dest: Path, *, copy: bool | None = None) -> Path:
         os.fsync(fo.fileno())
     shutil.copystat(src, tmp)
     os.rename(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     os.unlink(src)
-    _fsync_dir(src.parent)
+    fsync_dir(src.parent)
     return target
 
 
@@ -245,17 +246,3 @@ def _existing_copy(src: Path, st: os.stat_result, dest: Path) -> Path | None:
                 src_hash = sha256_file(src)
             if sha256_file(c) == src_hash:
                 return c
-
-
-def _fsync_dir(d: Path) -> None:
-    """Make a rename/unlink durable (a power cut right after must not undo it)."""
-    try:
-        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -102,6 +102,7 @@ class ImageRow:
     error: str | None = None
     created: float = 0.0
     updated: float = 0.0
+    superseded: int | None = None  # id of the newer file's row at the same path, if any
 
 
 _SCHEMA_V1 = """
@@ -556,7 +557,7 @@ def _image(r: sqlite3.Row) -> ImageRow:
                     attempts=r["attempts"], sha256=r["sha256"],
                     result=json.loads(r["result"]) if r["result"] is not None else None,
                     event_id=r["event_id"], taken_at=r["taken_at"], disposal=r["disposal"], error=r["error"],
-                    created=r["created"], updated=r["updated"])
+                    created=r["created"], updated=r["updated"], superseded=r["superseded"])
 
 
 def _split_sql(script: str) -> list[str]:

@@ -81,6 +81,57 @@ class SampleEntry(_Strict):
     )
 
 
+TaxonRank = Literal["kingdom", "phylum", "class", "order", "family", "genus", "species", "subspecies"]
+_TAXON_ID = re.compile(r"^(?:(?:gbif|itis):\d+|https?://\S+)$")
+_TAXON_URL = {"gbif": "https://www.gbif.org/species/{}",
+              "itis": "https://www.itis.gov/servlet/SingleRpt/SingleRpt?search_topic=TSN&search_value={}"}
+
+
+class Taxon(_Strict):
+    """What a model class is, for people and for Camtrap DP (``scientificName``, ``taxonomic``).
+
+    Model classes are short training labels ("red_deer"); records and displays need the taxon.
+    Written by `camtrap-export prepare`/`bundle` from a taxonomy CSV (docs/taxonomy.md).
+    """
+
+    scientific_name: str = Field(min_length=1, max_length=200, description="e.g. Cervus elaphus")
+    vernacular_name: str = Field(min_length=1, max_length=200, description="e.g. red deer")
+    language: str = Field(default="eng", pattern=r"^[a-z]{3}$",
+                          description="ISO 639-3 code of the vernacular name (Camtrap DP vernacularNames)")
+    rank: TaxonRank | None = Field(default=None, description="Camtrap DP taxonRank, e.g. species")
+    taxon_id: str | None = Field(default=None, description="gbif:<key>, itis:<TSN> or a URL of the taxon")
+
+    @field_validator("scientific_name", "vernacular_name")
+    @classmethod
+    def _one_line(cls, v: str) -> str:
+        v = v.strip()
+        if not v or any(c in v for c in "\r\n\t"):
+            raise ValueError("must be one non-blank line")
+        return v
+
+    @field_validator("taxon_id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        if v is not None and not _TAXON_ID.match(v.strip()):
+            raise ValueError(f"{v!r} is not gbif:<number>, itis:<number> or an http(s) URL")
+        return None if v is None else v.strip()
+
+    @property
+    def taxon_url(self) -> str | None:
+        """The identifier as a URL (Camtrap DP taxonID prefers a resolvable global identifier)."""
+        if not self.taxon_id:
+            return None
+        scheme, _, key = self.taxon_id.partition(":")
+        return _TAXON_URL[scheme].format(key) if scheme in _TAXON_URL else self.taxon_id
+
+
+def species_label(species: str, taxonomy: dict[str, Taxon] | None) -> str:
+    """How a model class is shown to people: 'red_deer (red deer, Cervus elaphus)', or the class
+    name alone when the taxonomy does not know it."""
+    t = (taxonomy or {}).get(species)
+    return species if t is None else f"{species} ({t.vernacular_name}, {t.scientific_name})"
+
+
 class CascadeSettings(_Strict):
     """The cascade's thresholds: the one definition (bounds included) of every cascade setting.
 
@@ -123,6 +174,25 @@ class Manifest(_Strict):
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)
     samples: list[SampleEntry] = Field(default_factory=list)
     provenance: dict = Field(default_factory=dict, description="dataset hash, training args, metrics")
+    taxonomy: dict[str, Taxon] = Field(
+        default_factory=dict,
+        description="model class -> taxon, for every class of the global model (empty in bundles made "
+        "before taxonomy was carried; records then leave scientificName empty)",
+    )
+
+    @model_validator(mode="after")
+    def _check_taxonomy(self) -> Manifest:
+        globals_ = [m for m in self.models if m.role == "global"]
+        if not self.taxonomy or len(globals_) != 1:  # no global model: _check says so
+            return self
+        classes = globals_[0].classes
+        unknown = sorted(set(self.taxonomy) - set(classes))
+        if unknown:
+            raise ValueError(f"taxonomy names classes the global model does not have: {unknown}")
+        missing = [c for c in classes if c not in self.taxonomy]
+        if missing:
+            raise ValueError(f"taxonomy lacks classes of the global model: {missing}")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:

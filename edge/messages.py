@@ -49,17 +49,13 @@ docs/binary-format.md holds the same table for the README.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import re
 import struct
-import sys
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 VERSION = 1
 JSON_BUDGET = 200  # bytes, one animal
@@ -481,85 +477,3 @@ def telemetry_payload(*, time: int, counts: Mapping[str, int], queue: int, outbo
         d["temp_c"] = round(float(temp_c), 1)
     d.update(extra or {})
     return _compact(d)
-
-
-# --- camtrap-edge decode -----------------------------------------------------------------------
-def payload_bytes(arg: str) -> bytes:
-    """A file path, or the payload itself: JSON text, hex (spaces/0x allowed) or base64."""
-    p = Path(arg)
-    try:
-        if p.is_file():
-            return p.read_bytes()
-    except OSError:
-        pass
-    s = arg.strip()
-    if s.startswith("{"):
-        return s.encode()
-    h = re.sub(r"\s+|0x", "", s)
-    if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", h):
-        return bytes.fromhex(h)
-    try:
-        return base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{arg!r}: not a file, JSON, hex or base64 payload") from None
-
-
-def _bundle_lists(path: str) -> tuple[list[str], list[str], dict[str, str]]:
-    import tarfile
-
-    from edge.manifest import Manifest
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "manifest.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no bundle (folder with manifest.json, manifest.json, or .tar)")
-    if tarfile.is_tarfile(p):
-        with tarfile.open(p) as tar:
-            member = next((m for m in tar.getmembers() if m.isfile()
-                           and m.name.lstrip("./") == "manifest.json"), None)
-            if member is None:
-                raise ValueError(f"{path}: no manifest.json in the archive")
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-    else:
-        data = p.read_bytes()
-    m = Manifest.from_bytes(data, source=str(p))
-    species, groups = wire_lists(m)
-    names = {m.code(c): c for c in m.global_model.classes}
-    return species, groups, names
-
-
-def _run_decode(args) -> int:
-    data = payload_bytes(args.payload)
-    species: list[str] = []
-    groups: list[str] = []
-    names: dict[str, str] = {}
-    if args.bundle:
-        species, groups, names = _bundle_lists(args.bundle)
-    if args.species:
-        species = [s.strip() for s in args.species.split(",") if s.strip()]
-    if args.groups:
-        groups = [s.strip() for s in args.groups.split(",") if s.strip()]
-    if data.lstrip().startswith(b"{"):
-        out = decode_detection_json(data)
-        out["format"] = "json"
-    else:
-        if not species:
-            raise ValueError("a binary payload needs --species a,b,c or --bundle B to name its species")
-        out = decode_detection_binary(data, species, groups)
-        out["format"] = f"binary ({len(data)} bytes)"
-    if names and out.get("sp") in names:
-        out["species"] = names[out["sp"]]  # type: ignore[index]
-    sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("decode", help="decode a detection payload (compact JSON or LoRa binary)",
-                       description="Decode a detection payload; JSON or binary is detected automatically.")
-    p.add_argument("payload", metavar="PAYLOAD_HEX_OR_FILE",
-                   help="a file holding the payload, or the payload as hex, base64 or JSON text")
-    p.add_argument("--species", help="comma-separated species list the binary indices point into")
-    p.add_argument("--groups", help="comma-separated sorted group names (binary group index)")
-    p.add_argument("--bundle", help="bundle folder, manifest.json or bundle .tar: species and groups from it")
-    p.set_defaults(func=_run_decode)

@@ -20,9 +20,10 @@ import cv2
 import numpy as np
 import yaml
 
+from edge.atomic import building
 from edge.hashing import sha256_file
 from edge.manifest import CascadeSettings, Manifest, ModelEntry, SampleEntry, species_codes
-from export.atomic import building
+from export.datasets import DATASET_HASH_KEY, recorded_dataset_hash
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
                 frozen_layers=_frozen_layers(meta),
                 backbone_sha256=meta.get("backbone_sha256"),
             ))
-            kept = {k: meta[k] for k in ("args", "metrics", "dataset_hash") if k in meta}
+            kept = {k: meta[k] for k in ("args", "metrics") if k in meta}
+            if recorded_dataset_hash(meta):
+                kept[DATASET_HASH_KEY] = recorded_dataset_hash(meta)
             provenance["models"][name] = {"weights": str(w), "parity": exp.parity, **kept}
         species = entries[0].classes
         samples = []
@@ -157,7 +160,7 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
             models=entries, groups=groups, codes=species_codes(species, PAPER_CODES),
             cascade=CascadeSettings(route_threshold=conf),
             samples=[SampleEntry(**s) for s in samples],
-            provenance={**provenance, "dataset_hash": run_meta.get("dataset_hash") or run_meta.get("dataset_sha256"),
+            provenance={**provenance, DATASET_HASH_KEY: recorded_dataset_hash(run_meta),
                         "data": str(data or "")},
         )
         (tmp / "manifest.json").write_bytes(manifest.to_bytes())

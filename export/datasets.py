@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from export.atomic import building
+from edge.atomic import building
 
 log = logging.getLogger(__name__)
 
@@ -378,19 +378,27 @@ def _yolo_config(data_yaml: Path) -> tuple[dict, Path]:
     return cfg, root
 
 
-def _yolo_names(cfg: dict, data_yaml: Path) -> list[str]:
-    names = cfg["names"]
+def class_names(names: object, where: Path | str) -> list[str]:
+    """A data.yaml ``names`` (a list, or an {index: name} mapping with indices 0..n-1) as the class
+    list, index order. The one reader of that field: a dataset without classes, gaps in the
+    indices or a name given twice is refused with one line naming the file."""
     if isinstance(names, dict):
         try:
             keys = sorted(int(k) for k in names)
         except (TypeError, ValueError):
-            raise ValueError(f"{data_yaml}: names keys must be class indices") from None
+            raise ValueError(f"{where}: 'names' keys must be class indices 0..n-1") from None
         if keys != list(range(len(keys))):
-            raise ValueError(f"{data_yaml}: names indices must run 0..{len(keys) - 1}")
-        return [str(names[k] if k in names else names[str(k)]) for k in keys]
-    if isinstance(names, list):
-        return [str(n) for n in names]
-    raise ValueError(f"{data_yaml}: names must be a list or a {{index: name}} mapping")
+            raise ValueError(f"{where}: 'names' keys must be 0..{len(keys) - 1} without gaps, got {keys}")
+        out = [str(names[k] if k in names else names[str(k)]) for k in keys]
+    elif isinstance(names, list):
+        out = [str(n) for n in names]
+    else:
+        raise ValueError(f"{where}: 'names' must be a list or an {{index: name}} mapping")
+    if not out:
+        raise ValueError(f"{where}: 'names' is empty (a dataset needs at least one class)")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{where}: duplicate class names in 'names'")
+    return out
 
 
 def _yolo_split_images(cfg: dict, root: Path, data_yaml: Path) -> dict[str, list[Path]]:
@@ -429,7 +437,7 @@ def _label_path(img: Path) -> Path:
 
 def _load_yolo(data_yaml: Path, skipped: Counter) -> list[Item]:
     cfg, root = _yolo_config(data_yaml)
-    names = _yolo_names(cfg, data_yaml)
+    names = class_names(cfg["names"], data_yaml)
     meta_path = data_yaml.parent / "meta.json"
     meta = {}
     if meta_path.is_file():  # our own earlier output: keep locations, sequences and times
@@ -696,6 +704,18 @@ def _hash_tree(root: Path, files: dict[str, list[Path]], names: list[str]) -> st
     return h.hexdigest()
 
 
+DATASET_HASH_KEY = "dataset_hash"  # the key under which meta.json and run.json record dataset_hash()
+_OLD_DATASET_HASH_KEYS = ("dataset_sha256",)  # run.json files written before the key was unified
+
+
+def recorded_dataset_hash(record: dict) -> str | None:
+    """The dataset hash a meta.json, run.json or expert.json records (old run.json: dataset_sha256)."""
+    for key in (DATASET_HASH_KEY, *_OLD_DATASET_HASH_KEYS):
+        if record.get(key):
+            return str(record[key])
+    return None
+
+
 def dataset_hash(data_yaml: Path | str) -> str:
     """sha256 over class names, image names and sizes and label file bytes (cheap provenance).
 
@@ -705,7 +725,7 @@ def dataset_hash(data_yaml: Path | str) -> str:
     cfg, root = _yolo_config(data_yaml)
     if not root.is_dir():  # dataset moved with its yaml: fall back to the yaml's folder
         root = data_yaml.parent
-    return _hash_tree(root, _yolo_split_images(cfg, root, data_yaml), _yolo_names(cfg, data_yaml))
+    return _hash_tree(root, _yolo_split_images(cfg, root, data_yaml), class_names(cfg["names"], data_yaml))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -785,8 +805,8 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
         digest = _hash_tree(tmp, files, names)
         report = {"source": source, "input": str(sources[0]), "out": str(out.resolve()), "split_by": split_by,
                   "seed": seed, "names": names, "splits": rep_splits, "skipped": dict(skipped),
-                  "warnings": warnings, "placed": dict(how), "dataset_hash": digest}
-        meta = {"version": 1, "names": names, "dataset_hash": digest, "source": source,
+                  "warnings": warnings, "placed": dict(how), DATASET_HASH_KEY: digest}
+        meta = {"version": 1, "names": names, DATASET_HASH_KEY: digest, "source": source,
                 "input": str(Path(sources[0]).resolve()), "split_by": split_by, "images": {
                     f"images/{it.split}/{it.name}": {
                         "split": it.split, "original": it.original, "src": str(it.src.resolve()),

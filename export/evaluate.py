@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import yaml
 
+from export.datasets import class_names
 from export.metrics import BACKGROUND, bootstrap_macro_f1_gain, confusion, macro_f1, per_class
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ def _split_images(data_yaml: Path, split: str) -> tuple[list[Path], list[str], l
     if not d.get(split):
         raise ValueError(f"{data_yaml}: no '{split}' split")
     root = Path(d.get("path") or data_yaml.parent)
-    names = d["names"]
-    names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
+    names = class_names(d.get("names"), data_yaml)
     imgs = sorted(p for p in (root / d[split]).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     truths = [_truth(root / "labels" / split / (p.stem + ".txt"), names) for p in imgs]
     meta_path = root / "meta.json"

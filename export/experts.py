@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from export.grouping import read_groups
 from export.train import (
     DEFAULT_FREEZE_CHECKPOINT,
     DataSpec,
@@ -40,49 +41,6 @@ from export.train import (
     read_label_lines,
     train,
 )
-
-# ---------------------------------------------------------------- groups
-
-def _parse_groups_yaml(path: Path) -> dict[str, list[str]]:
-    try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    groups = d.get("groups") if isinstance(d, dict) else None
-    if not isinstance(groups, dict) or not groups:
-        raise ValueError(f"{path}: expected 'groups: {{name: [species, ...]}}'")
-    out = {}
-    for g, sp in groups.items():
-        if not isinstance(sp, list) or not all(isinstance(s, str) for s in sp):
-            raise ValueError(f"{path}: group '{g}' must be a list of species names")
-        out[str(g)] = sp
-    return out
-
-
-def read_groups(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, list[str]]:
-    """groups.yaml -> {group: [species]}, checked against the dataset's names when given."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: groups file not found")
-    try:  # the grouping module owns the format (and requires every species in exactly one group)
-        from export.grouping import read_groups as _read
-    except ImportError:
-        _read = None
-    groups = _read(p, names) if _read is not None else _parse_groups_yaml(p)
-    seen: dict[str, str] = {}
-    for g, species in groups.items():
-        if not species:
-            raise ValueError(f"{p}: group '{g}' is empty")
-        if not g or "/" in g or g in (".", ".."):
-            raise ValueError(f"{p}: group name '{g}' cannot be a folder name")
-        for s in species:
-            if names is not None and s not in names:
-                raise ValueError(f"{p}: group '{g}': unknown species '{s}' (data.yaml names: {', '.join(names)})")
-            if s in seen:
-                raise ValueError(f"{p}: species '{s}' is in groups '{seen[s]}' and '{g}'")
-            seen[s] = g
-    return groups
-
 
 # ---------------------------------------------------------------- derived dataset
 

@@ -39,6 +39,8 @@ from typing import Literal
 import numpy as np
 import yaml
 
+from edge.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 Metric = Literal["symmetric", "cosine"]
@@ -378,9 +380,7 @@ def write_groups(path: str | Path, groups: dict[str, list[str]], meta: dict) -> 
     body = yaml.safe_dump({"groups": {g: list(m) for g, m in groups.items()}}, sort_keys=False,
                           default_flow_style=None, allow_unicode=True, width=100)
     meta_txt = yaml.safe_dump({"meta": _plain(meta)}, sort_keys=False, allow_unicode=True, width=100)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(_HEADER + body + "\n" + meta_txt, encoding="utf-8")
-    tmp.replace(p)
+    atomic_write_text(p, _HEADER + body + "\n" + meta_txt)
 
 
 def _plain(v):

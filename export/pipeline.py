@@ -35,6 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge.atomic import atomic_write_json
 from edge.hashing import sha256_file
 
 STEPS = ("prepare", "train", "group", "experts")
@@ -203,9 +204,7 @@ def read_state(workdir: Path) -> dict[str, Any]:
 
 
 def write_state(workdir: Path, state: dict[str, Any]) -> None:
-    tmp = workdir / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, workdir / "state.json")
+    atomic_write_json(workdir / "state.json", state)
 
 
 # ---------------------------------------------------------------- the steps
@@ -287,7 +286,7 @@ class Pipeline:
         g = self.cfg.group
         self.groups_yaml.parent.mkdir(parents=True, exist_ok=True)
         if g.groups is not None:
-            from export.experts import read_groups
+            from export.grouping import read_groups
 
             groups = read_groups(g.groups, read_data_yaml(self.data_yaml).names)
             shutil.copyfile(g.groups, self.groups_yaml)

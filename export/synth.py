@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.atomic import building
+from edge.atomic import building
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ from that. Boxes made by MDv5 (its batch JSON) are fine as training labels: see 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,7 +42,9 @@ from typing import Any
 
 import yaml
 
+from edge.atomic import atomic_write_json
 from edge.hashing import sha256_file
+from export.datasets import DATASET_HASH_KEY, class_names, dataset_hash
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +70,6 @@ class DataSpec:
         return len(self.names)
 
 
-def _names_list(names: Any, where: Path) -> list[str]:
-    if isinstance(names, dict):
-        try:
-            keys = sorted(int(k) for k in names)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: 'names' keys must be class indices 0..n-1") from None
-        if keys != list(range(len(keys))):
-            raise ValueError(f"{where}: 'names' keys must be 0..{len(keys) - 1} without gaps, got {keys}")
-        return [str(names[k] if k in names else names[str(k)]) for k in keys]
-    if isinstance(names, list) and names:
-        return [str(n) for n in names]
-    raise ValueError(f"{where}: 'names' must be a non-empty list or {{index: name}} mapping")
-
-
 def read_data_yaml(path: str | os.PathLike) -> DataSpec:
     """Parse a YOLO data.yaml; one clear error for a missing file, key or split folder."""
     p = Path(path)
@@ -98,9 +85,7 @@ def read_data_yaml(path: str | os.PathLike) -> DataSpec:
         raise ValueError(f"{p}: expected a mapping with train, val and names")
     if "names" not in d:
         raise ValueError(f"{p}: 'names' missing")
-    names = _names_list(d["names"], p)
-    if len(set(names)) != len(names):
-        raise ValueError(f"{p}: duplicate class names in 'names'")
+    names = class_names(d["names"], p)
     root = Path(d.get("path") or ".")
     root = (root if root.is_absolute() else p.parent / root).resolve()
     splits: dict[str, list[Path]] = {}
@@ -171,13 +156,6 @@ def split_items(spec: DataSpec, split: str) -> list[tuple[Path, list[int]]]:
     """(image, classes of its boxes) for every image of a split."""
     return [(img, [c for c, _ in read_label_lines(img, spec.nc)])
             for img in list_images(spec.splits.get(split, []))]
-
-
-def dataset_sha256(spec: DataSpec) -> str:
-    """The dataset hash `prepare` writes to meta.json (names, image names and sizes, label bytes)."""
-    from export.datasets import dataset_hash
-
-    return dataset_hash(spec.yaml_path)
 
 
 # ---------------------------------------------------------------- imbalance (pure)
@@ -492,7 +470,7 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
                  "optimizer": optimizer, "lr0": lr0},
         "model_sha256": file_sha256(model_file(model_path)),
         "from_checkpoint": from_ckpt,
-        "dataset_sha256": dataset_sha256(spec),
+        DATASET_HASH_KEY: dataset_hash(spec.yaml_path),
         "names": spec.names,
         "freeze": freeze,
         "frozen_layers": list(range(freeze)),
@@ -513,9 +491,7 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
         "seconds": round(time.monotonic() - t0, 1),
         "versions": versions(),
     }
-    tmp = run / "run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, run / "run.json")
+    atomic_write_json(run / "run.json", record)
     say(f"{prefix} done: mAP50 {metrics['mAP50']} mAP50-95 {metrics['mAP50-95']} -> {run / 'weights' / 'best.pt'}")
     return record
 

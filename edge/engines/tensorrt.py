@@ -46,12 +46,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from edge.atomic import atomic_write_bytes
 from edge.configpath import ConfigPath
 from edge.detection import Detection
 from edge.engines.base import Engine, EngineConfig, compare_detections, register
 from edge.engines.trt_cache import (
     PlanKey,
-    atomic_write,
     default_cache_dir,
     plan_path,
     remove_plan,
@@ -367,7 +367,7 @@ def build_plan(trt: Any, logger: Any, onnx_bytes: bytes, entry: ModelEntry, conf
     plan = builder.build_serialized_network(network, cfg)
     if plan is None:
         raise RuntimeError(f"{entry.name}: TensorRT could not build a {config.precision} plan (see its log)")
-    atomic_write(timing_cache, bytes(cfg.get_timing_cache().serialize()))
+    atomic_write_bytes(timing_cache, bytes(cfg.get_timing_cache().serialize()))
     return bytes(plan)
 
 
@@ -408,7 +408,7 @@ def make_calibrator(trt: Any, cuda: Any, images: np.ndarray, batch_size: int, ca
 
         def write_calibration_cache(self, cache: Any) -> None:
             if cache_file is not None:
-                atomic_write(cache_file, bytes(cache))
+                atomic_write_bytes(cache_file, bytes(cache))
 
         def free(self) -> None:
             if self._device is not None:

@@ -16,9 +16,10 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from edge.atomic import atomic_write_bytes
 
 ENV_CACHE_DIR = "CAMTRAP_TRT_CACHE"
 
@@ -64,34 +65,10 @@ def timing_cache_path(cache_dir: Path, trt_version: str, gpu_name: str, compute_
     return Path(cache_dir) / f"timing-trt{_slug(trt_version)}-{_slug(gpu_name)}-sm{compute_capability}.cache"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)  # make the rename itself durable
-    finally:
-        os.close(dfd)
-
-
 def write_plan(path: Path, plan: bytes, key: PlanKey) -> None:
     """The plan, then a small JSON beside it saying what it was built from (for people)."""
-    atomic_write(path, plan)
-    atomic_write(path.with_suffix(".json"), json.dumps(asdict(key), indent=1, sort_keys=True).encode())
+    atomic_write_bytes(path, plan)
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(asdict(key), indent=1, sort_keys=True).encode())
 
 
 def remove_plan(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Camtrap DP 1.0.2 packages written by edge/records.py, validated offline with frictionless.
+"""Camtrap DP 1.0.2 packages written by edge/records/camtrapdp.py, validated offline with frictionless.
 
 Nothing may be fetched, and frictionless would fetch the profile and table-schema URLs of a
 package. So the validator here maps each official 1.0.2 URL to the local copy in
@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from edge.manifest import Taxon
+
 frictionless = pytest.importorskip("frictionless")
 jsonschema = pytest.importorskip("jsonschema")
 
-from edge.records import (  # noqa: E402
+from edge.records.camtrapdp import (  # noqa: E402
     CAMTRAP_DP_PROFILE,
     DEPLOYMENT_COLUMNS,
     MEDIA_COLUMNS,
@@ -172,9 +174,16 @@ def _media() -> list[MediaResult]:
     ]  # fmt: skip
 
 
+TAXA = {
+    "Lynx pardinus": Taxon(scientific_name="Lynx pardinus", vernacular_name="Iberian lynx", rank="species",
+                           taxon_id="gbif:2435261"),
+    "Oryctolagus cuniculus": Taxon(scientific_name="Oryctolagus cuniculus", vernacular_name="European rabbit"),
+}
+
+
 def test_written_package_validates_and_keeps_effort(tmp_path):
     meta = ProjectMeta(title="Doñana pilot", contributors=({"title": "A. Ranger", "role": "contact"},),
-                       classified_by="camtrap-cascade 2026.11.1")  # fmt: skip
+                       classified_by="camtrap-cascade 2026.11.1", taxa=TAXA)  # fmt: skip
     dep = DeploymentInfo("trap-07", 37.0, -6.4, camera_model="Reconyx-HF2X", coordinate_uncertainty=10)
     path = write_camtrapdp(tmp_path / "pkg", [dep], _media(), meta)
     assert path.name == "datapackage.json"

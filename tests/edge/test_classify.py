@@ -21,7 +21,7 @@ from badinputs import make_bad_corpus
 from edge.bundle import load_bundle
 from edge.demo import DEMO_BUNDLE, DEMO_FRAMES, DEMO_KEYS
 from edge.detection import iou
-from edge.records import validate_md_output
+from edge.records.megadetector import validate_md_output
 
 PUB = DEMO_KEYS / "demo.pub"
 BAD = ("zero_bytes", "truncated_jpeg", "text_named_jpg")  # each must come back as a failure entry

@@ -10,6 +10,7 @@ import pytest
 
 from edge import cli
 from edge.cascade import Decision, Route, event_decision
+from edge.commands.messages import payload_bytes
 from edge.detection import Detection
 from edge.manifest import Manifest
 from edge.messages import (
@@ -24,7 +25,6 @@ from edge.messages import (
     encode_detection_json,
     message_from_decision,
     model_tag,
-    payload_bytes,
     short_name,
     status_payload,
     telemetry_payload,

@@ -10,13 +10,13 @@ import os
 import pytest
 
 from edge.detection import Detection
-from edge.records import (
+from edge.records.common import normalise_box
+from edge.records.megadetector import (
     DETECTION_CATEGORIES,
     MdBatchWriter,
     md_document,
     md_image_entry,
     md_info,
-    normalise_box,
     validate_md_output,
 )
 

@@ -16,9 +16,9 @@ import fixtures  # tests/export/fixtures.py (pytest puts this folder on sys.path
 from export.experts import (  # noqa: E402
     build_expert_dataset,
     compare_frozen,
-    read_groups,
     train_experts,
 )
+from export.grouping import read_groups  # noqa: E402
 from export.train import TINY_YAML, read_data_yaml, train  # noqa: E402
 
 

@@ -351,3 +351,29 @@ def test_bad_yolo_and_split_options(tmp_path, synth):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="exactly one of"):
         prepare(tmp_path / "out", coco=path, yolo=first / "data.yaml")
+
+
+def test_one_names_reader_refuses_an_empty_class_list(tmp_path, synth):
+    """prepare (YOLO input) and training read data.yaml's names the same way: [] is refused."""
+    from export.train import read_data_yaml
+
+    path, _ = synth
+    first = tmp_path / "first"
+    prepare(first, coco=path)
+    d = yaml.safe_load((first / "data.yaml").read_text())
+    d["names"] = []
+    (first / "data.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(ValueError, match=r"data\.yaml: 'names' is empty"):
+        prepare(tmp_path / "out", yolo=first / "data.yaml")
+    with pytest.raises(ValueError, match=r"data\.yaml: 'names' is empty"):
+        read_data_yaml(first / "data.yaml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_hash_has_one_key_and_old_run_json_still_reads():
+    from export.datasets import DATASET_HASH_KEY, recorded_dataset_hash
+
+    assert DATASET_HASH_KEY == "dataset_hash"
+    assert recorded_dataset_hash({"dataset_hash": "ab"}) == "ab"
+    assert recorded_dataset_hash({"dataset_sha256": "cd"}) == "cd"  # run.json before the key was unified
+    assert recorded_dataset_hash({}) is None

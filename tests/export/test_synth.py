@@ -161,7 +161,7 @@ def test_cli_writes_and_refuses_to_clobber(tmp_path, capsys):
 
 
 def test_building_replaces_only_on_success(tmp_path):
-    from export.atomic import building
+    from edge.atomic import building
 
     out = tmp_path / "out"
     with building(out) as tmp:

@@ -151,7 +151,7 @@ def test_train_one_epoch_writes_run_json(tmp_path):
     assert on_disk == json.loads(json.dumps(rec))
     assert on_disk["names"] == ["fox", "lynx", "rabbit", "mouse"]
     assert on_disk["freeze"] == 0 and on_disk["from_checkpoint"] is False  # yaml: nothing to keep
-    assert len(on_disk["dataset_sha256"]) == 64
+    assert len(on_disk["dataset_hash"]) == 64
     assert set(on_disk["versions"]) == {"ultralytics", "torch"}
     assert on_disk["metrics"]["mAP50"] is not None and on_disk["metrics"]["epochs_run"] == 1
     ov = on_disk["oversampling"]
