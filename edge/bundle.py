@@ -121,7 +121,7 @@ def _scan_tree(root: Path, source: Path) -> None:
                 raise BundleError(f"{source}: {rel}: pickle-format files are refused (export models to ONNX)")
 
 
-def _one_line(e: ValidationError) -> str:
+def one_line(e: ValidationError) -> str:
     parts = []
     for err in e.errors()[:3]:
         loc = ".".join(str(x) for x in err.get("loc", ())) or "manifest"
@@ -163,7 +163,7 @@ def verify_dir(root: Path, *, source: Path | None = None, public_keys: Iterable[
     try:
         manifest = Manifest.from_bytes(data, source=f"{source}/{MANIFEST}")
     except ValidationError as e:
-        raise BundleError(f"{source}: {MANIFEST}: {_one_line(e)}") from None
+        raise BundleError(f"{source}: {MANIFEST}: {one_line(e)}") from None
     except ValueError as e:  # not JSON: the message already names the file
         raise BundleError(str(e)) from None
     for m in manifest.models:

@@ -10,7 +10,8 @@ import logging
 import sys
 
 # module (under export/) -> registers one or more commands
-COMMAND_MODULES = ["synth", "datasets", "train", "grouping", "experts", "pipeline", "bundle", "evaluate"]
+COMMAND_MODULES = ["synth", "datasets", "train", "grouping", "experts", "pipeline", "bundle", "evaluate", "release",
+                   "update"]
 
 
 def build_parser() -> argparse.ArgumentParser:

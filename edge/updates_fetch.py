@@ -1,0 +1,166 @@
+"""Fetch one file over http(s): resumable, capped, timed out, verified, counted.
+
+Boxes sit on cellular or satellite links that drop mid-transfer, so a download is written to
+``<dest>.part`` and a later attempt (in this process or after a restart) asks for the rest with
+``Range: bytes=<have>-``. A server that ignores the range answers 200 and the file starts over.
+
+Invariants:
+- ``dest`` appears only complete and verified: the ``.part`` file is fsync'd and renamed into
+  place after its sha256 matched (or, with no expected hash, after the size cap was respected).
+- Never more than ``max_bytes`` are written: a larger Content-Length is refused before reading,
+  and a body that runs over is cut off and its part file removed.
+- A sha256 mismatch removes the part file: resuming a corrupt prefix would never succeed.
+- Only http and https URLs are followed (no file:, ftp: or data: tricks from a command).
+- ``bytes`` in the result counts what came over the wire in this call, for the update report.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 16
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class FetchError(RuntimeError):
+    """A download that failed; ``retry`` says whether trying again may help (network) or not (hash)."""
+
+    def __init__(self, message: str, *, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: Path
+    bytes: int  # fetched over the wire in this call
+    resumed_from: int  # bytes already on disk when this call began (0: a fresh download)
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is http(s) with a host, else ValueError naming it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r}: only http:// and https:// URLs are fetched")
+    return url
+
+
+def join_url(base: str, *parts: str) -> str:
+    """``base`` + path parts, each quoted (a version or hash never turns into a query or ../)."""
+    check_url(base)
+    return base.rstrip("/") + "/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
+
+
+def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str | None = None) -> Fetched:
+    """Download ``url`` to ``dest`` (see the module invariants). Raises FetchError."""
+    check_url(url)
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if have > max_bytes:
+        part.unlink()
+        have = 0
+    req = urllib.request.Request(url, headers={"User-Agent": "camtrap-edge", "Accept-Encoding": "identity"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout_s)  # scheme checked above
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # our part is already whole (or longer than the file): start over
+            part.unlink(missing_ok=True)
+            return fetch(url, dest, max_bytes=max_bytes, timeout_s=timeout_s, sha256=sha256)
+        raise FetchError(f"{url}: HTTP {e.code} {e.reason}", retry=e.code >= 500 or e.code == 429) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise FetchError(f"{url}: {getattr(e, 'reason', e)}", retry=True) from None
+    with resp:
+        start = 0
+        if resp.status == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != have:
+                got_range = resp.headers.get("Content-Range")
+                raise FetchError(f"{url}: the server answered a range request with {got_range!r}", retry=False)
+            start = have
+        length = resp.headers.get("Content-Length")
+        if length is not None and start + int(length) > max_bytes:
+            part.unlink(missing_ok=True)
+            raise FetchError(f"{url}: {start + int(length)} bytes is more than the {max_bytes}-byte cap", retry=False)
+        got = 0
+        try:
+            with open(part, "r+b" if start else "wb") as f:
+                f.seek(start)
+                f.truncate()
+                while True:
+                    block = resp.read(CHUNK)
+                    if not block:
+                        break
+                    got += len(block)
+                    if start + got > max_bytes:
+                        f.close()
+                        part.unlink(missing_ok=True)
+                        raise FetchError(f"{url}: more than the {max_bytes}-byte cap; download stopped", retry=False)
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, http.client.HTTPException) as e:  # a dropped link: the part file keeps what came
+            raise FetchError(f"{url}: transfer broke after {start + got} bytes ({e}); it resumes on the next "
+                             "attempt", retry=True) from None
+        if length is not None and got < int(length):
+            raise FetchError(f"{url}: transfer broke after {start + got} of {start + int(length)} bytes; it "
+                             "resumes on the next attempt", retry=True)
+    if sha256 is not None:
+        digest = _sha256(part)
+        if digest != sha256:
+            part.unlink(missing_ok=True)
+            raise FetchError(f"{url}: sha256 mismatch (expected {sha256[:12]}..., got {digest[:12]}...)", retry=False)
+    os.replace(part, dest)
+    return Fetched(dest, got, start)
+
+
+def _sha256(path: Path) -> str:
+    from edge.hashing import sha256_file
+
+    return sha256_file(path)
+
+
+def fetch_with_retries(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str | None = None,
+                       attempts: int = 3) -> Fetched:
+    """``fetch`` again after a retryable failure (each attempt resumes where the last one broke)."""
+    part = dest.with_name(dest.name + ".part")
+    size = lambda: part.stat().st_size if part.exists() else 0  # noqa: E731
+    total, first = 0, size()
+    for i in range(attempts):
+        before = size()
+        try:
+            r = fetch(url, dest, max_bytes=max_bytes, timeout_s=timeout_s, sha256=sha256)
+        except FetchError as e:
+            total += max(0, size() - before)
+            if not e.retry or i == attempts - 1:
+                raise
+            continue
+        return Fetched(r.path, total + r.bytes, first)
+    raise AssertionError("unreachable")
+
+
+def read_small(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
+    """A small document (a manifest, its signature) into memory, under a cap."""
+    check_url(url)
+    req = urllib.request.Request(url, headers={"User-Agent": "camtrap-edge"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # scheme checked above
+            data = resp.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise FetchError(f"{url}: HTTP {e.code} {e.reason}", retry=e.code >= 500) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise FetchError(f"{url}: {getattr(e, 'reason', e)}", retry=True) from None
+    if len(data) > max_bytes:
+        raise FetchError(f"{url}: more than the {max_bytes}-byte cap", retry=False)
+    return data
+
