@@ -308,4 +308,4 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         return Manifest.from_bytes(data, source=str(p))
     except ValidationError as e:
-        raise BundleError(f"{p}: {_one_line(e)}") from None
+        raise BundleError(f"{p}: {one_line(e)}") from None

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.engines.trt_cache import atomic_write
+from edge.atomic import atomic_write_bytes
 from edge.signing import KeySource, SignatureError, sign, verify
 
 ENVELOPE_VERSION = 1
@@ -171,5 +171,5 @@ class ReplayStore:
                 raise CommandError(f"cmd/{cmd.name}: replayed command refused (nonce {cmd.nonce[:12]}... seen before)")
             seen = {k: v for k, v in seen.items() if v > t - CLOCK_SKEW_S}
             seen[cmd.nonce] = cmd.expires
-            atomic_write(self.path, json.dumps(seen, sort_keys=True).encode())
+            atomic_write_bytes(self.path, json.dumps(seen, sort_keys=True).encode())
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from edge.engines.trt_cache import atomic_write
+from edge.atomic import atomic_write_bytes
 
 State = Literal["fetching", "verifying", "building", "selftest", "switching", "probation", "rolling_back",
                 "committed", "rolled_back", "failed", "refused"]
@@ -88,7 +88,7 @@ class StateFile:
             raise ValueError(f"{self.path}: update state unreadable ({e}); remove it to forget the update") from None
 
     def save(self, rec: UpdateRecord) -> UpdateRecord:
-        atomic_write(self.path, json.dumps(asdict(rec), sort_keys=True, indent=1).encode())
+        atomic_write_bytes(self.path, json.dumps(asdict(rec), sort_keys=True, indent=1).encode())
         return rec
 
 

@@ -24,7 +24,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -33,6 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from edge.atomic import fsync_dir
 from edge.manifest import Manifest
 
 MANIFEST = "manifest.json"
@@ -45,16 +45,6 @@ _PLAN = re.compile(r"^([0-9a-f]{12})-.+\.(plan|json)$")  # edge/engines/trt_cach
 
 class StoreError(ValueError):
     """The store cannot do what was asked; the message names the file or the version."""
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new entry in ``folder`` durable."""
-    with contextlib.suppress(OSError):  # some filesystems do not let a folder be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def bundle_files(manifest: Manifest) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from edge.atomic import atomic_write_bytes
 from edge.bundle import MANIFEST, SIGNATURE, verify_dir
 from edge.updates import file_path, manifest_path, valid_version
 from edge.updates_store import bundle_files
@@ -101,23 +102,16 @@ def publish(bundle_dir: Path, out: Path, *, sign_key: Path | None = None,
         new_bytes += size
     # the signature before the manifest: a box that sees the manifest finds its signature
     sig_path = man_path.with_suffix(".sig")
-    _write(sig_path, sig)
-    _write(man_path, data)
+    for path, blob in ((sig_path, sig), (man_path, data)):
+        atomic_write_bytes(path, blob)
+        path.chmod(0o644)  # an http server runs as another user
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"versions": {}}
     index["versions"][version] = {"manifest_sha256": bundle.manifest_sha256, "files": len(entries),
                                   "bytes": total, "created": bundle.manifest.created}
-    _write(index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+    index_path.chmod(0o644)
     return Published(version, bundle.manifest_sha256, len(entries), new_files, new_bytes, total)
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # --- a small http server that honours Range (resumable downloads) ---------------------------------
