@@ -24,6 +24,13 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import edge, ultralytics,
   .venv/bin/python -m pip install -q -e '.[train,edge,test,dev]'
 fi
 
+# TensorRT's type stubs, pinned in pyproject.toml's trt-stubs extra, WITHOUT their dependencies
+# (they declare TensorRT itself): the device tests compare the TensorRT fake with them.
+trt_stubs="$(sed -n 's/^ *"\(tensorrt-stubs==[^"]*\)",*$/\1/p' pyproject.toml)"
+for venv in .venv .venv-edge; do
+  "$venv/bin/python" -m pip install -q --no-deps "$trt_stubs"
+done
+
 status=0
 echo "== lint"
 .venv/bin/ruff check edge export tests || status=1

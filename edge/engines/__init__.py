@@ -6,6 +6,7 @@ when an ONNX Runtime engine is built, tensorrt and pycuda only inside a TensorRT
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -25,6 +26,7 @@ from edge.engines.base import (
     register,
     registered_backends,
 )
+from edge.engines.tensorrt import TensorRTConfig
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
@@ -84,7 +86,7 @@ def load_engines(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *,
         config = backend
     else:
         config = make_config(backend, **cfg)  # validate once, before anything is built
-    int8 = getattr(config, "precision", None) == "int8"
+    int8 = config if isinstance(config, TensorRTConfig) and config.precision == "int8" else None
     images = read_samples(bundle) if int8 else []
     if int8 and not images:
         raise ValueError(f"{bundle.source}: INT8 needs the bundle's sample images for calibration; it has none")
@@ -98,8 +100,8 @@ def load_engines(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *,
 
                 x, lbs = letterbox_batch(images, entry.imgsz)
                 engines[entry.name], _ = build_gated_int8(
-                    path, entry, config, calibration=x, check=x,  # type: ignore[arg-type]
-                    decode=lambda raw, e=entry, lb=lbs: detect_batch(raw, e, lb),
+                    path, entry, int8, calibration=x, check=x,
+                    decode=functools.partial(detect_batch, entry=entry, letterboxes=lbs),
                     thresholds={c: entry.threshold(c) for c in entry.classes}, **dict(runtime or {}),
                 )
             else:

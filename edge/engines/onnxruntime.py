@@ -50,7 +50,7 @@ class OnnxRuntimeConfig(EngineConfig):
 
     type: Literal["onnxruntime"] = Field(default="onnxruntime", title="Backend", description="onnxruntime")
     providers: Annotated[list[Provider], BeforeValidator(_short_names)] = Field(
-        default_factory=lambda: ["auto"], min_length=1, title="Execution providers",
+        default_factory=lambda: list[Provider](["auto"]), min_length=1, title="Execution providers",
         description="in order of preference: auto, cpu, cuda, tensorrt (ONNX Runtime's names, e.g. "
         "CUDAExecutionProvider, mean the same). auto (the default) stands for every provider this "
         "onnxruntime build offers that is not listed before it, best first: tensorrt, cuda, cpu. A "
@@ -70,8 +70,8 @@ def choose_providers(config: OnnxRuntimeConfig, available: Sequence[str]) -> tup
     Pure, so the choice can be tested against any provider list (a Jetson's included).
     """
     wanted: list[tuple[str, bool]] = []  # (key, asked by name)
-    for key in config.providers:
-        wanted += [(k, False) for k in PROVIDER_NAMES] if key == "auto" else [(key, True)]
+    for asked in config.providers:
+        wanted += [(k, False) for k in PROVIDER_NAMES] if asked == "auto" else [(asked, True)]
     chosen: list[str | tuple[str, dict]] = []
     missing: list[str] = []
     done: set[str] = set()
@@ -157,5 +157,5 @@ class OnnxRuntimeEngine(Engine):
         return out[:n]
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None
         super().close()

@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -59,6 +59,11 @@ from edge.engines.trt_cache import (
     write_plan,
 )
 from edge.manifest import ModelEntry
+
+if TYPE_CHECKING:
+    # TensorRT's real Python API for the type checker: tensorrt-stubs (generated from NVIDIA's 10.13
+    # bindings; installed with --no-deps, see pyproject.toml). Never imported at run time.
+    import tensorrt_bindings as trt_api
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +114,11 @@ class TensorRTEngine(Engine):
     config_class = TensorRTConfig
     requires = ("tensorrt", "pycuda")
     config: TensorRTConfig
+    # owned by the inference thread (set in _setup, released in _teardown)
+    _logger: trt_api.ILogger
+    _runtime: trt_api.Runtime
+    _engine: trt_api.ICudaEngine
+    _context: trt_api.IExecutionContext
 
     def __init__(self, model_path: str | Path, entry: ModelEntry, config: TensorRTConfig, *,
                  calibration: np.ndarray | None = None, trt: Any = None, cuda: Any = None) -> None:
@@ -192,9 +202,13 @@ class TensorRTEngine(Engine):
     def _setup(self) -> None:
         trt, cuda = self._modules
         if trt is None:
-            import tensorrt as trt
+            import tensorrt
+
+            trt = tensorrt
         if cuda is None:
-            import pycuda.driver as cuda
+            import pycuda.driver
+
+            cuda = pycuda.driver
         self._trt, self._cuda = trt, cuda
         cuda.init()
         dev = cuda.Device(self.config.device)
@@ -218,7 +232,7 @@ class TensorRTEngine(Engine):
             calibration_sha256=_array_sha256(self._calibration) if self._calibration is not None else None,
         )
         self.plan_path = plan_path(cache_dir, key)
-        engine = None
+        engine: trt_api.ICudaEngine | None = None
         if self.plan_path.is_file() and not self.config.rebuild:
             engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
             if engine is None:
@@ -263,7 +277,7 @@ class TensorRTEngine(Engine):
             raise ValueError(f"{self.model_path}: input {inputs[0].name!r} refuses shape "
                              f"{[mb, *self.input_shape]}")
         for t in tensors:
-            shape = tuple(int(d) for d in self._context.get_tensor_shape(t.name))
+            shape = tuple(int(d) for d in self._context.get_tensor_shape(t.name)[:])  # Dims[:] is a tuple
             if shape[0] != mb or any(d < 0 for d in shape):
                 raise ValueError(f"{self.model_path}: tensor {t.name!r} has unresolved shape {list(shape)}")
             t.per_image = shape[1:]
@@ -290,7 +304,7 @@ class TensorRTEngine(Engine):
         for t in self._io:
             if t.is_input:
                 continue
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name))
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name)[:])
             if shape != (n, *t.per_image):
                 raise RuntimeError(f"{self.name}: output {t.name!r} has shape {list(shape)}, "
                                    f"expected {[n, *t.per_image]}")
@@ -324,15 +338,15 @@ def _array_sha256(a: np.ndarray) -> str:
 # --- building ---------------------------------------------------------------------------------------
 
 
-def build_plan(trt: Any, logger: Any, onnx_bytes: bytes, entry: ModelEntry, config: TensorRTConfig,
-               timing_cache: Path, calibrator: Any = None) -> bytes:
+def build_plan(trt: Any, logger: trt_api.ILogger, onnx_bytes: bytes, entry: ModelEntry, config: TensorRTConfig,
+               timing_cache: Path, calibrator: trt_api.IInt8Calibrator | None = None) -> bytes:
     """ONNX bytes -> serialised plan. Runs in the engine's thread (a CUDA context must be current)."""
     major = int(str(trt.__version__).split(".")[0])
     # Explicit batch is mandatory for ONNX before TensorRT 10 and the only mode from 10.0 on.
     flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    builder = trt.Builder(logger)
+    builder: trt_api.Builder = trt.Builder(logger)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    parser: trt_api.OnnxParser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ValueError(f"{entry.file}: TensorRT cannot parse the ONNX model: {errors}")
@@ -345,7 +359,8 @@ def build_plan(trt: Any, logger: Any, onnx_bytes: bytes, entry: ModelEntry, conf
         cfg.set_flag(trt.BuilderFlag.FP16)  # INT8 layers that cannot be quantised fall back to FP16
     s = entry.imgsz
     profile = builder.create_optimization_profile()
-    profile.set_shape(name, (1, 3, s, s), (config.max_batch, 3, s, s), (config.max_batch, 3, s, s))
+    lo, hi = trt.Dims([1, 3, s, s]), trt.Dims([config.max_batch, 3, s, s])
+    profile.set_shape(name, lo, hi, hi)
     cfg.add_optimization_profile(profile)
     if config.precision == "int8":
         if calibrator is None:

@@ -342,11 +342,11 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
     np_of = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_,
              "UINT8": np.uint8, "INT64": np.int64}
 
-    def nptype(dt) -> type:
-        return np_of[dt.name]
+    def nptype(trt_type) -> type:
+        return np_of[trt_type.name]
 
-    def volume(shape) -> int:
-        return int(np.prod(list(shape)))
+    def volume(iterable) -> int:
+        return int(np.prod(list(iterable)))
 
     TensorIOMode = enum.Enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
     flag_names = ["EXPLICIT_BATCH"] + (["STRONGLY_TYPED"] if major >= 10 else ["EXPLICIT_PRECISION"])
@@ -395,11 +395,11 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
         def num_outputs(self) -> int:
             return len(self.outputs)
 
-        def get_input(self, i: int) -> ITensor:
-            return self.inputs[i]
+        def get_input(self, index: int) -> ITensor:
+            return self.inputs[index]
 
-        def get_output(self, i: int) -> ITensor:
-            return self.outputs[i]
+        def get_output(self, index: int) -> ITensor:
+            return self.outputs[index]
 
     def _dims(shape) -> Dims:
         return Dims(d if isinstance(d, int) and d > 0 else -1 for d in shape)
@@ -413,8 +413,8 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
         def num_errors(self) -> int:
             return len(self.errors)
 
-        def get_error(self, i: int) -> str:
-            return self.errors[i]
+        def get_error(self, index: int) -> str:
+            return self.errors[index]
 
         def parse(self, model: bytes, path: str | None = None) -> bool:
             if not self.network.explicit_batch:
@@ -455,10 +455,10 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
         def serialize(self) -> IHostMemory:
             return IHostMemory(TIMING_MAGIC + json.dumps({**self.header, "entries": sorted(self.entries)}).encode())
 
-        def combine(self, other: ITimingCache, ignore_mismatch: bool) -> bool:
-            if other.header != self.header and not ignore_mismatch:
+        def combine(self, input_cache: ITimingCache, ignore_mismatch: bool) -> bool:
+            if input_cache.header != self.header and not ignore_mismatch:
                 return False
-            self.entries |= other.entries
+            self.entries |= input_cache.entries
             return True
 
         def reset(self) -> bool:
@@ -485,8 +485,8 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
         def get_flag(self, flag) -> bool:
             return BuilderFlag(flag).name in self.flags
 
-        def set_memory_pool_limit(self, pool, size: int) -> None:
-            self.pools[int(MemoryPoolType(pool))] = int(size)
+        def set_memory_pool_limit(self, pool, pool_size: int) -> None:
+            self.pools[int(MemoryPoolType(pool))] = int(pool_size)
 
         def get_memory_pool_limit(self, pool) -> int:
             return self.pools.get(int(MemoryPoolType(pool)), 1 << 40)
@@ -714,7 +714,7 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
             st.require("createExecutionContext")
             return IExecutionContext(self)
 
-        def run(self, x: np.ndarray) -> np.ndarray:
+        def _run(self, x: np.ndarray) -> np.ndarray:
             """What the GPU computes: the same ONNX graph, at this engine's precision."""
             if self.precision == "int8":
                 s = self.int8_scale
@@ -809,7 +809,7 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
 
             def op() -> None:
                 x = np.frombuffer(in_alloc.buf, np.float32, in_bytes // 4, in_off).reshape(in_shape)  # type: ignore
-                y = self.engine.run(x.copy())
+                y = self.engine._run(x.copy())
                 alloc, off = st.memory(out_addr, y.nbytes, "enqueueV3 output")
                 alloc.buf[off:off + y.nbytes] = y.tobytes()  # type: ignore[attr-defined]
                 gpu.executions += 1

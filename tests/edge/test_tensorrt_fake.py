@@ -7,8 +7,11 @@ is compared with the ONNX Runtime path on the same real bundle.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import enum
 import hashlib
+import inspect
 import threading
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import numpy as np
 import pytest
 from fake_tensorrt import ContractError, FakeGPU, LogicError
 from make_onnx import IMGSZ, STRIDE, patch_image, write_test_bundle, yolo_like
+from trt_stubs import stub_api, stub_member, stub_params
 
 from edge.bundle import load_bundle
 from edge.cli import main as edge_main
@@ -412,3 +416,116 @@ def test_plan_from_another_tensorrt_does_not_load(model, tmp_path):
 def test_samples_helper_reads_the_bundle(bundle):
     imgs = read_samples(bundle)
     assert len(imgs) == 4 and all(i.dtype == np.uint8 and i.ndim == 3 for i in imgs)
+
+
+# --- the fake against TensorRT's real Python API (tensorrt-stubs 10.13) -------------------------------
+def _fake_params(fn) -> list[tuple[str, bool]]:
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    if params and params[0].name in ("self", "cls"):
+        params = params[1:]
+    kinds = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return [(kinds.get(p.kind, p.name), p.default is not inspect.Parameter.empty or p.kind in kinds)
+            for p in params]
+
+
+def _signature_matches(fake: list[tuple[str, bool]], stub: list[tuple[str, bool]]) -> bool:
+    """The fake accepts exactly the calls the stub accepts, up to stub parameters with defaults it omits:
+    same names in the same order, a default where the stub has one, nothing required the stub lacks."""
+    if len(fake) > len(stub) and not any(n in ("*", "**") for n, _ in stub):
+        return False
+    for i, (name, has_default) in enumerate(fake):
+        if i >= len(stub):
+            return False
+        s_name, s_default = stub[i]
+        if s_name in ("*", "**"):
+            return True
+        if name != s_name or has_default != s_default:
+            return False
+    return all(d for _, d in stub[len(fake):])  # what the fake leaves out, the stub does not require
+
+
+def _fake_members(cls: type) -> dict[str, object]:
+    """What the fake class offers the code under test: public names defined in the fake itself."""
+    out: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__ != "fake_tensorrt":
+            continue
+        for name, value in vars(klass).items():
+            if not name.startswith("_") or name == "__init__":
+                out[name] = value
+    return out
+
+
+def test_the_fake_offers_only_what_tensorrt_10_has_with_its_signatures():
+    """Every class, function, method, property and enum member the 10.x fake offers exists in TensorRT
+    10.13's Python API (the tensorrt-stubs generated from NVIDIA's bindings) with a matching signature,
+    so the fake cannot drift from TensorRT: a method the real module lacks would pass the tests here and
+    fail on the Jetson."""
+    classes, module = stub_api()
+    trt = FakeGPU("10.3.0").trt
+    problems: list[str] = []
+    checked = 0
+    for name, value in vars(trt).items():
+        if name.startswith("__") and name != "__version__":
+            continue
+        if name not in module:
+            problems.append(f"tensorrt.{name}: not in TensorRT's API")
+            continue
+        checked += 1
+        if inspect.isfunction(value):
+            defs = module[name] or []
+            if not any(_signature_matches(_fake_params(value), stub_params(d)) for d in defs):
+                problems.append(f"tensorrt.{name}{_fake_params(value)}: stub has "
+                                f"{[stub_params(d) for d in defs]}")
+        if not isinstance(value, type):
+            continue
+        members: dict[str, object] = ({m.name: m for m in value} if issubclass(value, enum.Enum)  # type: ignore[arg-type]
+                                      else _fake_members(value))
+        for member, obj in members.items():
+            found, defs = stub_member(classes, name, member)
+            if member == "__init__" and not found:
+                continue  # TensorRT has no constructor for it (its factories make them); the fake's is internal
+            if not found:
+                problems.append(f"tensorrt.{name}.{member}: not in TensorRT's API")
+                continue
+            checked += 1
+            fn = obj.__func__ if isinstance(obj, staticmethod | classmethod) else obj
+            if isinstance(fn, property):
+                if defs is not None and not any(ast.unparse(x) == "property" for d in defs
+                                                for x in d.decorator_list):
+                    problems.append(f"tensorrt.{name}.{member}: a property in the fake, a method in TensorRT")
+            elif inspect.isfunction(fn):
+                if defs is None:
+                    problems.append(f"tensorrt.{name}.{member}: a method in the fake, an attribute in TensorRT")
+                elif not any(_signature_matches(_fake_params(fn), stub_params(d)) for d in defs):
+                    problems.append(f"tensorrt.{name}.{member}{_fake_params(fn)}: TensorRT has "
+                                    f"{[stub_params(d) for d in defs]}")
+    assert problems == []
+    assert checked > 100  # really compared (classes, enum members, methods)
+
+
+def test_the_stub_comparison_catches_drift():
+    """The checker itself: a method TensorRT 10 removed, and a renamed parameter, are both caught."""
+    classes, _ = stub_api()
+    assert stub_member(classes, "IExecutionContext", "execute_async_v3")[0]
+    assert not stub_member(classes, "IExecutionContext", "execute_async_v2")[0]  # binding API: gone in 10.x
+    assert not stub_member(classes, "Builder", "build_engine")[0]
+    (parse,) = stub_member(classes, "OnnxParser", "parse")[1] or []
+
+    def good(self, model, path=None): ...
+    def renamed(self, onnx, path=None): ...
+    def required(self, model, path): ...
+    assert _signature_matches(_fake_params(good), stub_params(parse))
+    assert not _signature_matches(_fake_params(renamed), stub_params(parse))
+    assert not _signature_matches(_fake_params(required), stub_params(parse))
+
+
+def test_the_stubs_are_the_pinned_ones():
+    """scripts/test.sh installs pyproject's pin (with --no-deps); an older stub would hide API drift."""
+    import importlib.metadata
+    import re
+
+    pin = re.search(r'"tensorrt-stubs==([^"]+)"', (Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert pin is not None
+    assert importlib.metadata.version("tensorrt-stubs") == pin.group(1)
