@@ -17,7 +17,7 @@ import numpy as np
 from edge.cascade import CascadePolicy, Decision, Route, decide, plan
 from edge.detection import Detection
 from edge.manifest import Manifest, ModelEntry
-from edge.vision import Letterbox, decode, letterbox_batch
+from edge.vision import Letterbox, class_thresholds, decode, letterbox_batch
 
 # Decode below every threshold so the gate and the disposal floor can see weak animals;
 # thresholds are applied by the cascade, not here.
@@ -32,6 +32,8 @@ class ModelRunner:
         self.engine = engine
         self.floor = floor
         self.last_ms = 0.0
+        # the decode floors, aligned with the classes once (not per frame)
+        self.conf = class_thresholds(entry.classes, {c: min(floor, entry.threshold(c)) for c in entry.classes})
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         if not images:
@@ -43,8 +45,7 @@ class ModelRunner:
         t = time.perf_counter()
         raw = self.engine.infer(batch)
         self.last_ms = (time.perf_counter() - t) * 1000.0
-        conf = {c: min(self.floor, self.entry.threshold(c)) for c in self.entry.classes}
-        return [decode(raw[i], self.entry.layout, self.entry.classes, lb, conf=conf,
+        return [decode(raw[i], self.entry.layout, self.entry.classes, lb, conf=self.conf,
                        iou=self.entry.iou_threshold, model=self.entry.name) for i, lb in enumerate(lbs)]
 
 

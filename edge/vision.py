@@ -92,39 +92,61 @@ def _as_bgr(img: np.ndarray) -> np.ndarray:
     raise ValueError(f"letterbox: expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {img.shape}")
 
 
-def letterbox_uint8(img_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    """Resize (keeping aspect) and pad to ``size`` x ``size``: HWC BGR uint8, ultralytics' rounding."""
-    img = _as_bgr(img_bgr)
+def _fit(h: int, w: int, size: int) -> tuple[int, int, int, int, int, int, Letterbox]:
+    """Ultralytics' letterbox arithmetic: (new_w, new_h, top, bottom, left, right, letterbox)."""
     if size <= 0:
         raise ValueError(f"letterbox: size must be positive, got {size}")
-    h, w = img.shape[:2]
     r = min(size / h, size / w)
     new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
     dw, dh = (size - new_w) / 2, (size - new_h) / 2
     top, bottom = round(dh - 0.1), round(dh + 0.1)
     left, right = round(dw - 0.1), round(dw + 0.1)
+    return new_w, new_h, top, bottom, left, right, Letterbox(scale=r, pad=(float(left), float(top)), shape=(h, w))
+
+
+def letterbox_uint8(img_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize (keeping aspect) and pad to ``size`` x ``size``: HWC BGR uint8, ultralytics' rounding."""
+    img = _as_bgr(img_bgr)
+    h, w = img.shape[:2]
+    new_w, new_h, top, bottom, left, right, lb = _fit(h, w, size)
     if (w, h) != (new_w, new_h):
         img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    return img, Letterbox(scale=r, pad=(float(left), float(top)), shape=(h, w))
+    return img, lb
 
 
 def letterbox(img_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     """One image -> model input: CHW float32 RGB in [0, 1], and the letterbox to map boxes back."""
-    img, lb = letterbox_uint8(img_bgr, size)
-    chw = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))
-    return chw.astype(np.float32) / np.float32(255.0), lb
+    x, lbs = letterbox_batch([img_bgr], size)
+    return x[0], lbs[0]
 
 
 def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, list[Letterbox]]:
-    """Several images -> NCHW float32 batch and one Letterbox per image."""
+    """Several images -> NCHW float32 batch (RGB in [0, 1]) and one Letterbox per image.
+
+    Two buffers per batch, none per image: each image is resized straight into its place on a
+    padded uint8 NHWC canvas (``cv2.resize`` writes into the view), then one numpy operation
+    swaps BGR to RGB, transposes to NCHW and scales the whole batch (``x / 255`` in float32,
+    bit-identical to ultralytics' ``im.float() / 255``).
+    """
     if len(images) == 0:
         raise ValueError("letterbox_batch: no images")
-    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    canvas = np.full((len(images), size, size, 3), PAD_VALUE, dtype=np.uint8)
     boxes: list[Letterbox] = []
     for i, im in enumerate(images):
-        out[i], lb = letterbox(im, size)
+        img = _as_bgr(im)
+        h, w = img.shape[:2]
+        new_w, new_h, top, _, left, _, lb = _fit(h, w, size)
+        place = canvas[i, top:top + new_h, left:left + new_w]
+        if (w, h) != (new_w, new_h):
+            r = cv2.resize(img, (new_w, new_h), dst=place, interpolation=cv2.INTER_LINEAR)
+            if r is not place:  # an OpenCV that would not write into the view: copy once
+                place[...] = r
+        else:
+            place[...] = img
         boxes.append(lb)
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    np.divide(canvas[..., ::-1].transpose(0, 3, 1, 2), np.float32(255.0), out=out)
     return out, boxes
 
 
@@ -167,12 +189,17 @@ def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def class_thresholds(classes: Sequence[str], conf: float | Mapping[str, float]) -> np.ndarray:
+def class_thresholds(classes: Sequence[str], conf: float | Mapping[str, float] | np.ndarray) -> np.ndarray:
     """Per-class score floors as a vector aligned with ``classes``.
 
     A mapping gives per-class floors; classes it does not name use its ``"*"`` entry, else 0.25.
+    An array is taken as already aligned (callers that decode every frame build it once).
     """
-    if isinstance(conf, Mapping):
+    if isinstance(conf, np.ndarray):
+        if conf.shape != (len(classes),):
+            raise ValueError(f"score thresholds: expected {len(classes)} values, got shape {conf.shape}")
+        t = conf.astype(np.float64, copy=False)
+    elif isinstance(conf, Mapping):
         unknown = set(conf) - set(classes) - {"*"}
         if unknown:
             raise ValueError(f"thresholds for unknown classes {sorted(unknown)}")
@@ -199,7 +226,7 @@ def decode(
     layout: Layout,
     classes: list[str],
     lb: Letterbox,
-    conf: float | dict[str, float] = DEFAULT_CONF,
+    conf: float | Mapping[str, float] | np.ndarray = DEFAULT_CONF,
     iou: float = 0.45,
     max_det: int = 300,
     model: str = "",
@@ -225,23 +252,28 @@ def decode(
             raise ValueError(
                 f"decode: yolov8 output for {nc} classes must be [{4 + nc}, anchors], got {list(out.shape)}"
             )
-        rows = out.T
-        xywh, cls_scores = rows[:, :4], rows[:, 4:]
+        scores = out[4:]  # [nc, A], contiguous rows: reduce over classes without a transpose
+        j = scores.argmax(0)
+        best = np.take_along_axis(scores, j[None], 0)[0]
+        idx = np.flatnonzero(best > thr[j])  # candidates only from here on
+        if idx.size == 0:
+            return []
+        xywh, cls_scores = out[:4, idx].T, scores[:, idx].T
     elif layout == "yolov5":
         if out.shape[1] != 5 + nc:
             raise ValueError(
                 f"decode: yolov5 output for {nc} classes must be [anchors, {5 + nc}], got {list(out.shape)}"
             )
-        xywh, cls_scores = out[:, :4], out[:, 5:] * out[:, 4:5]
+        obj = out[:, 4]
+        j = out[:, 5:].argmax(1)
+        best = out[np.arange(out.shape[0]), 5 + j] * obj
+        idx = np.flatnonzero(best > thr[j])
+        if idx.size == 0:
+            return []
+        xywh, cls_scores = out[idx, :4], out[idx, 5:] * obj[idx, None]
     else:
         raise ValueError(f"decode: unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
-
-    j = cls_scores.argmax(1)
-    best = cls_scores[np.arange(cls_scores.shape[0]), j]
-    keep = best > thr[j]
-    if not keep.any():
-        return []
-    xywh, cls_scores, j, best = xywh[keep], cls_scores[keep], j[keep], best[keep]
+    j, best = j[idx], best[idx]
     if best.shape[0] > MAX_NMS:
         top = np.argsort(-best, kind="stable")[:MAX_NMS]
         xywh, cls_scores, j, best = xywh[top], cls_scores[top], j[top], best[top]

@@ -14,6 +14,7 @@ from edge.vision import (
     letterbox_batch,
     letterbox_uint8,
     nms,
+    xywh2xyxy,
 )
 
 CLASSES = ["lynx", "fox", "deer"]
@@ -101,6 +102,21 @@ def test_letterbox_batch_stacks_images_of_different_shapes():
     np.testing.assert_array_equal(x[1], single)
     with pytest.raises(ValueError):
         letterbox_batch([], 96)
+
+
+@pytest.mark.parametrize("size", [96, 160, 640])
+def test_letterbox_batch_in_one_pass_equals_the_per_image_uint8_path(size):
+    """The batch is resized into one canvas and converted in one operation; every image must
+    come out bit-identical to letterbox_uint8 + BGR->RGB + CHW + float32 / 255 (the old path)."""
+    rng = np.random.default_rng(size)
+    imgs = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in
+            [(480, 640, 3), (640, 480, 3), (size, size, 3), (7, 3, 3), (1, 3000, 3), (90, 120), (50, 70, 4)]]
+    x, lbs = letterbox_batch(imgs, size)
+    for i, img in enumerate(imgs):
+        u8, lb = letterbox_uint8(img, size)
+        ref = np.ascontiguousarray(u8[:, :, ::-1].transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
+        np.testing.assert_array_equal(x[i], ref, err_msg=str(img.shape))
+        assert lb == lbs[i]
 
 
 # --- hand-made raw outputs -------------------------------------------------------------------
@@ -258,3 +274,38 @@ def test_class_offset_separates_classes_in_nms():
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], float)
     cls = np.array([0, 1])
     assert len(nms(boxes + cls[:, None] * MAX_WH, np.array([0.9, 0.8]), 0.5)) == 2
+
+
+def _reference_decode(out: np.ndarray, layout: str, nc: int, thr: float, iou: float) -> list[tuple]:
+    """The straightforward decode (transpose, score every anchor, then NMS): what the
+    vectorised ``decode`` must reproduce exactly."""
+    if layout == "yolov8":
+        rows = out.T
+        xywh, cls_scores = rows[:, :4], rows[:, 4:]
+    else:
+        xywh, cls_scores = out[:, :4], out[:, 5:] * out[:, 4:5]
+    j = cls_scores.argmax(1)
+    best = cls_scores[np.arange(len(j)), j]
+    keep = best > thr
+    xywh, j, best = xywh[keep], j[keep], best[keep]
+    boxes = xywh2xyxy(xywh)
+    kept = nms(boxes + j[:, None].astype(np.float32) * 7680, best, iou)
+    return [(int(j[k]), float(best[k]), *np.clip(boxes[k], 0, 320).tolist()) for k in kept]  # 320 px image
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+def test_vectorised_decode_equals_the_reference(layout):
+    rng = np.random.default_rng(7)
+    nc, a = 5, 2100
+    xywh = np.column_stack([rng.uniform(0, 320, a), rng.uniform(0, 320, a), rng.uniform(4, 80, (a, 2))])
+    probs = rng.beta(0.3, 3.0, (a, nc))  # mostly low scores, a few hundred above the floor
+    if layout == "yolov8":
+        out = np.vstack([xywh.T, probs.T]).astype(np.float32)
+    else:
+        out = np.column_stack([xywh, rng.uniform(0.2, 1.0, a), probs]).astype(np.float32)
+    lb = Letterbox(scale=1.0, pad=(0.0, 0.0), shape=(320, 320))
+    got = decode(out, layout, [f"c{i}" for i in range(nc)], lb, conf=0.3, iou=0.5, max_det=10_000)
+    ref = _reference_decode(out, layout, nc, 0.3, 0.5)
+    assert len(ref) > 50
+    assert [(d.cls, d.score) for d in got] == [(c, s) for c, s, *_ in ref]
+    np.testing.assert_allclose([d.box for d in got], [r[2:] for r in ref], atol=1e-3)

@@ -1,0 +1,133 @@
+"""P1: what the device code adds around one model, and how it compares with ultralytics predict.
+
+Per image, batch of one, side by side in one run (call by call, medians):
+
+- bare: ``session.run`` of the model's own ONNX Runtime session on an input letterboxed beforehand;
+- edge: ``ModelRunner.detect`` (letterbox + the engine + decode and NMS at the decode floor), the
+  daemon's per-model path;
+- ultralytics (640 px): ``YOLO(pt).predict`` of the same weights the ONNX graph was exported from.
+
+Graphs: at 160 px the shipped demo bundle's global model on the demo frames (a trained model, so
+decode and NMS have real candidates); at 640 px a YOLOv8n built from ultralytics' own yolov8n.yaml
+(random weights, nothing downloaded) exported by ``export.onnx.export_onnx``, on the real Reconyx
+frames. Needs the workstation venv (torch, ultralytics). Not a test: record results in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine  # noqa: E402
+from edge.imageio import read_image  # noqa: E402
+from edge.manifest import ModelEntry  # noqa: E402
+from edge.runner import ModelRunner  # noqa: E402
+from edge.vision import decode, letterbox_batch  # noqa: E402
+
+DEMO = ROOT / "edge" / "demo"
+REAL = ROOT / "tests" / "data" / "real-frames" / "reconyx-heron-night-burst"
+
+
+def compare(runner: ModelRunner, images: list[np.ndarray], rounds: int, extra=None,
+            originals: list[np.ndarray] | None = None) -> dict:
+    """Per image, the paths run back to back (bare, edge, extra), ``rounds`` times over the
+    images; the median of the per-call times of each path, in ms. Alternating call by call
+    keeps load from other processes hitting every path alike."""
+    session = runner.engine._session
+    inp = runner.engine.input_name
+    inputs = [letterbox_batch([im], runner.entry.imgsz)[0] for im in images]
+    raws = [session.run(None, {inp: x})[0] for x in inputs]
+    lbs = [letterbox_batch([im], runner.entry.imgsz)[1][0] for im in images]
+    e = runner.entry
+    paths = {"bare": lambda i: session.run(None, {inp: inputs[i]}), "edge": lambda i: runner.detect([images[i]]),
+             "letterbox": lambda i: letterbox_batch([images[i]], e.imgsz),
+             "decode": lambda i: decode(raws[i][0], e.layout, e.classes, lbs[i], conf=runner.conf,
+                                        iou=e.iou_threshold)}
+    if extra:
+        paths[extra[0]] = lambda i: extra[1]((originals or images)[i])
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for fn in paths.values():
+        fn(0)  # warm up
+    for _ in range(rounds):
+        for i in range(len(images)):
+            for k, fn in paths.items():
+                t = time.perf_counter()
+                fn(i)
+                times[k].append((time.perf_counter() - t) * 1000.0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    args = ap.parse_args(argv)
+    import onnxruntime
+    import torch
+    import ultralytics
+    from ultralytics import YOLO
+
+    from edge.bundle import load_bundle
+    from export.onnx import export_onnx
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = OnnxRuntimeConfig(providers=["cpu"], intra_op_threads=args.threads)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime "
+          f"{onnxruntime.__version__}, ultralytics {ultralytics.__version__}, torch {torch.__version__}; "
+          f"median per call over {args.rounds} rounds, the paths alternating call by call, batch 1")
+    rows = []
+
+    bundle = load_bundle(DEMO / "bundle")
+    g = bundle.manifest.global_model
+    demo_runner = ModelRunner(g, OnnxRuntimeEngine(bundle.root / g.file, g, cfg))
+    demo_frames = [cv2.imread(str(p)) for p in sorted((DEMO / "frames").glob("*.JPG"))]
+    r = compare(demo_runner, demo_frames, args.rounds)
+    rows.append(("demo global (trained), 160 px, demo frames", r))
+
+    real_paths = sorted(REAL.glob("*.JPG"))
+    real = [cv2.imread(str(p)) for p in real_paths]
+    with tempfile.TemporaryDirectory() as tmp:
+        pt = Path(tmp) / "yolov8n-random.pt"
+        model = YOLO("yolov8n.yaml")  # built from the package's yaml, random weights: no download
+        model.save(str(pt))
+        for size in (160, 640):
+            ex = export_onnx(pt, Path(tmp) / f"y{size}.onnx", imgsz=size)
+            entry = ModelEntry(name=f"y{size}", role="global", file=ex.onnx_path.name, sha256="0" * 64,
+                               classes=ex.classes, imgsz=size, layout=ex.layout)
+            runner = ModelRunner(entry, OnnxRuntimeEngine(ex.onnx_path, entry, cfg))
+            yolo = YOLO(str(pt))
+            extra = ("ultralytics", lambda im, s=size, y=yolo: y.predict(im, imgsz=s, conf=0.05, iou=0.45,
+                                                                         device="cpu", verbose=False))
+            rows.append((f"yolov8n (random weights), {size} px, real 2048x1440 frames",
+                         compare(runner, [read_image(p, max_side=size).bgr for p in real_paths], args.rounds,
+                                 extra, originals=real)))
+
+    print("| graph | bare session.run (ms) | edge path (ms) | edge / bare [<= 1.05x] | letterbox + decode "
+          "(ms) | (bare + those) / bare | ultralytics predict (ms) | ultralytics / edge [>= 2x] |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, r in rows:
+        u, e, b = r.get("ultralytics"), r["edge"], r["bare"]
+        parts = r["letterbox"] + r["decode"]
+        ucol = "| |" if u is None else f"| {u:.2f} | {u / e:.2f}x |"
+        print(f"| {label} | {b:.2f} | {e:.2f} | {e / b:.2f}x | {r['letterbox']:.2f} + {r['decode']:.2f} "
+              f"| {(b + parts) / b:.3f}x {ucol}")
+    print("Edge path: letterbox + engine + decode/NMS on the frame as the daemon's reader hands it "
+          "(real frames read reduced to the input size, benchmarks/decode.py times that read); "
+          "ultralytics predict gets the full decoded 2048x1440 frame and letterboxes it itself.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
