@@ -40,10 +40,12 @@ from edge.events import EventGrouper, make_frame
 from edge.imageio import ImageError, LoadedImage, read_image
 from edge.ledger import DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
 from edge.messages import (
+    Topics,
     encode_detection_json,
     message_from_decision,
     telemetry_payload,
 )
+from edge.mqtt_commands import CommandRegistry, Request
 from edge.runner import CascadeRunner, Classified, Prepared
 from edge.sdnotify import Notifier, watchdog_interval
 
@@ -92,6 +94,10 @@ class Daemon:
         self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
         self._camera_tz = ZoneInfo(cfg.device.timezone)
         self._publishing = cfg.mqtt is not None  # no broker configured: ledger and records only
+        # MQTT commands (cmd/<name>); later features register theirs here before start()
+        self.commands = CommandRegistry()
+        self.commands.register("ping", self._cmd_ping)
+        self.commands.register("status", self._cmd_status)
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -145,7 +151,7 @@ class Daemon:
             from edge.publish import Publisher
 
             self.publisher = Publisher(cfg.mqtt, self.ledger, cfg.device.id, model=self.model_version,
-                                       on_command=self._command)
+                                       commands=self.commands)
             self.publisher.start()
         from edge.ingest import Ingest
 
@@ -290,9 +296,9 @@ class Daemon:
                                         group_of=self.group_of, model=self.model_version, event=ev,
                                         file=os.path.basename(it.row.path), alert=alert)
             payload = encode_detection_json(msg)
-            msgs.append(OutMsg("detection", "detections", payload, image_id=it.row.id))
+            msgs.append(OutMsg("detection", Topics.DETECTIONS, payload, image_id=it.row.id))
             if alert:
-                msgs.append(OutMsg("alert", "alerts", payload, image_id=it.row.id))
+                msgs.append(OutMsg("alert", Topics.ALERTS, payload, image_id=it.row.id))
                 self._alerted.add((ev, sp))
                 result["alerted"] = sp  # so a restart does not alert twice for this event
         try:
@@ -353,7 +359,7 @@ class Daemon:
             msg = message_from_decision(ev_dec, seq=ev, time=int(min(r.get("taken_at") or 0 for r in results)),
                                         codes=self.codes, group_of=self.group_of, model=self.model_version,
                                         event=ev)
-            msgs.append(OutMsg("detection", "events", encode_detection_json(msg)))
+            msgs.append(OutMsg("detection", Topics.EVENTS, encode_detection_json(msg)))
         self.ledger.close_event(ev, ev_dec.to_dict(), msgs)
 
     # -- periodic ---------------------------------------------------------------------------
@@ -380,16 +386,16 @@ class Daemon:
                                     disk_free_mb=free_mb(folder), temp_c=cpu_temperature(),
                                     extra={"alarm": self._disposal_alarm} if self._disposal_alarm else None)
         if self._publishing:
-            self.ledger.enqueue([OutMsg("telemetry", "telemetry", payload)])
+            self.ledger.enqueue([OutMsg("telemetry", Topics.TELEMETRY, payload)])
         log.info("telemetry %s", payload.decode())
 
-    def _command(self, name: str, payload: bytes):
-        if name == "ping":
-            return {"pong": int(time.time()), "model": self.model_version}
-        if name == "status":
-            return {"model": self.model_version, "states": self.ledger.state_counts(),
-                    "outbox": self.ledger.outbox_depth()}
-        return {"error": f"unknown command {name!r}; this version knows ping and status"}
+    # -- commands (the command thread; edge.mqtt_commands) -------------------------------------
+    def _cmd_ping(self, req: Request) -> dict:
+        return {"pong": int(time.time()), "model": self.model_version}
+
+    def _cmd_status(self, req: Request) -> dict:
+        return {"model": self.model_version, "states": self.ledger.state_counts(),
+                "outbox": self.ledger.outbox_depth()}
 
     # -- shutdown ---------------------------------------------------------------------------
     def stop(self) -> None:

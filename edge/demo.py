@@ -246,6 +246,7 @@ def run_demo(*, frames_dir: Path | None = None, broker: str | None = None, keep:
     from edge.bundle import load_bundle
     from edge.config import load_config
     from edge.daemon import Daemon
+    from edge.messages import topics
 
     frames = demo_frames(Path(frames_dir) if frames_dir else DEMO_FRAMES)
     bundle = load_bundle(DEMO_BUNDLE, public_keys=sorted(DEMO_KEYS.glob("*.pub")), require_signature=True)
@@ -273,7 +274,8 @@ def run_demo(*, frames_dir: Path | None = None, broker: str | None = None, keep:
             embedded = EmbeddedBroker().start()
             host, port = embedded.host, embedded.port
             say(f"broker: embedded amqtt on {host}:{port}")
-        topic = f"camtrap/{DEVICE_ID}/#"
+        device_topics = topics(None, DEVICE_ID)  # the demo config keeps the default prefix
+        topic = device_topics.prefix + "#"
         sub = Subscriber(host, port, topic).start()
         say(f"subscribed to {topic}")
         cfg_path = write_config(work / "config.yaml", watch=watch, state=state, host=host, port=port)
@@ -330,7 +332,7 @@ def run_demo(*, frames_dir: Path | None = None, broker: str | None = None, keep:
         daemon = None
         time.sleep(0.5)  # the last messages may still be on their way to the subscriber
         pump()
-        detections = [m for m in received if m.topic.endswith("/detections")]
+        detections = [m for m in received if m.topic == device_topics.detections]
         say(f"summary: frames {len(frames)}, results {animals + empties + failed}, animals {animals}, "
             f"empties {empties}, unreadable {failed}, messages {len(received)} "
             f"(detections {len(detections)}), outbox {outbox}")

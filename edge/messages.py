@@ -3,8 +3,10 @@
 One place for every byte that leaves the device, so the daemon, the demo and ``camtrap-edge
 decode`` cannot disagree.
 
-Topics, under a prefix (default ``camtrap/<device_id>/``): ``status`` (retained), ``detections``, ``events``,
-``alerts`` (same schema as detections), ``telemetry``, ``cmd/<name>`` (``cmd/<name>/reply``).
+Topics (``Topics``; the only place their names are spelt), under a prefix (default
+``camtrap/<device_id>/``): ``status`` (retained, last will), ``detections``, ``events``, ``alerts``
+(same schema as detections), ``telemetry``, ``update`` (retained), ``cmd/<name>`` in and
+``cmd/<name>/reply[/...]`` out.
 
 Compact JSON detection (schema v1, keys in this order, absent keys mean "none")::
 
@@ -56,6 +58,7 @@ import struct
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 VERSION = 1
 JSON_BUDGET = 200  # bytes, one animal
@@ -76,37 +79,163 @@ _CRC = struct.Struct(">H")
 
 
 # --- topics ------------------------------------------------------------------------------------
+DEFAULT_PREFIX = "camtrap/{device_id}/"
+PREFIX_MAX = 128  # UTF-8 bytes of the prefix as written in the config (before {device_id})
+DEVICE_ID_MAX = 64
+NAME_MAX = 32  # a command name
+TOPIC_MAX = 65535  # MQTT's limit on a topic name, UTF-8 bytes
+_COMMAND_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+
+
 @dataclass(frozen=True)
 class Topics:
+    """Every topic the device publishes on or listens to, under one prefix.
+
+    The class constants are the names relative to the prefix (what the outbox stores, so that a
+    prefix change in the config does not strand queued rows); an instance, made by ``topics``,
+    gives the full names. The publisher, the daemon, the demo and the tests all take topic names
+    from here and nowhere else.
+    """
+
+    STATUS: ClassVar[str] = "status"  # retained availability; the last will says "offline"
+    DETECTIONS: ClassVar[str] = "detections"
+    ALERTS: ClassVar[str] = "alerts"  # watch-list species, once per event
+    EVENTS: ClassVar[str] = "events"  # one event-level answer per burst
+    TELEMETRY: ClassVar[str] = "telemetry"
+    UPDATE: ClassVar[str] = "update"  # retained state of a model update (issue 8)
+    CMD: ClassVar[str] = "cmd/"  # cmd/<name> in, cmd/<name>/reply[/...] out
+    REPLY: ClassVar[str] = "/reply"
+    PUBLISHED: ClassVar[tuple[str, ...]] = ("status", "detections", "alerts", "events", "telemetry", "update")
+
     prefix: str
-    status: str
-    detections: str
-    alerts: str
-    telemetry: str
-    cmd: str  # subscription filter for commands: <prefix>cmd/+
+
+    def full(self, relative: str) -> str:
+        """The full topic of a name relative to the prefix (an outbox row's ``topic``)."""
+        return self.prefix + relative
+
+    @property
+    def status(self) -> str:
+        return self.prefix + self.STATUS
+
+    @property
+    def detections(self) -> str:
+        return self.prefix + self.DETECTIONS
+
+    @property
+    def alerts(self) -> str:
+        return self.prefix + self.ALERTS
+
+    @property
+    def events(self) -> str:
+        return self.prefix + self.EVENTS
+
+    @property
+    def telemetry(self) -> str:
+        return self.prefix + self.TELEMETRY
+
+    @property
+    def update(self) -> str:
+        return self.prefix + self.UPDATE
+
+    @property
+    def command_filter(self) -> str:
+        """The subscription that receives every command: ``<prefix>cmd/+``."""
+        return self.prefix + self.CMD + "+"
 
     def command(self, name: str) -> str:
-        return f"{self.prefix}cmd/{name}"
+        return self.prefix + self.CMD + name
 
     def reply(self, name: str) -> str:
-        """Reply topic for MQTT 3.1.1 clients (MQTT 5 uses the request's response topic)."""
-        return f"{self.prefix}cmd/{name}/reply"
+        """The default reply topic (MQTT 3.1.1 clients, or no valid response topic)."""
+        return self.prefix + self.CMD + name + self.REPLY
+
+    def command_name(self, topic: str) -> str | None:
+        """``name`` for ``<prefix>cmd/<name>``, else None."""
+        head = self.prefix + self.CMD
+        if not topic.startswith(head):
+            return None
+        name = topic[len(head):]
+        return name if name and "/" not in name else None
+
+    def is_reply_topic(self, name: str, topic: str) -> bool:
+        """May a reply to command ``name`` go to ``topic``? Only inside the command's own reply
+        subtree, ``<prefix>cmd/<name>/reply`` or below it, and only a valid topic name: a
+        requester must not make the device publish on another device's topics, on its own
+        detection streams or on anything outside its prefix."""
+        own = self.reply(name)
+        return (topic == own or topic.startswith(own + "/")) and topic_name_problem(topic) is None
 
 
-_BAD_TOPIC = re.compile(r"[+#\x00]")
+def topic_name_problem(topic: str) -> str | None:
+    """Why ``topic`` cannot be published to (wildcards, NUL, empty, too long), or None."""
+    if not topic:
+        return "empty"
+    if "+" in topic or "#" in topic:
+        return "holds a wildcard (+ or #)"
+    if "\x00" in topic:
+        return "holds NUL"
+    if len(topic.encode("utf-8", "surrogatepass")) > TOPIC_MAX:
+        return f"longer than {TOPIC_MAX} bytes"
+    return None
+
+
+def _controls(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why a configured topic prefix is refused, or None. One rule, checked by the config and by
+    ``topics``: it holds ``{device_id}`` (each device its own subtree, and the reply rule above
+    relies on it) and no other placeholder, ends in '/', starts with neither '/' nor '$' (the
+    broker's own ``$SYS`` topics), holds no wildcard and no control character, and is at most
+    ``PREFIX_MAX`` bytes."""
+    if len(prefix.encode("utf-8", "surrogatepass")) > PREFIX_MAX:
+        return f"is longer than {PREFIX_MAX} bytes"
+    if _controls(prefix):
+        return "holds a control character (NUL, newline, ...)"
+    if "+" in prefix or "#" in prefix:
+        return "must not contain the wildcards + or #"
+    if prefix.startswith("$"):
+        return "must not start with '$' (reserved for the broker, as in $SYS)"
+    if prefix.startswith("/"):
+        return "must not start with '/'"
+    if not prefix.endswith("/"):
+        return "must end with '/'"
+    unknown = sorted({m for m in re.findall(r"\{([^{}]*)\}", prefix) if m != "device_id"})
+    if unknown:
+        return f"has unknown placeholder(s) {unknown}; only {{device_id}}"
+    if "{device_id}" not in prefix:
+        return "must contain {device_id}, so that each device has its own topics"
+    return None
+
+
+def device_id_problem(device_id: str) -> str | None:
+    if not device_id or len(device_id.encode("utf-8", "surrogatepass")) > DEVICE_ID_MAX:
+        return f"must be 1 to {DEVICE_ID_MAX} bytes"
+    if any(c in device_id for c in "/+#$") or _controls(device_id):
+        return "must not contain '/', '+', '#', '$' or control characters"
+    return None
+
+
+def command_name_problem(name: str) -> str | None:
+    """Command names are short lowercase words (``ping``, ``update``): anything else is refused
+    before a handler is looked up or a line is logged with it."""
+    if len(name) > NAME_MAX or not _COMMAND_NAME.fullmatch(name):
+        return f"is not a command name (a-z, 0-9, '-', '_', starting with a letter, at most {NAME_MAX})"
+    return None
 
 
 def topics(prefix: str | None, device_id: str) -> Topics:
-    """Topic names for a device. ``prefix`` may hold ``{device_id}``; None or "" means the default
-    ``camtrap/<device_id>/``. A trailing slash is added when missing."""
-    if not device_id or "/" in device_id or _BAD_TOPIC.search(device_id):
-        raise ValueError(f"device_id {device_id!r} must be non-empty, without '/', '+', '#' or NUL")
-    p = (prefix or "camtrap/{device_id}/").replace("{device_id}", device_id)
-    if _BAD_TOPIC.search(p) or p.startswith("/"):
-        raise ValueError(f"topic prefix {p!r} must not contain '+', '#' or NUL nor start with '/'")
-    if not p.endswith("/"):
-        p += "/"
-    return Topics(p, p + "status", p + "detections", p + "alerts", p + "telemetry", p + "cmd/+")
+    """Topic names for a device. ``prefix`` holds ``{device_id}`` (see ``prefix_problem``);
+    None or "" means the default ``camtrap/{device_id}/``. Raises ValueError naming the problem."""
+    template = prefix or DEFAULT_PREFIX
+    why = device_id_problem(device_id)
+    if why:
+        raise ValueError(f"device_id {device_id!r} {why}")
+    why = prefix_problem(template)
+    if why:
+        raise ValueError(f"topic prefix {template!r} {why}")
+    return Topics(template.replace("{device_id}", device_id))
 
 
 # --- helpers -----------------------------------------------------------------------------------

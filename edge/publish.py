@@ -1,11 +1,16 @@
 """The MQTT session: availability (retained status + last will), the outbox drained in order and
 removed only on PUBACK, and commands in.
 
-Two threads. paho's network thread (``loop_start``) owns the socket, reconnects with backoff and
-runs the callbacks; the callbacks only record events. The publisher thread owns the outbox
-window: it reads rows from the ledger, hands them to paho, and deletes a row (``ledger.ack``)
-when the PUBACK for its packet id arrives (QoS 0 rows: when written to the socket). It is woken
-by the ledger when rows are added, by paho events, and every ``poll_s`` as a safety net.
+Three threads. The network thread (``_network``, ours, driving paho's ``loop``) owns the socket:
+it connects, and after a failure waits a jittered, capped backoff (``edge.mqtt_link.Backoff``)
+and says why the attempt failed in one line, once per outage and again when the reason changes
+(``describe_failure``); paho's callbacks run on it and only record events. The publisher thread
+owns the outbox window: it reads rows from the ledger, hands them to paho, and deletes a row
+(``ledger.ack``) when the PUBACK for its packet id arrives (QoS 0 rows: when written to the
+socket). It is woken by the ledger when rows are added, by paho events, and every ``poll_s`` as
+a safety net. The command thread (``edge.mqtt_commands.CommandWorker``) runs commands, so no
+command, whatever its payload or properties, can stall the outbox. Every topic comes from one
+``edge.messages.Topics``.
 
 Delivery guarantee: at least once, in order. A message stays in the ledger until the broker
 acknowledged it, across reconnects (paho resends the unacknowledged packets, with DUP, right
@@ -19,14 +24,14 @@ per outage and, after a resend, the raw stream steps back. Each message carries 
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
+import random
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -38,19 +43,17 @@ from paho.mqtt.reasoncodes import ReasonCode
 from . import __version__
 from .ledger import Ledger, OutMsg
 from .messages import status_payload
+from .mqtt_commands import CommandRegistry, CommandWorker
 from .mqtt_config import MqttConfig
+from .mqtt_link import Backoff, describe_failure
 
 log = logging.getLogger(__name__)
 
-STATUS_TOPIC = "status"
-CMD_TOPIC = "cmd/"
 # PUBACK reason codes that will not get better by resending: drop the row (counted) instead
 # of blocking the queue behind it forever. Anything else (quota, server busy) is retried.
 _PERMANENT = {0x87: "not authorized", 0x90: "topic name invalid", 0x95: "packet too large",
               0x99: "payload format invalid"}
-_AUTH_CODES = {134, 135}  # bad user name or password, not authorized (v5; paho maps 3.1.1's 4/5 here)
-
-CommandHandler = Callable[[str, bytes], "Mapping[str, Any] | str | bytes | None"]
+_CLOSE_GRACE_S = 2.0  # after stop(): how long the network thread may take to write the DISCONNECT
 
 
 class Publisher:
@@ -58,21 +61,22 @@ class Publisher:
 
     ``model`` (the bundle version) and ``status_extra`` go into the retained status; ``boot_id``
     identifies this run of the daemon (random by default) so subscribers can tell a restart from
-    a reconnect. ``on_command(name, payload)`` handles ``<prefix>cmd/<name>``; it runs on the
-    publisher thread (keep it short or hand work off) and its return value, if not None, is sent
-    to the MQTT 5 response topic (with the correlation data) or to ``cmd/<name>/reply``.
+    a reconnect. ``commands`` (a ``CommandRegistry``) answers ``<prefix>cmd/<name>`` on the
+    command thread; see ``edge.mqtt_commands`` for where replies may go. ``rng`` seeds the
+    reconnect jitter (tests).
     """
 
     def __init__(self, config: MqttConfig, ledger: Ledger, device_id: str, *,
-                 model: str | None = None, on_command: CommandHandler | None = None,
+                 model: str | None = None, commands: CommandRegistry | None = None,
                  status_extra: Mapping[str, Any] | None = None, boot_id: str | None = None,
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, rng: random.Random | None = None) -> None:
         self.cfg = config
         self.ledger = ledger
         self.device_id = device_id
-        self.prefix = config.topic_prefix(device_id)
-        self.status_topic = self.prefix + STATUS_TOPIC
-        self.on_command = on_command
+        self.topics = config.topics(device_id)
+        self.prefix = self.topics.prefix
+        self.status_topic = self.topics.status
+        self.commands = commands
         self.boot_id = boot_id or uuid.uuid4().hex[:12]
         self.poll_s = poll_s
         self.model = model
@@ -87,9 +91,18 @@ class Publisher:
         self._inflight: dict[int, OutMsg] = {}  # paho mid -> row; publisher thread only
         self._after = 0  # highest seq handed to paho; publisher thread only
         self._retry_at = 0.0
-        self._down_logged = False
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
+        self._net_thread: threading.Thread | None = None
+        self._closing = threading.Event()  # the network thread ends once the DISCONNECT is out
+        self._backoff = Backoff(config.reconnect_min_s, config.reconnect_max_s, config.reconnect_jitter, rng)
+        # one connection attempt, seen from the network thread
+        self._attempt_connack: ReasonCode | None = None
+        self._attempt_sock_error: str | None = None
+        self._up_since: float | None = None  # CONNACK accepted (monotonic)
+        self._outage_kind: str | None = None  # the reason already logged for this outage
+        self._outage_since = 0.0
+        self._worker: CommandWorker | None = None
         self.last_error: str | None = None
         self.stats: Counter[str] = Counter()
 
@@ -101,13 +114,17 @@ class Publisher:
             raise RuntimeError("a Publisher starts once; make a new one after stop()")
         self._client = self._make_client()
         self.ledger.add_outbox_listener(self.notify)
+        if self.commands is not None:
+            self._worker = CommandWorker(self.commands, self.topics, self._publish_reply)
+            self._worker.start()
         self._thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
         self._thread.start()
         kwargs: dict[str, Any] = {"clean_start": True} if self._v5 else {}
         self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **kwargs)
-        self._client.loop_start()
         log.info("MQTT publisher for %s -> %s:%d (MQTT %s%s), prefix %s", self.device_id, self.cfg.host,
                  self.cfg.port, self.cfg.protocol, ", TLS" if self.cfg.tls else "", self.prefix)
+        self._net_thread = threading.Thread(target=self._network, name="mqtt-network", daemon=True)
+        self._net_thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Let in-flight messages be acknowledged (up to about half of ``timeout``), publish the
@@ -131,8 +148,12 @@ class Publisher:
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
             except (RuntimeError, ValueError) as e:
                 log.warning("could not publish the stopped status: %s", e)
+        self._closing.set()
         client.disconnect()
-        client.loop_stop()
+        if self._net_thread is not None:
+            self._net_thread.join(max(0.1, deadline - time.monotonic()) + _CLOSE_GRACE_S)
+        if self._worker is not None:
+            self._worker.stop()
         self.ledger.remove_outbox_listener(self.notify)
         self._connected.clear()
         self._thread = None
@@ -183,12 +204,15 @@ class Publisher:
                              client_id=cfg.client_id_for(self.device_id),
                              protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
                              clean_session=None if self._v5 else True)
-        client.on_log = _paho_log
+        client.on_log = self._on_log
         client.suppress_exceptions = True  # a bug in a callback is logged; it must not end the network loop
-        client.max_inflight_messages_set(cfg.max_inflight + 16)  # our window is the limit; room for status
+        # room beyond our window: the status, and at most MAX_REPLIES_INFLIGHT command replies
+        client.max_inflight_messages_set(cfg.max_inflight + 16)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
         client.connect_timeout = cfg.connect_timeout_s
+        # our own thread drives the loop; without this hook paho would write to the socket from
+        # whichever thread calls publish(), racing the network thread
+        client.on_socket_register_write = _no_op
         if cfg.tls is not None:
             import ssl
 
@@ -203,7 +227,6 @@ class Publisher:
         client.will_set(self.status_topic, self._status_payload("offline"),
                         qos=cfg.qos.status, retain=True)
         client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
@@ -214,35 +237,91 @@ class Publisher:
         return status_payload(state, time=int(time.time()), model=self.model, boot_id=self.boot_id,
                               version=__version__, extra=self._status_extra)
 
-    # callbacks: paho's network thread; they only record events and publish the status
+    # -- network thread ---------------------------------------------------------------------
+    def _network(self) -> None:
+        """Connect, serve the link until it ends, wait a jittered backoff, again; until stop()."""
+        client = self._client
+        assert client is not None
+        while not self._closing.is_set():
+            self._attempt_connack = None
+            self._attempt_sock_error = None
+            try:
+                client.reconnect()
+            except Exception as e:  # DNS, refused, TLS (ssl.SSLError is an OSError), a bad CA file
+                self._failed(e)
+            else:
+                self._serve(client)
+            if self._closing.is_set():
+                return
+            self._closing.wait(self._backoff.next())
+
+    def _serve(self, client: mqtt.Client) -> None:
+        began = time.monotonic()
+        closing_at: float | None = None
+        while True:
+            try:
+                rc = client.loop(timeout=1.0)
+            except Exception as e:  # paho should not raise here; if it does, treat the link as lost
+                self._attempt_sock_error = self._attempt_sock_error or f"{type(e).__name__}: {e}"
+                rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            if self._closing.is_set():
+                closing_at = closing_at or time.monotonic()
+                if time.monotonic() - closing_at > _CLOSE_GRACE_S:
+                    break
+        if self._up_since is not None:
+            if time.monotonic() - self._up_since >= self.cfg.reconnect_max_s:
+                self._backoff.reset()  # the link held: the next outage starts from reconnect_min_s
+            self._up_since = None
+        elif not self._closing.is_set():
+            waited = time.monotonic() - began
+            self._failed(None, no_answer_s=float(self.cfg.keepalive) if waited >= self.cfg.keepalive
+                         and self._attempt_connack is None and self._attempt_sock_error is None else None)
+
+    def _failed(self, error: BaseException | None, no_answer_s: float | None = None) -> None:
+        """One failed attempt: say why, once per outage and again when the reason changes."""
+        connack = self._attempt_connack
+        tls = self.cfg.tls
+        f = describe_failure(error if error is not None else self._attempt_sock_error, port=self.cfg.port,
+                             tls=tls is not None, client_cert=tls is not None and tls.cert_file is not None,
+                             connack=connack.value if connack is not None else None,
+                             connack_text=str(connack) if connack is not None else "",
+                             timeout_s=self.cfg.connect_timeout_s, no_answer_s=no_answer_s)
+        self.stats["connect_failures"] += 1
+        self.last_error = f"cannot connect to MQTT broker {self.cfg.host}:{self.cfg.port}: {f.reason}"
+        if f.kind == self._outage_kind:
+            return
+        if self._outage_kind is None:
+            self._outage_since = time.monotonic()
+        self._outage_kind = f.kind
+        level = logging.ERROR if f.kind == "auth" or f.kind.startswith(("tls", "connack")) else logging.WARNING
+        log.log(level, "%s; retrying every %g s at most (outbox: %d message(s))", self.last_error,
+                self.cfg.reconnect_max_s, self._depth())
+
+    # callbacks: the network thread; they only record events and publish the status
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
         if reason.is_failure:
-            hint = " (check mqtt.username and the password)" if reason.value in _AUTH_CODES else ""
-            self.last_error = f"MQTT broker {self.cfg.host}:{self.cfg.port} refused the connection: {reason}{hint}"
-            log.error("%s", self.last_error)
+            self._attempt_connack = reason  # reported by _failed once the broker closes the link
             self.stats["refused"] += 1
             return
+        if self._outage_kind is not None:
+            log.info("MQTT broker %s:%d reachable again after %.0f s", self.cfg.host, self.cfg.port,
+                     time.monotonic() - self._outage_since)
+        self._outage_kind = None
+        self._up_since = time.monotonic()
         self.last_error = None
-        self._down_logged = False
         self.stats["connects"] += 1
         log.info("connected to MQTT broker %s:%d as %s", self.cfg.host, self.cfg.port,
                  self.cfg.client_id_for(self.device_id))
         # availability first; paho resends unacknowledged outbox packets right after this returns
         client.publish(self.status_topic, self._status_payload("online"), qos=self.cfg.qos.status, retain=True)
-        if self.on_command is not None:
-            client.subscribe(self.prefix + CMD_TOPIC + "+", qos=1)
+        if self.commands is not None:
+            client.subscribe(self.topics.command_filter, qos=1)
         self._connected.set()
         self._events.put(("connected",))
         self._wake.set()
-
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        if not self._down_logged:
-            log.warning("cannot connect to MQTT broker %s:%d (unreachable, refused or TLS handshake failed); "
-                        "retrying with backoff (outbox: %d message(s))",
-                        self.cfg.host, self.cfg.port, self._depth())
-            self._down_logged = True
-        self.last_error = self.last_error or f"cannot reach MQTT broker {self.cfg.host}:{self.cfg.port}"
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
@@ -251,6 +330,8 @@ class Publisher:
         self._commands_ready.clear()
         if was and not self._stopping.is_set():
             self.stats["disconnects"] += 1
+            self._outage_kind = "lost"
+            self._outage_since = time.monotonic()
             log.warning("lost the MQTT broker (%s); %d message(s) wait in the outbox", reason, self._depth())
         self._wake.set()
 
@@ -264,12 +345,32 @@ class Publisher:
         if all(not r.is_failure for r in reasons):
             self._commands_ready.set()
         else:
-            log.error("the broker refused the command subscription %s%s+: %s", self.prefix, CMD_TOPIC, reasons)
+            log.error("the broker refused the command subscription %s: %s", self.topics.command_filter, reasons)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic.startswith(self.prefix + CMD_TOPIC):
-            self._events.put(("cmd", msg))
-            self._wake.set()
+        if self._worker is None:
+            return
+        try:
+            self._worker.submit(msg.topic, msg.payload, getattr(msg, "properties", None))
+        except Exception:  # msg.topic may not decode; nothing from the wire may end the network loop
+            self.stats["bad_messages"] += 1
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        # paho reports a socket error only here; a TLS 1.3 alert (client certificate required or
+        # refused) arrives on the first read after the handshake, so this is how _failed learns it
+        for head in ("failed to receive on socket: ", "timeout on socket: "):
+            if buf.startswith(head):
+                self._attempt_sock_error = buf[len(head):]
+        _paho_log(client, userdata, level, buf)
+
+    def _publish_reply(self, topic: str, body: bytes, correlation: bytes | None) -> mqtt.MQTTMessageInfo:
+        """Send a command reply (the command thread); the topic is already checked."""
+        assert self._client is not None
+        props = None
+        if self._v5 and correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+        return self._client.publish(topic, body, qos=1, properties=props)
 
     def _depth(self) -> int:
         """Outbox depth for a log line from paho's thread, which must never raise (an exception
@@ -302,8 +403,6 @@ class Publisher:
                 return
             if event[0] == "ack":
                 self._acked(event[1], event[2])
-            elif event[0] == "cmd":
-                self._command(event[1])
 
     def _acked(self, mid: int, reason: ReasonCode) -> None:
         row = self._inflight.pop(mid, None)
@@ -342,7 +441,7 @@ class Publisher:
                 props = Properties(PacketTypes.PUBLISH)
                 props.UserProperty = ("seq", str(row.seq))
             try:
-                info = self._client.publish(self.prefix + row.topic, row.payload, qos=qos, retain=row.retain,
+                info = self._client.publish(self.topics.full(row.topic), row.payload, qos=qos, retain=row.retain,
                                             properties=props)
             except ValueError as e:  # bad topic or payload: it will never go out
                 self.ledger.ack(row.seq)
@@ -358,35 +457,11 @@ class Publisher:
             self.stats["published"] += 1
             room -= 1
 
-    def _command(self, msg: mqtt.MQTTMessage) -> None:
-        name = msg.topic[len(self.prefix + CMD_TOPIC):]
-        if self.on_command is None:
-            return
-        log.info("command %s received (%d bytes)", name, len(msg.payload))
-        try:
-            reply = self.on_command(name, msg.payload)
-        except Exception as e:
-            log.exception("command %s failed", name)
-            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        if reply is None or self._client is None:
-            return
-        body = reply if isinstance(reply, bytes) else (reply.encode() if isinstance(reply, str)
-                                                       else json.dumps(reply, separators=(",", ":")).encode())
-        topic = self.prefix + CMD_TOPIC + name + "/reply"
-        props = None
-        req = getattr(msg, "properties", None)
-        if self._v5 and req is not None and getattr(req, "ResponseTopic", None):
-            topic = req.ResponseTopic
-            props = Properties(PacketTypes.PUBLISH)
-            if getattr(req, "CorrelationData", None) is not None:
-                props.CorrelationData = req.CorrelationData
-        self._client.publish(topic, body, qos=1, properties=props)
-
 
 _PAHO_LOG = logging.getLogger(__name__ + ".paho")
-# paho reports every failed reconnect attempt at ERROR; the publisher already logs the outage
-# once as a warning, so these become DEBUG instead of flooding the journal during an outage
-_PAHO_NOISE = ("Client is not connected", "failed to receive on socket", "Connection failed")
+# paho reports every failed attempt's socket error at ERROR; the publisher already says why the
+# link failed, once per outage (_failed), so these become DEBUG instead of flooding the journal
+_PAHO_NOISE = ("Client is not connected", "failed to receive on socket", "timeout on socket", "Connection failed")
 
 
 def _paho_log(client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
@@ -400,3 +475,7 @@ def _paho_log(client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
 
 def _str(p: object) -> str | None:
     return None if p is None else str(p)
+
+
+def _no_op(*_: Any) -> None:
+    return None

@@ -22,6 +22,8 @@ from badinputs import make_bad_corpus
 from broker import Subscriber
 from make_onnx import IMGSZ, STRIDE, patch_image, write_test_bundle
 
+from edge.messages import topics
+
 REAL = Path(__file__).parents[1] / "data" / "real-frames" / "reconyx-heron-night-burst"
 
 
@@ -180,6 +182,9 @@ def test_images_in_messages_out(device, mosquitto):
     assert sorted(Path(i["file"]).name for i in md["images"]) == sorted(p.name for p in animals + empties)
     assert sub.wait_for(lambda ms: any(m.topic.endswith("/status") and m.json()["state"] == "stopped"
                                        for m in ms), 10)
+    # on the wire: exactly the topic names of edge.messages.Topics, nothing spelt elsewhere
+    t = topics(None, "trap-t")
+    assert {m.topic for m in sub.snapshot()} == {t.status, t.detections, t.alerts, t.events, t.telemetry}
     sub.stop()
 
 

@@ -15,9 +15,13 @@ from edge.detection import Detection
 from edge.manifest import Manifest
 from edge.messages import (
     BINARY_MAX,
+    DEFAULT_PREFIX,
     JSON_BUDGET,
+    PREFIX_MAX,
     ROUTE_CODES,
     DetectionMessage,
+    Topics,
+    command_name_problem,
     crc16,
     decode_detection_binary,
     decode_detection_json,
@@ -25,6 +29,7 @@ from edge.messages import (
     encode_detection_json,
     message_from_decision,
     model_tag,
+    prefix_problem,
     short_name,
     status_payload,
     telemetry_payload,
@@ -48,15 +53,66 @@ def test_topics_default_and_custom_prefix():
     t = topics(None, "trap-07")
     assert t.status == "camtrap/trap-07/status" and t.detections == "camtrap/trap-07/detections"
     assert t.alerts == "camtrap/trap-07/alerts" and t.telemetry == "camtrap/trap-07/telemetry"
-    assert t.cmd == "camtrap/trap-07/cmd/+" and t.command("update") == "camtrap/trap-07/cmd/update"
+    assert t.events == "camtrap/trap-07/events" and t.update == "camtrap/trap-07/update"
+    assert t.command_filter == "camtrap/trap-07/cmd/+" and t.command("update") == "camtrap/trap-07/cmd/update"
     assert t.reply("ping") == "camtrap/trap-07/cmd/ping/reply"
-    assert topics("parks/donana/{device_id}", "t1").status == "parks/donana/t1/status"
-    assert topics("x/", "t1").prefix == "x/"
-    for bad in ("", "a/b", "a+", "#"):
+    assert t.full(Topics.DETECTIONS) == t.detections  # what an outbox row stores, made full
+    assert [t.full(r) for r in Topics.PUBLISHED] == [t.status, t.detections, t.alerts, t.events, t.telemetry,
+                                                     t.update]
+    assert t.command_name("camtrap/trap-07/cmd/ping") == "ping"
+    assert t.command_name("camtrap/trap-07/cmd/ping/reply") is None
+    assert t.command_name("camtrap/trap-08/cmd/ping") is None
+    assert topics("parks/donana/{device_id}/", "t1").status == "parks/donana/t1/status"
+    assert topics("", "t1") == topics(None, "t1") == topics(DEFAULT_PREFIX, "t1")
+    for bad in ("", "a/b", "a+", "#", "a\x00", "$x", "x" * 65):
         with pytest.raises(ValueError, match="device_id"):
             topics(None, bad)
     with pytest.raises(ValueError, match="prefix"):
-        topics("a/#/", "t1")
+        topics("a/#/{device_id}/", "t1")
+
+
+@pytest.mark.parametrize("prefix, why", [
+    ("camtrap/{device_id}", "end with '/'"),
+    ("a/#/{device_id}/", "wildcards"),
+    ("a/+/{device_id}/", "wildcards"),
+    ("a/{site}/{device_id}/", "unknown placeholder"),
+    ("camtrap/\x00{device_id}/", "control character"),
+    ("camtrap/\n{device_id}/", "control character"),
+    ("$SYS/{device_id}/", "'$'"),
+    ("/camtrap/{device_id}/", "start with '/'"),
+    ("camtrap/", "must contain {device_id}"),
+    ("x/", "must contain {device_id}"),
+    ("p" * 70_000 + "/{device_id}/", "longer than 128 bytes"),
+])
+def test_prefix_rule_refuses_each_bad_prefix_with_its_reason(prefix: str, why: str) -> None:
+    assert why in (prefix_problem(prefix) or "")
+
+
+def test_prefix_rule_accepts_good_prefixes() -> None:
+    for good in (DEFAULT_PREFIX, "parks/doñana/{device_id}/", "{device_id}/", "a/{device_id}/b/",
+                 "p" * (PREFIX_MAX - len("/{device_id}/")) + "/{device_id}/"):
+        assert prefix_problem(good) is None, good
+
+
+def test_reply_topics_stay_in_the_commands_own_reply_subtree() -> None:
+    """Issue 7 item 10: a response topic elsewhere (another device, the detection streams,
+    Home Assistant discovery, another command's replies, a wildcard) is not a reply topic."""
+    t = topics(None, "trap-01")
+    assert t.is_reply_topic("ping", "camtrap/trap-01/cmd/ping/reply")
+    assert t.is_reply_topic("ping", "camtrap/trap-01/cmd/ping/reply/ops-7/42")
+    for bad in ("camtrap/trap-02/alerts", "camtrap/trap-02/cmd/ping/reply", "camtrap/trap-01/status",
+                "camtrap/trap-01/detections", "homeassistant/sensor/x/config", "camtrap/trap-01/cmd/update/reply",
+                "camtrap/trap-01/cmd/ping/replyX", "camtrap/trap-01/cmd/ping/reply/#",
+                "camtrap/trap-01/cmd/ping/reply/+/x", "camtrap/#", "camtrap/trap-01/cmd/ping/reply/\x00",
+                "camtrap/trap-01/cmd/ping/reply/" + "x" * 70_000, ""):
+        assert not t.is_reply_topic("ping", bad), bad
+
+
+def test_command_names_are_short_lowercase_words() -> None:
+    for good in ("ping", "status", "update", "rollback", "models", "a-b_2"):
+        assert command_name_problem(good) is None
+    for bad in ("", "Ping", "ping\nFAKE", "1up", "x" * 33, "a b", "ping/reply", "\u202eevil"):
+        assert command_name_problem(bad) is not None, bad
 
 
 # --- compact JSON ------------------------------------------------------------------------------

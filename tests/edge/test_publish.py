@@ -29,6 +29,8 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from edge.ledger import Ledger, OutMsg
+from edge.messages import Topics, topics
+from edge.mqtt_commands import CommandRegistry, Request
 from edge.mqtt_config import MqttConfig
 from edge.publish import Publisher
 
@@ -158,6 +160,36 @@ def test_publisher_waits_for_a_broker_that_is_not_up_yet(tmp_path: Path, ledger:
         assert seqs and ledger.outbox_depth() == 0
     finally:
         broker.close()
+
+
+def test_every_topic_on_the_wire_is_named_by_topics(mosquitto: Mosquitto, ledger: Ledger,
+                                                     stop_later: Callable[[Publisher], Publisher]) -> None:
+    """Issue 7 item 16: with a custom prefix, each outbox kind, the status and a command reply
+    arrive on exactly the names edge.messages.Topics gives, and on nothing else."""
+    cfg = config(mosquitto, prefix="parks/donana/{device_id}/traps/")
+    t = topics(cfg.prefix, DEVICE)
+    assert cfg.topics(DEVICE) == t and t.prefix == "parks/donana/cam1/traps/"
+    sub = Subscriber(mosquitto, "#").start()
+    rows = [OutMsg("detection", Topics.DETECTIONS, b"d"), OutMsg("alert", Topics.ALERTS, b"a"),
+            OutMsg("detection", Topics.EVENTS, b"e"), OutMsg("telemetry", Topics.TELEMETRY, b"t"),
+            OutMsg("status", Topics.UPDATE, b"u", retain=True)]
+    ledger.enqueue(rows)
+    registry = CommandRegistry()
+    registry.register("ping", lambda req: {"pong": 1})
+    pub = stop_later(Publisher(cfg, ledger, DEVICE, commands=registry))
+    pub.start()
+    assert pub.wait_drained(10) and pub.wait_commands_ready(10)
+    ctl = _controller(mosquitto)
+    ctl.publish(t.command("ping"), b"{}", qos=1).wait_for_publish(5)
+    wanted = {t.detections: b"d", t.alerts: b"a", t.events: b"e", t.telemetry: b"t", t.update: b"u"}
+    assert sub.wait_for(lambda ms: set(wanted) | {t.status, t.reply("ping")} <= {m.topic for m in ms})
+    time.sleep(0.2)
+    got = {m.topic: m.payload for m in sub.snapshot()}
+    assert set(got) == set(wanted) | {t.status, t.reply("ping"), t.command("ping")}
+    assert all(got[k] == v for k, v in wanted.items())
+    ctl.loop_stop()
+    ctl.disconnect()
+    sub.stop()
 
 
 # -- outages --------------------------------------------------------------------------------------
@@ -365,6 +397,7 @@ def test_password_file_and_mutual_tls(mosquitto_factory: Callable[..., Mosquitto
     broker = mosquitto_factory(pki=pki, require_cert=True, passwords={"cam1": "pw-from-file"})
     sub = Subscriber(broker, PREFIX + "#", pki=pki, username="cam1", password="pw-from-file").start()
     (tmp_path / "pw").write_text("pw-from-file\n")
+    (tmp_path / "pw").chmod(0o600)
     cfg = config(broker, username="cam1", password_file=tmp_path / "pw",
                  tls={"ca_file": pki.ca, "cert_file": pki.client_cert, "key_file": pki.client_key})
     seqs = fill(ledger, 5)
@@ -389,34 +422,54 @@ def test_mqtt_311_also_works(mosquitto: Mosquitto, ledger: Ledger,
 
 
 # -- commands -------------------------------------------------------------------------------------
+def _controller(broker: Mosquitto) -> mqtt.Client:
+    ctl = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    ctl.connect(broker.host, broker.port)
+    ctl.loop_start()
+    return ctl
+
+
+def _request(ctl: mqtt.Client, name: str, payload: bytes = b"{}", response: str | None = None,
+             correlation: bytes | None = None) -> None:
+    props = Properties(PacketTypes.PUBLISH)
+    if response is not None:
+        props.ResponseTopic = response
+    if correlation is not None:
+        props.CorrelationData = correlation
+    ctl.publish(PREFIX + "cmd/" + name, payload, qos=1, properties=props).wait_for_publish(5)
+
+
 def test_commands_reply_on_response_topic_or_reply_topic(mosquitto: Mosquitto, ledger: Ledger,
                                                          stop_later: Callable[[Publisher], Publisher]) -> None:
     calls: list[tuple[str, bytes]] = []
+    registry = CommandRegistry()
 
-    def handle(name: str, payload: bytes) -> dict | None:
-        calls.append((name, payload))
-        if name == "boom":
+    def handle(req: Request) -> dict | None:
+        calls.append((req.name, req.payload))
+        if req.name == "boom":
             raise RuntimeError("no such thing")
-        return None if name == "quiet" else {"ok": True, "cmd": name}
+        return None if req.name == "quiet" else {"ok": True, "cmd": req.name}
 
+    for name in ("ping", "boom", "quiet"):
+        registry.register(name, handle)
     sub = Subscriber(mosquitto, "#").start()
-    pub = stop_later(Publisher(config(mosquitto), ledger, DEVICE, on_command=handle))
+    pub = stop_later(Publisher(config(mosquitto), ledger, DEVICE, commands=registry))
     pub.start()
     assert pub.wait_connected(10) and pub.wait_commands_ready(10)
-    ctl = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    ctl.connect(mosquitto.host, mosquitto.port)
-    ctl.loop_start()
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = "ops/replies"
-    props.CorrelationData = b"req-42"
-    ctl.publish(PREFIX + "cmd/ping", b"{}", qos=1, properties=props).wait_for_publish(5)
-    ctl.publish(PREFIX + "cmd/boom", b"", qos=1).wait_for_publish(5)
-    ctl.publish(PREFIX + "cmd/quiet", b"x", qos=1).wait_for_publish(5)
-    assert sub.wait_for(lambda msgs: {"ops/replies", PREFIX + "cmd/boom/reply"} <= {m.topic for m in msgs})
-    [ping] = [m for m in sub.messages if m.topic == "ops/replies"]
+    ctl = _controller(mosquitto)
+    own = PREFIX + "cmd/ping/reply/ops-7"
+    _request(ctl, "ping", response=own, correlation=b"req-42")
+    _request(ctl, "boom", payload=b"")
+    _request(ctl, "quiet", payload=b"x")
+    _request(ctl, "nosuch")
+    assert sub.wait_for(lambda msgs: {own, PREFIX + "cmd/boom/reply", PREFIX + "cmd/nosuch/reply"}
+                        <= {m.topic for m in msgs})
+    [ping] = [m for m in sub.messages if m.topic == own]
     assert ping.json() == {"ok": True, "cmd": "ping"}
     [boom] = [m for m in sub.messages if m.topic == PREFIX + "cmd/boom/reply"]
     assert boom.json() == {"ok": False, "error": "RuntimeError: no such thing"}
+    [unknown] = [m for m in sub.messages if m.topic == PREFIX + "cmd/nosuch/reply"]
+    assert unknown.json() == {"ok": False, "error": "unknown command 'nosuch'", "known": ["boom", "ping", "quiet"]}
     deadline = time.monotonic() + 10
     while len(calls) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -433,7 +486,7 @@ def test_config_defaults_and_validation(tmp_path: Path, monkeypatch: pytest.Monk
     assert (c.port, c.protocol, c.max_inflight) == (1883, "5", 1)
     assert (c.qos.detection, c.qos.alert, c.qos.telemetry, c.qos.status) == (1, 1, 0, 1)
     assert c.topic_prefix("cam7") == "camtrap/cam7/" and c.client_id_for("cam7") == "camtrap-cam7"
-    for bad in ({"prefix": "camtrap/{device_id}"}, {"prefix": "a/#/"}, {"prefix": "a/{site}/"},
+    for bad in ({"prefix": "camtrap/{device_id}"}, {"prefix": "a/#/"}, {"prefix": "a/{site}/{device_id}/"},
                 {"port": 0}, {"protocol": "4"}, {"hots": "x"}, {"password_env": "X"},
                 {"username": "u", "password_env": "X", "password_file": "/f"},
                 {"tls": {"cert_file": "/c.pem"}}, {"qos": {"detection": 3}},
@@ -459,4 +512,5 @@ def test_config_defaults_and_validation(tmp_path: Path, monkeypatch: pytest.Monk
     problems = filecfg.runtime_problems()
     assert any("password_file" in p for p in problems) and any("tls.ca_file" in p for p in problems)
     f.write_text(secret + "\n")
+    f.chmod(0o600)
     assert filecfg.resolve_password() == secret
