@@ -6,20 +6,24 @@ handlers on the same ``CommandRegistry`` without touching the publisher. A handl
 ``Request`` and returns the reply: a mapping (sent as compact JSON), text, bytes, or None for
 no reply. Signatures, expiry and nonces are the handler's business: it gets the raw payload.
 
-Invariants (tests/edge/test_commands.py holds one test per line):
+Invariants (tests/edge/test_mqtt_commands.py tests each):
 
 - No command can stall or delay the outbox. paho's network thread only drops the message into
   a bounded queue (full: dropped and counted); one worker thread runs the handlers, never the
-  publisher thread. Handlers run at most ``RATE`` per second (``BURST`` at once); the rest are
-  dropped and counted, so a flood costs neither the CPU nor the ledger. Every exception, from a
+  publisher thread. With MQTT 5 the publisher tells the broker not to send packets above
+  ``MAX_PACKET`` nor more than ``RECEIVE_MAX`` unacknowledged commands, so a flood waits (or is
+  dropped) at the broker instead of queueing in front of our PUBACKs. Handlers run at most
+  ``RATE`` per second (``BURST`` at once); the rest are dropped and counted, so a flood costs
+  neither the CPU nor the ledger. Every exception, from a
   handler or from paho (a bad topic, a payload too large), is caught and answered or counted.
 - A reply goes to the request's MQTT 5 response topic only when that topic lies in the
   command's own reply subtree, ``<prefix>cmd/<name>/reply[/...]`` (``Topics.is_reply_topic``);
   any other response topic (another device, the detection streams, a wildcard, Home Assistant's
   discovery topics) is refused with a log line and the reply goes to ``<prefix>cmd/<name>/reply``.
   The correlation data comes back in either case.
-- At most ``MAX_REPLIES_INFLIGHT`` replies wait for their PUBACK at any time; beyond that a reply
-  is dropped (counted), so replies never take the outbox's place in paho's window.
+- At most ``MAX_REPLIES_INFLIGHT`` replies wait for their PUBACK at any time; the worker waits up
+  to ``REPLY_WAIT_S`` for a slot, then drops the reply (counted), so replies never take the
+  outbox's place in paho's window.
 - Every line about a command is escaped (``printable``) and rate limited (``ThrottledLog``): a
   name or payload cannot forge a log line, and 10,000 commands do not write 10,000 lines.
 - A handler should return within a second or so (it holds up the next command, never the
@@ -44,8 +48,11 @@ from .throttle import ThrottledLog, TokenBucket, printable
 log = logging.getLogger(__name__)
 
 QUEUE_MAX = 64  # commands waiting for the worker
+MAX_PACKET = 128 * 1024  # largest packet the broker may send us (MQTT 5 CONNECT; bigger ones it drops)
+RECEIVE_MAX = 16  # QoS 1 commands the broker may have in flight to us (MQTT 5 CONNECT)
 RATE, BURST = 10.0, 20  # handler runs per second, and at once
 MAX_REPLIES_INFLIGHT = 8
+REPLY_WAIT_S = 1.0  # how long the worker waits for a reply slot before dropping the reply
 SLOW_S = 2.0  # a handler slower than this is logged
 
 
@@ -126,6 +133,8 @@ class _Info(Protocol):
 
     def is_published(self) -> bool: ...
 
+    def wait_for_publish(self, timeout: float | None = None) -> None: ...
+
 
 PublishFn = Callable[[str, bytes, "bytes | None"], _Info]  # (topic, body, correlation data) -> paho's info
 
@@ -152,6 +161,11 @@ class CommandWorker:
     def submit(self, topic: str, payload: bytes, properties: Any = None) -> None:
         try:
             name = self.topics.command_name(topic)
+            if len(payload) > MAX_PACKET:
+                self.stats["refused_size"] += 1
+                self._log_refused.log(logging.WARNING, "ignored a command of %d bytes (at most %d)", len(payload),
+                                      MAX_PACKET)
+                return
             if name is None or command_name_problem(name):
                 self.stats["refused_name"] += 1
                 self._log_refused.log(logging.WARNING, "ignored a message on %s: not a command name",
@@ -224,6 +238,9 @@ class CommandWorker:
             self.stats["refused_response_topic"] += 1
             self._log_refused.log(logging.WARNING, "command %s: %s; replying there instead", req.name, refused)
         self._replies = [i for i in self._replies if not _done(i)]
+        if len(self._replies) >= MAX_REPLIES_INFLIGHT:  # wait a little for the oldest (this thread only)
+            _wait(self._replies[0], REPLY_WAIT_S)
+            self._replies = [i for i in self._replies if not _done(i)]
         if len(self._replies) >= MAX_REPLIES_INFLIGHT:
             self.stats["dropped_reply"] += 1
             self._log_refused.log(logging.WARNING, "command %s: reply dropped, %d replies await their PUBACK",
@@ -238,6 +255,13 @@ class CommandWorker:
             return
         self._replies.append(info)
         self.stats["replied"] += 1
+
+
+def _wait(info: _Info, timeout: float) -> None:
+    try:
+        info.wait_for_publish(timeout)
+    except (RuntimeError, ValueError):
+        pass
 
 
 def _done(info: _Info) -> bool:

@@ -43,7 +43,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from . import __version__
 from .ledger import Ledger, OutMsg
 from .messages import status_payload
-from .mqtt_commands import CommandRegistry, CommandWorker
+from .mqtt_commands import MAX_PACKET, RECEIVE_MAX, CommandRegistry, CommandWorker
 from .mqtt_config import MqttConfig
 from .mqtt_link import Backoff, describe_failure
 
@@ -119,7 +119,13 @@ class Publisher:
             self._worker.start()
         self._thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
         self._thread.start()
-        kwargs: dict[str, Any] = {"clean_start": True} if self._v5 else {}
+        kwargs: dict[str, Any] = {}
+        if self._v5:
+            # a flood of commands waits at the broker, not in front of our PUBACKs (edge.mqtt_commands)
+            props = Properties(PacketTypes.CONNECT)
+            props.ReceiveMaximum = RECEIVE_MAX
+            props.MaximumPacketSize = MAX_PACKET
+            kwargs = {"clean_start": True, "properties": props}
         self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **kwargs)
         log.info("MQTT publisher for %s -> %s:%d (MQTT %s%s), prefix %s", self.device_id, self.cfg.host,
                  self.cfg.port, self.cfg.protocol, ", TLS" if self.cfg.tls else "", self.prefix)

@@ -253,6 +253,7 @@ class Received:
     dup: bool  # the broker resent it (DUP flag): a redelivery on the broker -> subscriber hop
     seq: int | None  # the MQTT 5 user property "seq", when present
     body_seq: int | None  # "seq" inside a JSON payload, when present
+    correlation: bytes | None = None  # the MQTT 5 correlation data, when present
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -291,6 +292,7 @@ class Subscriber:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         seq = None
+        correlation = getattr(getattr(msg, "properties", None), "CorrelationData", None)
         for key, value in getattr(getattr(msg, "properties", None), "UserProperty", None) or []:
             if key == "seq":
                 seq = int(value)
@@ -301,7 +303,7 @@ class Subscriber:
             body_seq = None
         with self._lock:
             self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain), bool(msg.dup), seq,
-                                          body_seq))
+                                          body_seq, correlation))
 
     def start(self, timeout: float = 10.0) -> Subscriber:
         props = Properties(PacketTypes.CONNECT)

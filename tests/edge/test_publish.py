@@ -514,3 +514,36 @@ def test_config_defaults_and_validation(tmp_path: Path, monkeypatch: pytest.Monk
     f.write_text(secret + "\n")
     f.chmod(0o600)
     assert filecfg.resolve_password() == secret
+
+
+def test_password_file_permissions_follow_one_rule(tmp_path: Path) -> None:
+    """Issue 7 item 13: 0600, or 0640 for root:camtrap; group-writable or world-readable is refused,
+    when the password is read and by check-config, with the mode and the fix, never the secret."""
+    f = tmp_path / "pw"
+    f.write_text("s3cret-horse\n")
+    cfg = MqttConfig(username="u", password_file=f)
+    for mode, ok in ((0o600, True), (0o640, True), (0o400, True), (0o644, False), (0o660, False),
+                     (0o604, False), (0o666, False)):
+        f.chmod(mode)
+        if ok:
+            assert cfg.resolve_password() == "s3cret-horse" and cfg.runtime_problems() == []
+        else:
+            with pytest.raises(ValueError, match=f"mode {mode:04o}.*chmod 600") as e:
+                cfg.resolve_password()
+            assert "s3cret" not in str(e.value)
+            [line] = cfg.runtime_problems()
+            assert line.startswith("mqtt.password_file:") and f"{mode:04o}" in line
+
+
+def test_prefix_and_client_id_are_validated_without_echoing_them() -> None:
+    """Issue 7 item 13: NUL, $SYS, no {device_id}, 70,000 characters; a client id with NUL."""
+    for bad in ("camtrap/\x00{device_id}/", "$SYS/{device_id}/", "camtrap/all/", "c/" * 35_000 + "{device_id}/"):
+        with pytest.raises(ValidationError) as e:
+            MqttConfig(prefix=bad)
+        [err] = e.value.errors(include_input=False)
+        assert err["loc"] == ("prefix",) and bad not in err["msg"]
+    for bad in ("cam\x00era", "", "x" * 200, "line\nbreak"):
+        with pytest.raises(ValidationError, match="client_id"):
+            MqttConfig(client_id=bad)
+    assert MqttConfig(client_id="trap-07_ü").client_id_for("x") == "trap-07_ü"
+    assert MqttConfig(prefix="parks/{device_id}/").topic_prefix("t1") == "parks/t1/"
