@@ -12,9 +12,8 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
-
-from edge.detection import Detection
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +74,7 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
                         counts["failed"] += 1
                 for f, img, res in zip(chunk, loaded, runner.classify([i.bgr for i in loaded]), strict=True):
                     s = img.scale or 1.0
-                    dets = [Detection(d.species, d.score, tuple(v / s for v in d.box), d.cls, d.model, d.scores)
-                            for d in res.decision.detections]
+                    dets = [replace(d, box=tuple(v / s for v in d.box)) for d in res.decision.detections]
                     writer.add(str(f), dets, image_size=img.orig_size)
                     counts["animals" if dets else "empty"] += 1
                 counts["images"] += len(files[k:k + batch])

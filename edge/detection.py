@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SAME_ANIMAL_IOU = 0.5  # boxes overlapping past this IoU are one animal (default of the cascade's merge_iou)
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -12,7 +14,10 @@ class Detection:
     ``species`` is the model's class name (models have different class index spaces, so
     names, not indices, cross model boundaries). ``scores`` holds the full per-class score
     vector of the box, aligned with the model's class list: the grouping step uses it as
-    soft evidence of look-alikes, and the cascade keeps it for audit.
+    soft evidence of look-alikes, and the cascade keeps it for audit. ``also`` holds the other
+    species claimed for the same animal by boxes the cascade merged into this one (one animal,
+    one box: see ``edge.cascade.one_box_per_animal``), most confident first; outputs list them
+    as the animal's ranked classifications.
     """
 
     species: str
@@ -21,15 +26,19 @@ class Detection:
     cls: int = -1  # index in the emitting model's class list
     model: str = ""  # manifest name of the model that emitted it
     scores: tuple[float, ...] = field(default=(), compare=False, repr=False)
+    also: tuple[tuple[str, float], ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "species": self.species,
             "score": round(float(self.score), 5),
             "box": [round(float(v), 2) for v in self.box],
             "cls": self.cls,
             "model": self.model,
         }
+        if self.also:
+            d["also"] = [[sp, round(float(s), 5)] for sp, s in self.also]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Detection:
@@ -39,6 +48,7 @@ class Detection:
             box=tuple(float(v) for v in d["box"]),  # type: ignore[arg-type]
             cls=int(d.get("cls", -1)),
             model=str(d.get("model", "")),
+            also=tuple((str(sp), float(s)) for sp, s in d.get("also", ())),
         )
 
 

@@ -19,6 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edge.detection import SAME_ANIMAL_IOU
+
 SCHEMA_VERSION = 1
 Layout = Literal["yolov5", "yolov8", "end2end"]
 _CODE = re.compile(r"^[a-z0-9]{1,8}$")
@@ -154,9 +156,9 @@ class CascadeSettings(_Strict):
         "(calibrated on validation data; null = never skip).",
     )
     merge_iou: float = Field(
-        default=0.5, gt=0, le=1, title="Cross-expert merge IoU",
-        description="IoU above which boxes of different experts are the same animal (the more confident "
-        "one stays).",
+        default=SAME_ANIMAL_IOU, gt=0, le=1, title="Same-animal IoU",
+        description="IoU above which boxes (of any species or model) are one animal: the most confident "
+        "one stays and the other species become its ranked alternatives.",
     )
     keep_unmatched_global: bool = Field(
         default=False, title="Keep unmatched global boxes",

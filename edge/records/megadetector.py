@@ -51,6 +51,9 @@ def _classifications(
             if name in ids and s > 0:
                 scores[name] = float(s)
     scores[det.species] = max(scores.get(det.species, 0.0), float(det.score))
+    for name, s in det.also:  # species of boxes merged into this animal (edge.cascade.one_box_per_animal)
+        if name in ids:
+            scores[name] = max(scores.get(name, 0.0), float(s))
     ranked = sorted(scores.items(), key=lambda kv: (-kv[1], ids[kv[0]]))[:top_k]
     return [[ids[name], round(min(max(s, 0.0), 1.0), 3)] for name, s in ranked
             if round(s, 3) > 0 or name == det.species]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from pydantic import ValidationError
 
-from edge.cascade import CascadePolicy, Decision, Route, decide, event_decision, plan
-from edge.detection import Detection
+from edge.cascade import (
+    SAME_ANIMAL_IOU,
+    CascadePolicy,
+    Decision,
+    Route,
+    decide,
+    event_decision,
+    one_box_per_animal,
+    plan,
+)
+from edge.detection import Detection, iou
 from edge.manifest import CascadeSettings
 
 GROUPS = {"lynx": "medium", "wildcat": "medium", "fox": "medium", "deer": "large", "boar": "large",
@@ -103,11 +114,51 @@ def test_several_groups_merge_with_cross_expert_nms():
     assert len(dec.detections) == 3
 
 
-def test_single_expert_answer_is_not_re_suppressed():
-    # two overlapping deer from one expert are its own (already NMS'd) answer: both stay
-    two = [det("deer", 0.9, (0, 0, 100, 100)), det("boar", 0.8, (5, 5, 100, 100))]
+def test_one_expert_two_species_on_one_animal_is_one_box_with_ranked_alternatives():
+    # class-aware NMS leaves a look-alike box on the same animal: one animal, one box
+    two = [det("deer", 0.84, (0, 0, 100, 100)), det("boar", 0.27, (5, 5, 100, 100)),
+           det("deer", 0.6, (300, 300, 380, 380))]  # a second animal, elsewhere
     _, dec = run([det("deer", 0.5)], {"large": two})
-    assert len(dec.detections) == 2
+    assert [d.species for d in dec.detections] == ["deer", "deer"] and dec.counts == {"deer": 2}
+    assert dec.detections[0].also == (("boar", 0.27),) and dec.detections[1].also == ()
+    assert "merged into the same animal" in dec.why
+    rebuilt = Decision.from_dict(dec.to_dict())  # the ledger keeps the alternatives
+    assert rebuilt.detections[0].also == (("boar", 0.27),)
+
+
+def test_alternatives_are_ranked_and_folded_from_merged_boxes():
+    a = Detection("fox", 0.9, (0, 0, 10, 10))
+    b = Detection("lynx", 0.5, (0, 0, 10, 10.5), also=(("wildcat", 0.7),))
+    c = Detection("fox", 0.4, (0, 0, 10, 10))  # same species: nothing to add
+    d = Detection("wildcat", 0.3, (0.2, 0, 10, 10))
+    (one,) = one_box_per_animal([c, b, a, d])
+    assert one.species == "fox" and one.also == (("wildcat", 0.7), ("lynx", 0.5))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_no_two_output_boxes_overlap_past_the_bound_on_any_route(seed):
+    rng = random.Random(seed)
+    species = list(GROUPS)
+
+    def rand_dets(n, model):
+        out = []
+        for _ in range(n):
+            x, y = rng.uniform(0, 200), rng.uniform(0, 200)
+            w, h = rng.uniform(20, 80), rng.uniform(20, 80)
+            jitter = [rng.uniform(-4, 4) for _ in range(4)]
+            box = (x + jitter[0], y + jitter[1], x + w + jitter[2], y + h + jitter[3])
+            out += [det(rng.choice(species), rng.uniform(0.05, 1), box, model) for _ in range(rng.randint(1, 3))]
+        return out
+
+    policy = CascadePolicy(merge_iou=rng.choice([0.3, SAME_ANIMAL_IOU, 0.7]), keep_unmatched_global=rng.random() < .5)
+    global_dets = rand_dets(rng.randint(0, 4), "global")
+    experts = {g: rand_dets(rng.randint(0, 4), g) for g in EXPERTS}
+    _, dec = run(global_dets, experts, policy)
+    boxes = [d.box for d in dec.detections]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert iou(boxes[i], boxes[j]) <= policy.merge_iou
+    assert sum(dec.counts.values()) == len(dec.detections)
 
 
 def test_no_expert_keeps_global_detections_and_mixes_with_experts():

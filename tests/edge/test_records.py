@@ -61,6 +61,14 @@ def test_classifications_sorted_desc_and_own_species_included():
     assert e["detections"][0]["classifications"] == [["1", 0.55]]
 
 
+def test_a_merged_animal_lists_the_other_species_as_ranked_classifications():
+    # one animal, one box (edge.cascade.one_box_per_animal): the species merged in are ranked after it
+    d = Detection("lynx", 0.84, (0, 0, 10, 10), model="global", also=(("rabbit", 0.27), ("wildcat", 0.2)))
+    e = md_image_entry("x.jpg", [d], SPECIES, image_size=(10, 10))
+    assert len(e["detections"]) == 1
+    assert e["detections"][0]["classifications"] == [["0", 0.84], ["2", 0.27], ["1", 0.2]]
+
+
 def test_person_is_category_2_without_classifications():
     d = Detection("person", 0.8, (0, 0, 5, 10), model="global")
     e = md_image_entry("p.jpg", [d], SPECIES, image_size=(10, 10))
