@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -216,7 +216,21 @@ def _load_md(path: Path, threshold: float) -> dict[str, list[tuple[float, ...]] 
 
 
 # ----------------------------------------------------------------------------- COCO Camera Traps
-def _load_coco(path: Path, root: Path, md: dict | None, skipped: Counter) -> list[Item]:
+def image_root(source: Path, given: Path | None, files: Sequence[str]) -> Path:
+    """Where a label file's images live: ``given`` (--images), else beside the file or in an
+    ``images/`` folder beside it (the two usual layouts), judged by the first listed files."""
+    if given is not None:
+        return Path(given)
+    probe = list(files)[:20]
+    places = [source.parent, source.parent / "images"]
+    for place in places:
+        if not probe or any((place / f).is_file() for f in probe):
+            return place
+    raise FileNotFoundError(f"{source}: images such as '{probe[0]}' are neither beside it nor in {places[1]}/; "
+                            "give their folder with --images FOLDER")
+
+
+def _load_coco(path: Path, root: Path | None, md: dict | None, skipped: Counter) -> list[Item]:
     data = _read_json(path)
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in
                                              ("images", "annotations", "categories")):
@@ -241,6 +255,7 @@ def _load_coco(path: Path, root: Path, md: dict | None, skipped: Counter) -> lis
             raise ValueError(f"{path}: image {im['id']!r}: file_name '{f}' used twice")
         files.add(f)
         images[im["id"]] = im
+    root = image_root(path, root, [_rel(im["file_name"]) for im in images.values()])
     anns: dict[object, list[dict]] = defaultdict(list)
     ann_ids: set = set()
     for i, a in enumerate(data["annotations"]):
@@ -766,7 +781,7 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
     if coco is not None:
         coco = Path(coco)
         md = _load_md(Path(md_json), md_threshold) if md_json is not None else None
-        items = _load_coco(coco, Path(images) if images else coco.parent, md, skipped)
+        items = _load_coco(coco, Path(images) if images else None, md, skipped)
         source = "coco"
     elif labels_csv is not None:
         labels_csv = Path(labels_csv)
@@ -850,7 +865,8 @@ def add_cli(sub) -> None:
     src.add_argument("--yolo", type=Path, help="an existing YOLO data.yaml (splits kept unless --resplit)")
     p.add_argument("--md-json", type=Path, help="MegaDetector batch output (format 1.x) supplying animal boxes")
     p.add_argument("--md-threshold", type=float, default=0.2, help="MegaDetector animal confidence (default 0.2)")
-    p.add_argument("--images", type=Path, help="image root (default: the JSON's or CSV's folder)")
+    p.add_argument("--images", type=Path, help="image root (default: the JSON's folder or an images/ folder beside "
+                   "it, whichever holds the listed files; the CSV's folder for --labels)")
     p.add_argument("--test-locations", type=_csv_list, help="comma-separated locations held out as test")
     p.add_argument("--val-locations", type=_csv_list, help="comma-separated locations for validation "
                    "(default: --val-frac of the other images, by sequence)")

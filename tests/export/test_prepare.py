@@ -377,3 +377,23 @@ def test_dataset_hash_has_one_key_and_old_run_json_still_reads():
     assert recorded_dataset_hash({"dataset_hash": "ab"}) == "ab"
     assert recorded_dataset_hash({"dataset_sha256": "cd"}) == "cd"  # run.json before the key was unified
     assert recorded_dataset_hash({}) is None
+
+
+def test_coco_images_found_in_the_usual_places_or_the_flag_named(tmp_path, synth, capsys):
+    path, coco = synth
+    c = json.loads(json.dumps(coco))
+    for im in c["images"]:  # file names relative to an images/ folder beside the JSON (a common layout)
+        im["file_name"] = im["file_name"].removeprefix("images/")
+    beside = path.parent / "coco_in_images.json"
+    beside.write_text(json.dumps(c))
+    prepare(tmp_path / "a", coco=beside)
+    assert len(json.loads((tmp_path / "a" / "meta.json").read_text())["images"]) == len(c["images"])
+    # the JSON elsewhere: one line naming the file and the flag to give; with the flag it works
+    away = tmp_path / "elsewhere" / "coco.json"
+    away.parent.mkdir()
+    away.write_text(json.dumps(c))
+    assert main(["prepare", str(tmp_path / "b"), "--coco", str(away)]) == 2
+    err = capsys.readouterr().err
+    assert "--images FOLDER" in err and str(away) in err and len(err.strip().splitlines()) == 1
+    prepare(tmp_path / "b", coco=away, images=path.parent / "images")
+    assert (tmp_path / "b" / "data.yaml").is_file()
