@@ -214,5 +214,5 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_cmd_bundle)
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
     k.add_argument("--out", required=True, help="path prefix: writes PREFIX.key and PREFIX.pub")
-    k.add_argument("--force", action="store_true")
+    k.add_argument("--force", action="store_true", help="replace an existing key pair")
     k.set_defaults(func=_cmd_keygen)

@@ -14,6 +14,17 @@ COMMAND_MODULES = ["synth", "datasets", "train", "grouping", "experts", "pipelin
                    "update"]
 
 
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless it says its default itself, or is a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default is not None and action.default is not argparse.SUPPRESS
+                and action.nargs != 0 and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="camtrap-export", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -26,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         mod.add_cli(sub)
+    for cmd in sub.choices.values():  # one help style: descriptions as written, defaults shown
+        cmd.formatter_class = DefaultsFormatter
     return p
 
 

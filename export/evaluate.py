@@ -157,11 +157,11 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_cli(sub) -> None:
     p = sub.add_parser("evaluate", help="single stage vs cascade on a split, through the device code")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="bundle folder or .tar/.tar.gz")
     p.add_argument("--data", required=True, help="data.yaml from `prepare`")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--backend", default="onnxruntime", help="engine the device code runs the models on")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0 = none)")
     p.add_argument("--public-key", action="append", help="trusted Ed25519 public key (PEM file); repeatable")
     p.add_argument("--require-signature", action="store_true", help="refuse an unsigned or untrusted bundle")

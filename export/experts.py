@@ -42,6 +42,8 @@ from export.train import (
     train,
 )
 
+INHERITED = ("epochs", "imgsz")  # from the global run unless given
+
 # ---------------------------------------------------------------- derived dataset
 
 def _link(src: Path, dst: Path) -> None:
@@ -199,11 +201,18 @@ def train_experts(data: str | os.PathLike, groups: str | os.PathLike, from_run: 
                   **train_kwargs: Any) -> dict[str, Any]:
     """Train every group's expert into out/<group>; write out/experts.json; return its content.
 
-    train_kwargs go to export.train.train (epochs, imgsz, batch, class_weights, oversample, ...).
+    train_kwargs go to export.train.train (epochs, imgsz, batch, class_weights, oversample, ...);
+    epochs and imgsz left out (or None) are the global run's: the experts share its frozen backbone.
     """
     spec = read_data_yaml(data)
     grp = read_groups(groups, spec.names)
-    best, g_freeze, _ = global_run(from_run)
+    best, g_freeze, g_run = global_run(from_run)
+    for k in INHERITED:
+        if train_kwargs.get(k) is None:
+            v = ((g_run or {}).get("args") or {}).get(k)
+            if v is None:
+                raise ValueError(f"{from_run}: no run.json giving the global run's {k}; give --{k}")
+            train_kwargs[k] = v
     if freeze is None:  # share what the global froze; a global trained whole (freeze 0) still gets 0-9 shared
         freeze = g_freeze if g_freeze else DEFAULT_FREEZE_CHECKPOINT
     ungrouped = [n for n in spec.names if not any(n in s for s in grp.values())]
@@ -254,7 +263,7 @@ def _run(args) -> int:
                       epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, class_weights=args.class_weights,
                       oversample=args.oversample, target_share=args.target_share, max_repeat=args.max_repeat,
                       seed=args.seed, device=args.device, patience=args.patience, plots=args.plots,
-                      optimizer=args.optimizer, lr0=args.lr0)
+                      optimizer=args.optimizer, lr0=args.lr0, close_mosaic=args.close_mosaic)
     return 1 if any(e["identical"] is False for e in s["experts"].values()) else 0
 
 
@@ -274,5 +283,5 @@ def add_cli(sub) -> None:
     p.add_argument("--freeze", type=int, default=None,
                    help="frozen layers 0..N-1 (default: the global run's freeze, or 10 if it froze none)")
     p.add_argument("--only", nargs="*", metavar="GROUP", help="train only these groups")
-    add_train_options(p)
+    add_train_options(p, inherit=True)
     p.set_defaults(func=_run)

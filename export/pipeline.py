@@ -87,6 +87,7 @@ class TrainOptions(_Strict):
     plots: bool = True
     optimizer: str = "auto"
     lr0: float | None = Field(None, gt=0)
+    close_mosaic: int | None = Field(None, ge=0)
 
 
 class TrainConfig(TrainOptions):
@@ -103,6 +104,8 @@ class GroupConfig(_Strict):
 
 
 class ExpertsConfig(TrainOptions):
+    epochs: int | None = Field(None, ge=1)  # None: the global run's
+    imgsz: int | None = Field(None, ge=32)  # None: the global run's (shared frozen backbone)
     negatives: bool = False
     empty_ratio: float | None = Field(None, ge=0)
     freeze: int | None = Field(None, ge=0)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm", ".heic"}
 WEIGHT_CLIP = (0.5, 10.0)
 DEFAULT_FREEZE_CHECKPOINT = 10
+CLOSE_MOSAIC_SHARE = 0.1  # mosaic off for the last 10% of epochs (ultralytics' 10 of its default 100)
 TINY_YAML = Path(__file__).with_name("models") / "camtrap-tiny.yaml"
 
 
@@ -346,9 +347,18 @@ def _progress_callbacks(epochs: int, prefix: str, say: Callable[[str], None], se
     return {"on_train_epoch_start": on_train_epoch_start, "on_fit_epoch_end": on_fit_epoch_end}
 
 
+def close_mosaic_epochs(epochs: int, close_mosaic: int | None = None) -> int:
+    """Final epochs trained without mosaic: ``close_mosaic`` when given, else ``CLOSE_MOSAIC_SHARE`` of
+    the run (rounded). ultralytics' fixed 10 would turn mosaic off after 2 epochs of a 12-epoch run."""
+    n = round(epochs * CLOSE_MOSAIC_SHARE) if close_mosaic is None else int(close_mosaic)
+    if n < 0:
+        raise ValueError(f"--close-mosaic must be >= 0, got {n}")
+    return min(n, epochs)
+
+
 def fit(model: Path, data_yaml: Path, out: Path, *, epochs: int, imgsz: int, batch: int, freeze: int,
         class_weights: Sequence[float] | None, seed: int, device: str, patience: int, plots: bool,
-        optimizer: str = "auto", lr0: float | None = None,
+        optimizer: str = "auto", lr0: float | None = None, close_mosaic: int = 0,
         prefix: str = "[train]", say: Callable[[str], None] = print) -> dict[str, Any]:
     """One ultralytics training run into `out` (out/weights/best.pt, last.pt); returns metrics."""
     from ultralytics.utils.torch_utils import unwrap_model
@@ -362,7 +372,8 @@ def fit(model: Path, data_yaml: Path, out: Path, *, epochs: int, imgsz: int, bat
         trainer=_trainer_class(class_weights), data=str(data_yaml), epochs=epochs, imgsz=imgsz,
         batch=batch, freeze=freeze, seed=seed, deterministic=True, device=device, patience=patience,
         amp=False, workers=0, project=str(out.parent), name=out.name, exist_ok=True, plots=plots,
-        cls_pw=0.0, val=True, optimizer=optimizer, **({"lr0": lr0} if lr0 is not None else {}),
+        cls_pw=0.0, val=True, optimizer=optimizer, close_mosaic=close_mosaic,
+        **({"lr0": lr0} if lr0 is not None else {}),
     )
     tr = yolo.trainer
     if not (out / "weights" / "best.pt").is_file():
@@ -410,7 +421,7 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
           imgsz: int = 640, batch: int = 16, freeze: int | None = None, class_weights: bool = True,
           oversample: bool = True, target_share: float = 0.5, max_repeat: int = 10, seed: int = 0,
           device: str = "cpu", patience: int = 50, plots: bool = True, optimizer: str = "auto",
-          lr0: float | None = None, prefix: str = "[train]",
+          lr0: float | None = None, close_mosaic: int | None = None, prefix: str = "[train]",
           say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a detector on a YOLO dataset; writes out/weights/{best,last}.pt and out/run.json.
 
@@ -424,6 +435,7 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
         raise ValueError(f"--freeze must be >= 0, got {freeze}")
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    no_mosaic = close_mosaic_epochs(epochs, close_mosaic)
     run = Path(out).resolve()
     if model_path.is_file() and model_path.resolve().is_relative_to(run / "weights"):
         raise ValueError(f"{model_path}: the start model lies in {run / 'weights'}, which training replaces; "
@@ -451,13 +463,14 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
     weights = inverse_frequency_weights(inst_after) if class_weights else None
 
     say(f"{prefix} {len(images)} training images ({sum(repeats)} after oversampling), {spec.nc} classes, "
-        f"model {model_path.name}, freeze {freeze}, {epochs} epochs at {imgsz} px on {device}")
+        f"model {model_path.name}, freeze {freeze}, {epochs} epochs at {imgsz} px on {device} "
+        f"(mosaic off for the last {no_mosaic})")
     if weights:
         say(f"{prefix} class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.names, weights, strict=True)))
     t0 = time.monotonic()
     metrics = fit(model_path, data_yaml, run, epochs=epochs, imgsz=imgsz, batch=batch, freeze=freeze,
                   class_weights=weights, seed=seed, device=device, patience=patience, plots=plots,
-                  optimizer=optimizer, lr0=lr0, prefix=prefix, say=say)
+                  optimizer=optimizer, lr0=lr0, close_mosaic=no_mosaic, prefix=prefix, say=say)
     if metrics["loaded_instances"] is not None and metrics["loaded_instances"] != inst_after:
         say(f"{prefix} warning: ultralytics loaded {metrics['loaded_instances']} boxes per class, the labels list "
             f"{inst_after} (labels it rejected as corrupt are in its log above)")
@@ -467,7 +480,7 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
                  "epochs": epochs, "imgsz": imgsz, "batch": batch, "freeze": freeze,
                  "class_weights": class_weights, "oversample": oversample, "target_share": target_share,
                  "max_repeat": max_repeat, "seed": seed, "device": device, "patience": patience,
-                 "optimizer": optimizer, "lr0": lr0},
+                 "optimizer": optimizer, "lr0": lr0, "close_mosaic": no_mosaic},
         "model_sha256": file_sha256(model_file(model_path)),
         "from_checkpoint": from_ckpt,
         DATASET_HASH_KEY: dataset_hash(spec.yaml_path),
@@ -496,11 +509,16 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
     return record
 
 
-def add_train_options(p, *, epochs: int = 50) -> None:
-    """Options shared by `train`, `experts` (and mirrored by the pipeline config)."""
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--imgsz", type=int, default=640, help="training image size (px)")
-    p.add_argument("--batch", type=int, default=16)
+def add_train_options(p, *, inherit: bool = False) -> None:
+    """Options shared by `train` and `experts` (and mirrored by the pipeline config). ``inherit``:
+    epochs and image size default to the global run's (an expert shares its frozen backbone)."""
+    if inherit:
+        p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the global run's)")
+        p.add_argument("--imgsz", type=int, default=None, help="training image size, px (default: the global run's)")
+    else:
+        p.add_argument("--epochs", type=int, default=50, help="training epochs")
+        p.add_argument("--imgsz", type=int, default=640, help="training image size (px)")
+    p.add_argument("--batch", type=int, default=16, help="images per batch")
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false",
                    help="no inverse-frequency weighting of the classification loss")
     p.add_argument("--no-oversample", dest="oversample", action="store_false",
@@ -508,7 +526,7 @@ def add_train_options(p, *, epochs: int = 50) -> None:
     p.add_argument("--target-share", type=float, default=0.5,
                    help="oversample until each species has this share of the top species' images")
     p.add_argument("--max-repeat", type=int, default=10, help="at most this many copies of one image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--device", default="cpu", help="cpu, 0, 0,1, mps")
     p.add_argument("--patience", type=int, default=50, help="epochs without improvement before stopping")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip ultralytics' plots")
@@ -516,13 +534,16 @@ def add_train_options(p, *, epochs: int = 50) -> None:
                    help="ultralytics optimizer; 'auto' picks AdamW with a small lr for short runs. The paper "
                    "used SGD, lr0 0.01, momentum 0.9")
     p.add_argument("--lr0", type=float, default=None, help="initial learning rate (with --optimizer other than auto)")
+    p.add_argument("--close-mosaic", type=int, default=None,
+                   help=f"final epochs without mosaic (default: {CLOSE_MOSAIC_SHARE * 100:.0f}%% of --epochs, rounded)")
 
 
 def _run(args) -> int:
     train(args.data, args.model, args.out, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
           freeze=args.freeze, class_weights=args.class_weights, oversample=args.oversample,
           target_share=args.target_share, max_repeat=args.max_repeat, seed=args.seed, device=args.device,
-          patience=args.patience, plots=args.plots, optimizer=args.optimizer, lr0=args.lr0)
+          patience=args.patience, plots=args.plots, optimizer=args.optimizer, lr0=args.lr0,
+          close_mosaic=args.close_mosaic)
     return 0
 
 

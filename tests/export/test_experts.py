@@ -92,9 +92,11 @@ def test_experts_share_the_frozen_backbone(tmp_path, dataset):
     train(dataset, TINY_YAML, run, epochs=1, imgsz=96, batch=8, plots=False, say=lambda s: None)
     groups = f.write_groups(tmp_path / "groups.yaml")
     lines: list[str] = []
-    s = train_experts(dataset, groups, run, tmp_path / "experts", epochs=1, imgsz=96, batch=8, plots=False,
-                      say=lines.append)
+    s = train_experts(dataset, groups, run, tmp_path / "experts", batch=8, plots=False, say=lines.append)
     assert set(s["experts"]) == {"medium", "small"}
+    for g in s["experts"]:  # not told: the global run's epochs and image size (its backbone is theirs)
+        args = json.loads((tmp_path / "experts" / g / "run" / "run.json").read_text())["args"]
+        assert (args["epochs"], args["imgsz"]) == (1, 96)
     # global trained whole (freeze 0): its experts still freeze layers 0-9, so the backbone is shared
     assert s["global"]["freeze"] == 10
     for g, species in f.GROUPS.items():

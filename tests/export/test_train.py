@@ -16,6 +16,7 @@ import fixtures  # tests/export/fixtures.py (pytest puts this folder on sys.path
 from export.train import (
     TINY_YAML,
     class_counts,
+    close_mosaic_epochs,
     inverse_frequency_weights,
     label_path,
     oversample_repeats,
@@ -129,6 +130,30 @@ def test_cli_bad_input_exit_2(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "data.yaml not found" in err[0]
 
 
+def test_close_mosaic_scales_with_the_epochs_or_is_given():
+    assert [close_mosaic_epochs(e) for e in (1, 2, 12, 40, 100, 300)] == [0, 0, 1, 4, 10, 30]
+    assert close_mosaic_epochs(12, 3) == 3 and close_mosaic_epochs(2, 5) == 2
+    with pytest.raises(ValueError, match="close-mosaic"):
+        close_mosaic_epochs(10, -1)
+
+
+def test_every_help_shows_its_defaults():
+    import argparse
+
+    from export.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        text = " ".join(parser.format_help().split())
+        for a in parser._actions:
+            if a.option_strings and a.nargs != 0 and a.default not in (None, argparse.SUPPRESS):
+                help_text = " ".join(parser._get_formatter()._expand_help(a).split())
+                assert "default" in help_text and help_text in text, (name, a.dest)
+    experts = " ".join(sub.choices["experts"].format_help().split())
+    assert "--epochs EPOCHS training epochs (default: the global run's)" in experts
+    assert "--imgsz IMGSZ training image size, px (default: the global run's)" in experts
+
+
 def test_tiny_yaml_loads_with_explicit_scale():
     from export.yolo_env import YOLO
 
@@ -181,3 +206,5 @@ def test_switches_off_and_freeze_from_checkpoint(tmp_path):
     used = yaml.safe_load((tmp_path / "b" / "args.yaml").read_text())
     assert (used["optimizer"], used["lr0"]) == ("SGD", 0.02)
     assert (second["args"]["optimizer"], second["args"]["lr0"]) == ("SGD", 0.02)
+    # a 1-epoch run keeps mosaic throughout (ultralytics' own default would close it for 10 epochs)
+    assert used["close_mosaic"] == 0 and second["args"]["close_mosaic"] == 0
