@@ -3,17 +3,24 @@
 The same bundle, engines, decoder and cascade as the daemon, without the watch folder: for
 a card carried home, or to check a bundle on a workstation. Unreadable images are recorded
 as ``failure`` entries, never dropped, so the output accounts for every input file.
+
+File names in the output are relative to an image root, as MegaDetector and Timelapse expect
+(Timelapse opens the results file from the root folder): ``--relative-to`` when given, else the
+deepest folder that holds every input (``image_root``). The command prints the root.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+
+from edge.keys import add_trust_options, describe, trust_from_args
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +41,38 @@ def iter_images(paths: Iterable[str | Path], recursive: bool = True) -> Iterator
             raise FileNotFoundError(f"{p}: no such file or folder")
 
 
+def image_root(paths: Iterable[str | Path]) -> Path:
+    """The deepest folder holding every input: a folder argument counts as itself, a file as its folder."""
+    dirs = [str(p.resolve() if p.is_dir() else p.resolve().parent) for p in map(Path, paths)]
+    if not dirs:
+        raise ValueError("classify: no input paths")
+    return Path(os.path.commonpath(dirs))
+
+
+def relative_name(f: Path, root: Path) -> str:
+    """``f`` as a forward-slash path under ``root``; one clear error when it lies outside."""
+    try:
+        return f.resolve().relative_to(root).as_posix()
+    except ValueError:
+        raise ValueError(f"{f}: not under the image root {root} (--relative-to)") from None
+
+
 def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: str | Path, *,
                    backend: str = "onnxruntime", batch: int = 4, public_keys=None,
-                   require_signature: bool = False) -> dict:
-    """Classify every image under ``paths`` into the MD batch file ``out``; returns counts."""
+                   require_signature: bool = False, relative_to: str | Path | None = None) -> dict:
+    """Classify every image under ``paths`` into the MD batch file ``out``; returns counts.
+
+    Files are named relative to ``relative_to`` (default: ``image_root(paths)``)."""
     from edge.bundle import load_bundle
     from edge.engines import load_engines
     from edge.imageio import ImageError, read_image
     from edge.records.megadetector import MdBatchWriter
     from edge.runner import CascadeRunner
 
+    paths = list(paths)
     files = list(iter_images(paths))
+    root = Path(relative_to).resolve() if relative_to is not None else image_root(paths)
+    names = {f: relative_name(f, root) for f in files}  # every file checked before any work
     out = Path(out)
     if out.exists():
         out.unlink()  # a fresh run: MdBatchWriter would otherwise resume the old file
@@ -59,7 +87,8 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
                                typical_threshold=man.cascade.route_threshold,
                                model_classes={m.name: m.classes for m in man.models},
                                flush_every=max(20, batch))
-        counts = {"images": 0, "animals": 0, "empty": 0, "failed": 0}
+        counts = {"images": 0, "animals": 0, "empty": 0, "failed": 0, "bundle": man.bundle_version,
+                  "key_id": bundle.key_id, "image_root": str(root)}
         t = time.monotonic()
         try:
             for k in range(0, len(files), batch):
@@ -70,12 +99,12 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
                         chunk.append(f)
                     except ImageError as e:
                         log.warning("%s", e)
-                        writer.add(str(f), failure=e.reason)
+                        writer.add(names[f], failure=e.reason)
                         counts["failed"] += 1
                 for f, img, res in zip(chunk, loaded, runner.classify([i.bgr for i in loaded]), strict=True):
                     s = img.scale or 1.0
                     dets = [replace(d, box=tuple(v / s for v in d.box)) for d in res.decision.detections]
-                    writer.add(str(f), dets, image_size=img.orig_size)
+                    writer.add(names[f], dets, image_size=img.orig_size)
                     counts["animals" if dets else "empty"] += 1
                 counts["images"] += len(files[k:k + batch])
         finally:
@@ -87,9 +116,11 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    t = trust_from_args(args)
     c = classify_paths(args.paths, args.bundle, args.out, backend=args.backend, batch=args.batch,
-                       public_keys=[Path(k) for k in args.public_key or []],  # files, not PEM text
-                       require_signature=args.require_signature)
+                       public_keys=t.public_keys, require_signature=t.require_signature,
+                       relative_to=args.relative_to)
+    print(f"bundle {c['bundle']}: {describe(c['key_id'])}; file names relative to {c['image_root']}")
     print(f"{c['images']} images: {c['animals']} with animals, {c['empty']} empty, {c['failed']} unreadable "
           f"({c['seconds']} s) -> {args.out}")
     return 0
@@ -102,6 +133,8 @@ def add_cli(sub) -> None:
     p.add_argument("--out", required=True, help="results JSON to write")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--batch", type=int, default=4, help="images per inference batch")
-    p.add_argument("--public-key", action="append", help="trusted Ed25519 public key (PEM); repeatable")
-    p.add_argument("--require-signature", action="store_true", help="refuse unsigned bundles")
+    p.add_argument("--relative-to", metavar="ROOT",
+                   help="image root the output's file names are relative to (default: the deepest folder "
+                   "holding every input)")
+    add_trust_options(p)
     p.set_defaults(func=_cmd)

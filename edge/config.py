@@ -40,6 +40,7 @@ from edge.configpath import ConfigPath
 from edge.engines import EngineSettings
 from edge.engines.onnxruntime import OnnxRuntimeConfig
 from edge.imageio import DEFAULT_MAX_MEGAPIXELS, PILLOW_MAX_MEGAPIXELS
+from edge.keys import SYSTEM_KEYS_DIR
 from edge.manifest import CascadeSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/camtrap-edge/config.yaml")
@@ -166,7 +167,7 @@ class BundleSection(Section):
         description="Bundle folder or .tar. Default: <state_dir>/models/current.",
     )
     public_keys_dir: ConfigPath | None = Field(
-        default=Path("/etc/camtrap-edge/keys"),
+        default=SYSTEM_KEYS_DIR,
         title="Public keys folder",
         description="Folder of trusted Ed25519 public keys (*.pub, PEM) for bundle signatures.",
     )

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge.keys import add_trust_options, describe, trust_from_args
+
 if TYPE_CHECKING:
     from edge.bundle import Bundle
     from edge.engines import Engine
@@ -114,13 +116,13 @@ def _engine_cfg(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace, tmp: str) -> Bundle:
     from edge.bundle import load_bundle
 
-    keys = [Path(k) for k in args.public_key or []]
-    return load_bundle(args.bundle, public_keys=keys, require_signature=args.require_signature,
+    t = trust_from_args(args)
+    return load_bundle(args.bundle, public_keys=t.public_keys, require_signature=t.require_signature,
                        extract_to=args.extract_to or tmp)
 
 
 def _signed(bundle: Bundle) -> str:
-    return f"signed by key {bundle.key_id}" if bundle.key_id else "signature not verified"
+    return describe(bundle.key_id)
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -171,8 +173,7 @@ def _common(p: argparse.ArgumentParser, backend: str) -> None:
                    "accuracy gate against fp16)")
     p.add_argument("--cache", help="TensorRT plan cache folder (default ~/.cache/camtrap/tensorrt)")
     p.add_argument("--max-batch", type=int, help="largest batch per inference")
-    p.add_argument("--public-key", action="append", help="trusted Ed25519 public key (PEM); repeatable")
-    p.add_argument("--require-signature", action="store_true", help="refuse unsigned bundles")
+    add_trust_options(p)
     p.add_argument("--extract-to", help="where to unpack an archive bundle (default: a temporary folder)")
 
 

@@ -184,7 +184,8 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from edge.signing import generate_keypair
+    from edge.keys import KEY_SUFFIX, SYSTEM_KEYS_DIR, user_keys_dir
+    from edge.signing import generate_keypair, key_id
 
     priv, pub = generate_keypair()
     base = Path(args.out)
@@ -195,7 +196,12 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     key.write_bytes(priv)
     key.chmod(0o600)
     pubf.write_bytes(pub)
-    print(f"private key {key} (keep it off the devices), public key {pubf} (install on devices)")
+    print(f"private key {key} (keep it off the devices), public key {pubf} (install on devices, in {SYSTEM_KEYS_DIR})")
+    if not args.no_trust:
+        trusted = user_keys_dir() / f"{key_id(pub)}{KEY_SUFFIX}"
+        trusted.parent.mkdir(parents=True, exist_ok=True)
+        trusted.write_bytes(pub)
+        print(f"trusted here: {trusted} (evaluate, classify and selftest check bundles against it)")
     return 0
 
 
@@ -215,4 +221,6 @@ def add_cli(sub) -> None:
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
     k.add_argument("--out", required=True, help="path prefix: writes PREFIX.key and PREFIX.pub")
     k.add_argument("--force", action="store_true", help="replace an existing key pair")
+    k.add_argument("--no-trust", action="store_true",
+                   help="do not copy the public key into the user keys folder (trusted by default on this machine)")
     k.set_defaults(func=_cmd_keygen)

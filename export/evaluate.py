@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import yaml
 
+from edge.keys import add_trust_options, describe, trust_from_args
 from export.datasets import class_names
 from export.metrics import BACKGROUND, bootstrap_macro_f1_gain, confusion, macro_f1, per_class
 
@@ -109,7 +110,8 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
             single.append(res.single_stage or BACKGROUND)  # same global run, its own thresholds
     labels = [*g.classes, BACKGROUND]
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"bundle": str(bundle_path), "bundle_version": man.bundle_version, "data": str(data_yaml),
+    report: dict = {"bundle": str(bundle_path), "bundle_version": man.bundle_version, "key_id": bundle.key_id,
+                    "data": str(data_yaml),
                     "split": split, "images": len(imgs), "backend": backend, "groups": man.groups}
     for name, pred in (("single_stage", single), ("cascade", cascade)):
         m = confusion(truths, pred, labels)
@@ -147,9 +149,10 @@ def render_markdown(r: dict) -> str:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    t = trust_from_args(args)
     r = evaluate(Path(args.bundle), Path(args.data), args.split, Path(args.out), backend=args.backend,
-                 n_boot=args.bootstrap, public_keys=[Path(k) for k in args.public_key or []],
-                 require_signature=args.require_signature)
+                 n_boot=args.bootstrap, public_keys=t.public_keys, require_signature=t.require_signature)
+    print(f"bundle {r['bundle_version']}: {describe(r['key_id'])}")
     print(f"macro F1 single {r['single_stage']['macro_f1']:.3f} cascade {r['cascade']['macro_f1']:.3f} "
           f"({r['images']} images, {r['model_runs_per_image']:.2f} model runs/image); report in {args.out}")
     return 0
@@ -163,6 +166,5 @@ def add_cli(sub) -> None:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--backend", default="onnxruntime", help="engine the device code runs the models on")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0 = none)")
-    p.add_argument("--public-key", action="append", help="trusted Ed25519 public key (PEM file); repeatable")
-    p.add_argument("--require-signature", action="store_true", help="refuse an unsigned or untrusted bundle")
+    add_trust_options(p)
     p.set_defaults(func=_cmd)

@@ -19,9 +19,11 @@ import pytest
 from badinputs import make_bad_corpus
 
 from edge.bundle import load_bundle
+from edge.classify import classify_paths
 from edge.demo import DEMO_BUNDLE, DEMO_FRAMES, DEMO_KEYS
 from edge.detection import iou
 from edge.records.megadetector import validate_md_output
+from edge.signing import key_id
 
 PUB = DEMO_KEYS / "demo.pub"
 BAD = ("zero_bytes", "truncated_jpeg", "text_named_jpg")  # each must come back as a failure entry
@@ -67,22 +69,25 @@ def test_document_is_valid_md_1_6(run):
     assert not run["out"].with_name("r.json.journal").read_bytes()  # flushed and closed
 
 
-def test_every_input_is_accounted_for_once(run):
+def test_every_input_is_accounted_for_once_relative_to_the_common_root(run):
     files = [im["file"] for im in run["doc"]["images"]]
-    want = [str(run["frames"] / n) for n in run["labels"]] + [str(p) for p in run["bad"] + run["ok_odd"]]
+    root = run["frames"].parent.resolve()  # the deepest folder holding the frames folder and the bad files
+    want = [f"frames/{n}" for n in run["labels"]] + [p.resolve().relative_to(root).as_posix()
+                                                     for p in run["bad"] + run["ok_odd"]]
     assert sorted(files) == sorted(want)
+    assert f"file names relative to {root}" in run["stdout"] and f"signed by key {key_id(PUB)}" in run["stdout"]
     assert f"{len(want)} images: " in run["stdout"] and f"{len(run['bad'])} unreadable" in run["stdout"]
 
 
 def test_unreadable_files_are_failure_entries(run):
     by_file = {im["file"]: im for im in run["doc"]["images"]}
     for p in run["bad"]:
-        im = by_file[str(p)]
+        im = by_file[_rel(run, p)]
         assert set(im) == {"file", "failure", "detections"}
         assert im["detections"] is None
         assert isinstance(im["failure"], str) and im["failure"] and "\n" not in im["failure"]
     for p in run["ok_odd"]:
-        im = by_file[str(p)]
+        im = by_file[_rel(run, p)]
         assert "failure" not in im and isinstance(im["detections"], list)
 
 
@@ -92,7 +97,7 @@ def test_animals_and_empties_field_by_field(run):
     by_file = {im["file"]: im for im in doc["images"]}
     thr = doc["info"]["detector_metadata"]["typical_detection_threshold"]
     for name, truth in run["labels"].items():
-        im = by_file[str(run["frames"] / name)]
+        im = by_file[f"frames/{name}"]
         assert set(im) == {"file", "detections"}
         dets = im["detections"]
         if truth["empty"]:
@@ -117,8 +122,42 @@ def test_animals_and_empties_field_by_field(run):
         assert max(iou((x, y, x + bw, y + bh), g) for g in gt) >= 0.5, f"{name}: bbox {top['bbox']} vs {gt}"
 
 
+def _rel(run, p) -> str:
+    return p.resolve().relative_to(run["frames"].parent.resolve()).as_posix()
+
+
+def test_relative_to_a_given_root_and_refused_outside_it(tmp_path):
+    frames = tmp_path / "card" / "DCIM"
+    shutil.copytree(DEMO_FRAMES, frames)
+    c = classify_paths([frames], DEMO_BUNDLE, tmp_path / "r.json", relative_to=tmp_path / "card")
+    files = {im["file"] for im in json.loads((tmp_path / "r.json").read_text())["images"]}
+    assert c["image_root"] == str((tmp_path / "card").resolve())
+    assert files == {f"DCIM/{n}" for n in json.loads((DEMO_FRAMES / "labels.json").read_text())}
+    one = next(frames.glob("*.JPG"))
+    classify_paths([one], DEMO_BUNDLE, tmp_path / "one.json")  # a single file: named relative to its folder
+    assert [im["file"] for im in json.loads((tmp_path / "one.json").read_text())["images"]] == [one.name]
+    with pytest.raises(ValueError, match="not under the image root"):
+        classify_paths([frames], DEMO_BUNDLE, tmp_path / "x.json", relative_to=tmp_path / "elsewhere")
+
+
+def test_unsigned_or_unverifiable_bundles_are_refused_unless_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMTRAP_KEYS_DIR", str(tmp_path / "no-keys"))
+    base = [*edge_cli(), "classify", str(DEMO_FRAMES), "--bundle", str(DEMO_BUNDLE), "--out", str(tmp_path / "r.json")]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "no trusted public key" in r.stderr and "--allow-unsigned" in r.stderr and "no-keys" in r.stderr
+    r = subprocess.run([*base, "--allow-unsigned"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "signature NOT verified" in r.stdout
+    # the user keys folder (which `camtrap-export keygen` fills) is trusted without a flag
+    (tmp_path / "no-keys").mkdir()
+    shutil.copy(PUB, tmp_path / "no-keys" / "demo.pub")
+    r = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"signed by key {key_id(PUB)}" in r.stdout
+
+
 def test_missing_input_is_one_clear_line(tmp_path):
     r = subprocess.run([*edge_cli(), "classify", str(tmp_path / "nope"), "--bundle", str(DEMO_BUNDLE),
-                        "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=60)
+                        "--public-key", str(PUB), "--out", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "nope: no such file or folder" in r.stderr

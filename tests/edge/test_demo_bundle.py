@@ -92,9 +92,13 @@ def test_selftest_command_passes():
                         "--require-signature", "--runs", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "selftest: ok" in r.stdout and f"signed by key {key_id(PUB)}" in r.stdout
+    # no trusted key anywhere: refused by default, accepted with --allow-unsigned and said so
     plain = subprocess.run([*edge_cli(), "selftest", "--bundle", str(DEMO_BUNDLE), "--runs", "1"],
                            capture_output=True, text=True, timeout=120)
-    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert plain.returncode == 2 and "no trusted public key" in plain.stderr, plain.stdout + plain.stderr
+    allowed = subprocess.run([*edge_cli(), "selftest", "--bundle", str(DEMO_BUNDLE), "--runs", "1",
+                              "--allow-unsigned"], capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0 and "signature NOT verified" in allowed.stdout, allowed.stdout + allowed.stderr
 
 
 def test_cascade_finds_the_animals_and_leaves_the_empties_empty():

@@ -198,17 +198,17 @@ def test_selftest_detects_a_mismatch(tmp_path):
 
 
 def test_selftest_cli(bundle_dir, tmp_path, capsys):
-    assert edge_main(["selftest", "--bundle", str(bundle_dir), "--runs", "2"]) == 0
+    assert edge_main(["selftest", "--bundle", str(bundle_dir), "--runs", "2", "--allow-unsigned"]) == 0
     out = capsys.readouterr().out
     assert "selftest: ok" in out and "global" in out and "p95 ms" in out
-    assert edge_main(["compile", "--bundle", str(bundle_dir), "--backend", "onnxruntime"]) == 0
+    assert edge_main(["compile", "--bundle", str(bundle_dir), "--backend", "onnxruntime", "--allow-unsigned"]) == 0
     assert "compiled 3 models" in capsys.readouterr().out
     # a broken bundle is an input error (exit 2) with one line naming the file
     broken = write_test_bundle(tmp_path / "broken")
     (broken / "models" / "global.onnx").write_bytes(b"changed")
-    assert edge_main(["selftest", "--bundle", str(broken)]) == 2
+    assert edge_main(["selftest", "--bundle", str(broken), "--allow-unsigned"]) == 2
     assert "models/global.onnx: sha256 mismatch" in capsys.readouterr().err
-    assert edge_main(["selftest", "--bundle", str(bundle_dir), "--precision", "fp16"]) == 2
+    assert edge_main(["selftest", "--bundle", str(bundle_dir), "--precision", "fp16", "--allow-unsigned"]) == 2
     assert "apply to the tensorrt backend" in capsys.readouterr().err
 
 
@@ -218,14 +218,13 @@ def test_selftest_cli_fails_on_mismatch_and_checks_signatures(tmp_path, capsys):
     priv, pub = generate_keypair()
     root = write_test_bundle(tmp_path / "b", sign_key=priv)
     (tmp_path / "k.pub").write_bytes(pub)
-    assert edge_main(["selftest", "--bundle", str(root), "--public-key", str(tmp_path / "k.pub"),
-                      "--require-signature", "--runs", "1"]) == 0
+    assert edge_main(["selftest", "--bundle", str(root), "--public-key", str(tmp_path / "k.pub"), "--runs", "1"]) == 0
     assert "signed by key" in capsys.readouterr().out
     sample = root / "samples" / "patch0.png"
     img = cv2.imread(str(sample))
     img[:] = 20  # the animal is gone from the sample (samples carry no sha256 in the manifest yet)
     cv2.imwrite(str(sample), img)
-    assert edge_main(["selftest", "--bundle", str(root), "--runs", "1"]) == 1
+    assert edge_main(["selftest", "--bundle", str(root), "--runs", "1", "--public-key", str(tmp_path / "k.pub")]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "samples/patch0.png: missing Lynx pardinus" in out
 

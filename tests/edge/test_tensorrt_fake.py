@@ -98,14 +98,14 @@ def test_compile_and_selftest_cli_with_the_installed_fake(bundle, tmp_path, monk
     gpu = FakeGPU("8.5.2.2", gpu_name="Xavier", cc=(7, 2))
     gpu.install(monkeypatch)  # `import tensorrt` / `import pycuda.driver` now find the fake
     cache = tmp_path / "cache"
-    assert edge_main(["compile", "--bundle", str(bundle.root), "--cache", str(cache)]) == 0
+    assert edge_main(["compile", "--bundle", str(bundle.root), "--cache", str(cache), "--allow-unsigned"]) == 0
     out = capsys.readouterr().out
     assert out.count("fp16 plan") == 3 and out.count("built in") == 3
-    assert edge_main(["compile", "--bundle", str(bundle.root), "--cache", str(cache)]) == 0
+    assert edge_main(["compile", "--bundle", str(bundle.root), "--cache", str(cache), "--allow-unsigned"]) == 0
     assert capsys.readouterr().out.count("(cached)") == 3
     assert len(gpu.builds) == 3
     assert edge_main(["selftest", "--bundle", str(bundle.root), "--backend", "tensorrt", "--cache", str(cache),
-                      "--runs", "2"]) == 0
+                      "--runs", "2", "--allow-unsigned"]) == 0
     assert "selftest: ok" in capsys.readouterr().out
     assert len(gpu.builds) == 3  # the self-test used the compiled plans
 
