@@ -1,10 +1,18 @@
 """Score exactly what will be deployed: the bundle, run through the device's own code.
 
-Single stage (the global model alone, at its thresholds) and the cascade are scored side by
-side on the same images, image by image: the image's true class is its most frequent
-labelled species (``background`` when it has none), the prediction the top species of the
-answer. The report has the paper's Table 3 form (per-class precision, recall, F1 and
-support, background included), macro F1, both confusion matrices and the route counts.
+Single stage (the global model alone, at its thresholds), the fair control (``--control``: the
+global model fine-tuned for the experts' extra epochs on all species, same frozen layers, run
+as a single stage) and the cascade are scored side by side on the same images, image by
+image: the image's true class is its most frequent labelled species (``background`` when it
+has none), the prediction the top species of the answer. The report has the paper's Table 3
+form (per-class precision, recall, F1 and support, background included) and for each model:
+macro F1 with and without background, per-species F1 with 95% intervals from a bootstrap over
+sequences, the number of sequences behind each species, model runs per frame; and the
+differences cascade - single, cascade - control and control - single with their intervals.
+
+Read it this way: the cascade's gain over the single stage mixes two things, the experts and
+the extra training they got; the gain over the control is what the experts add. An interval
+that spans 0 is no evidence either way, and a species seen in two sequences is an anecdote.
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ import yaml
 
 from edge.keys import add_trust_options, describe, trust_from_args
 from export.datasets import class_names
-from export.metrics import BACKGROUND, bootstrap_macro_f1_gain, confusion, macro_f1, per_class
+from export.metrics import BACKGROUND, bootstrap_models, confusion, macro_f1, per_class, sequences_per_label
+
+SINGLE, CONTROL, CASCADE = "single_stage", "control", "cascade"
+PAIRS = ((CASCADE, SINGLE), (CASCADE, CONTROL), (CONTROL, SINGLE))  # (b, a): b - a
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +90,35 @@ def _plot_confusion(m: np.ndarray, labels: list[str], title: str, path: Path) ->
     plt.close(fig)
 
 
+def _top_above(dets, entry) -> str | None:
+    """The single-stage answer: the most confident species at or above the model's thresholds."""
+    above = [d for d in dets if d.score >= entry.threshold(d.species)]
+    return max(above, key=lambda d: d.score).species if above else None
+
+
+def control_runner(control: Path, like, out: Path):
+    """The control model (a training run folder or .pt) as a device ModelRunner with the global's settings.
+
+    It is exported to ONNX first (out/control.onnx, at the global's image size), so the control is
+    scored through the same engine, letterbox, decoder and thresholds as the bundle's global model.
+    """
+    from edge.engines import create_engine
+    from edge.hashing import sha256_file
+    from edge.runner import ModelRunner
+    from export.evidence import resolve_weights
+    from export.onnx import export_onnx
+
+    exp = export_onnx(resolve_weights(control), out / "control.onnx", imgsz=like.imgsz)
+    if exp.classes != like.classes:
+        raise ValueError(f"{control}: control classes {exp.classes} differ from the global model's {like.classes}")
+    entry = like.model_copy(update={"name": CONTROL, "file": exp.onnx_path.name, "layout": exp.layout,
+                                    "sha256": sha256_file(exp.onnx_path), "backbone_sha256": None})
+    return ModelRunner(entry, create_engine("onnxruntime", exp.onnx_path, entry))
+
+
 def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend: str = "onnxruntime",
              batch: int = 8, n_boot: int = 1000, public_keys: list[Path] | None = None,
-             require_signature: bool = False) -> dict:
+             require_signature: bool = False, control: Path | None = None) -> dict:
     from edge.bundle import load_bundle
     from edge.engines import load_engines
     from edge.runner import CascadeRunner
@@ -93,7 +130,11 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     g = man.global_model
     if set(names) != set(g.classes):
         raise ValueError(f"{data_yaml}: classes {sorted(names)} differ from the bundle's {sorted(g.classes)}")
-    single, cascade, routes, runs = [], [], Counter(), []
+    out.mkdir(parents=True, exist_ok=True)
+    ctrl = control_runner(Path(control), g, out) if control is not None else None
+    preds: dict[str, list[str]] = {SINGLE: [], CASCADE: []} | ({CONTROL: []} if ctrl else {})
+    routes: Counter = Counter()
+    runs: list[int] = []
     for k in range(0, len(imgs), batch):
         chunk = imgs[k:k + batch]
         arrays = []
@@ -106,44 +147,87 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
             d = res.decision
             routes[d.route.reason] += 1
             runs.append(len(d.models_run))
-            cascade.append(d.top[0] or BACKGROUND)
-            single.append(res.single_stage or BACKGROUND)  # same global run, its own thresholds
+            preds[CASCADE].append(d.top[0] or BACKGROUND)
+            preds[SINGLE].append(res.single_stage or BACKGROUND)  # same global run, its own thresholds
+        if ctrl is not None:
+            preds[CONTROL] += [_top_above(dets, ctrl.entry) or BACKGROUND for dets in ctrl.detect(arrays)]
+    if ctrl is not None:
+        ctrl.engine.close()
     labels = [*g.classes, BACKGROUND]
-    out.mkdir(parents=True, exist_ok=True)
+    seqs = [_seq_of(meta, p, split) for p in imgs]
     report: dict = {"bundle": str(bundle_path), "bundle_version": man.bundle_version, "key_id": bundle.key_id,
-                    "data": str(data_yaml),
-                    "split": split, "images": len(imgs), "backend": backend, "groups": man.groups}
-    for name, pred in (("single_stage", single), ("cascade", cascade)):
+                    "data": str(data_yaml), "split": split, "images": len(imgs), "backend": backend,
+                    "groups": man.groups, "labels": labels, "control": None,
+                    "sequences": len(set(seqs)), "sequences_per_class": sequences_per_label(truths, seqs, labels)}
+    per_frame = {SINGLE: 1.0, CONTROL: 1.0, CASCADE: float(np.mean(runs)) if runs else 0.0}
+    boot = None
+    if n_boot > 0 and len(set(seqs)) > 1:
+        boot = bootstrap_models(truths, preds, seqs, labels, [pr for pr in PAIRS if set(pr) <= set(preds)], n=n_boot)
+    for name, pred in preds.items():
         m = confusion(truths, pred, labels)
-        report[name] = {"macro_f1": macro_f1(m, labels), "per_class": per_class(m, labels),
-                        "confusion": m.tolist()}
+        rows = per_class(m, labels)
+        for r in rows:
+            r["sequences"] = report["sequences_per_class"][r["class"]]
+            r["f1_ci95"] = boot["models"][name]["f1"].get(r["class"]) if boot else None
+        report[name] = {"macro_f1": macro_f1(m, labels), "macro_f1_species": macro_f1(m, labels, species_only=True),
+                        "macro_f1_ci95": boot["models"][name]["macro_f1"] if boot else None,
+                        "macro_f1_species_ci95": boot["models"][name]["macro_f1_species"] if boot else None,
+                        "model_runs_per_frame": per_frame[name], "per_class": rows, "confusion": m.tolist()}
         _plot_confusion(m, labels, f"{name.replace('_', ' ')} (macro F1 {report[name]['macro_f1']:.3f})",
                         out / f"confusion_{name}.png")
-    report["labels"] = labels
+    report["control_model"] = str(control) if control is not None else None
     report["routes"] = dict(routes)
-    report["model_runs_per_image"] = float(np.mean(runs)) if runs else 0.0
-    seqs = [_seq_of(meta, p, split) for p in imgs]
-    if n_boot > 0 and len(set(seqs)) > 1:
-        report["gain_bootstrap"] = bootstrap_macro_f1_gain(truths, single, cascade, seqs, labels, n=n_boot)
+    report["model_runs_per_image"] = per_frame[CASCADE]
+    if boot:
+        report["differences"] = boot["differences"]
+        report["n_boot"] = boot["n_boot"]
+        d = boot["differences"][f"{CASCADE} - {SINGLE}"]["macro_f1"]
+        report["gain_bootstrap"] = {"gain": d["point"], "ci95": d["ci95"], "n_boot": n_boot,
+                                    "clusters": boot["clusters"]}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(render_markdown(report))
     return report
 
 
+def _ci_text(ci) -> str:
+    return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
+
+
 def render_markdown(r: dict) -> str:
-    lines = [f"# Cascade evaluation: {r['bundle_version']} on {r['split']} ({r['images']} images)", "",
-             f"Macro F1: single stage **{r['single_stage']['macro_f1']:.3f}**, "
-             f"cascade **{r['cascade']['macro_f1']:.3f}**; "
-             f"model runs per image {r['model_runs_per_image']:.2f}; routes {r['routes']}.", ""]
-    if "gain_bootstrap" in r:
-        b = r["gain_bootstrap"]
-        lines += [f"Gain {b['gain']:+.3f} (95% CI {b['ci95'][0]:+.3f} to {b['ci95'][1]:+.3f}, "
-                  f"bootstrap over {b['clusters']} sequences).", ""]
-    lines += ["| class | support | P single | R single | F1 single | P cascade | R cascade | F1 cascade |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for a, b in zip(r["single_stage"]["per_class"], r["cascade"]["per_class"], strict=True):
-        lines.append(f"| {a['class']} | {a['support']} | {a['precision']:.3f} | {a['recall']:.3f} | {a['f1']:.3f} "
-                     f"| {b['precision']:.3f} | {b['recall']:.3f} | {b['f1']:.3f} |")
+    models = [m for m in (SINGLE, CONTROL, CASCADE) if isinstance(r.get(m), dict)]
+    title = {SINGLE: "single stage", CONTROL: "control (single stage, same extra training)", CASCADE: "cascade"}
+    lines = [f"# Cascade evaluation: {r['bundle_version']} on {r['split']} ({r['images']} images, "
+             f"{r['sequences']} sequences)", "",
+             "| model | macro F1 (95% CI) | species-only macro F1 (95% CI) | model runs per frame |",
+             "|---|---|---|---:|"]
+    for m in models:
+        x = r[m]
+        lines.append(f"| {title[m]} | {x['macro_f1']:.3f} ({_ci_text(x['macro_f1_ci95'])}) | "
+                     f"{x['macro_f1_species']:.3f} ({_ci_text(x['macro_f1_species_ci95'])}) | "
+                     f"{x['model_runs_per_frame']:.2f} |")
+    lines.append("")
+    if r.get("differences"):
+        lines += ["| difference | macro F1 (95% CI) | species-only (95% CI) |", "|---|---|---|"]
+        for name, d in r["differences"].items():
+            a, b = d["macro_f1"], d["macro_f1_species"]
+            lines.append(f"| {name} | {a['point']:+.3f} ({a['ci95'][0]:+.3f} to {a['ci95'][1]:+.3f}) | "
+                         f"{b['point']:+.3f} ({b['ci95'][0]:+.3f} to {b['ci95'][1]:+.3f}) |")
+        lines += ["", f"Intervals: bootstrap over {r['sequences']} sequences ({r['n_boot']} resamples). "
+                  "An interval spanning 0 is no evidence either way.", ""]
+    if CONTROL not in models:
+        lines += ["No control was given (`--control`): the gain over the single stage mixes the experts with "
+                  "their extra training, so it is not the experts' effect.", ""]
+    lines += [f"Routes {r['routes']}.", "",
+              "| class | sequences | support | " + " | ".join(f"F1 {m.split('_')[0]} (95% CI)" for m in models) + " |",
+              "|---|---:|---:|" + "---|" * len(models)]
+    for i, lab in enumerate(r["labels"]):
+        rows = [r[m]["per_class"][i] for m in models]
+        cells = " | ".join(f"{x['f1']:.3f} ({_ci_text(x['f1_ci95'])})" for x in rows)
+        lines.append(f"| {lab} | {rows[0]['sequences']} | {rows[0]['support']} | {cells} |")
+    thin = [lab for lab in r["labels"] if 0 < r["sequences_per_class"][lab] < 5]
+    if thin:
+        lines += ["", "Fewer than 5 sequences behind " + ", ".join(
+            f"{lab} ({r['sequences_per_class'][lab]})" for lab in thin) + ": read their F1 as anecdotes."]
     lines += ["", "Groups: " + "; ".join(f"{g}: {', '.join(s)}" for g, s in r["groups"].items()), ""]
     return "\n".join(lines)
 
@@ -151,10 +235,18 @@ def render_markdown(r: dict) -> str:
 def _cmd(args: argparse.Namespace) -> int:
     t = trust_from_args(args)
     r = evaluate(Path(args.bundle), Path(args.data), args.split, Path(args.out), backend=args.backend,
-                 n_boot=args.bootstrap, public_keys=t.public_keys, require_signature=t.require_signature)
+                 n_boot=args.bootstrap, public_keys=t.public_keys, require_signature=t.require_signature,
+                 control=Path(args.control) if args.control else None)
     print(f"bundle {r['bundle_version']}: {describe(r['key_id'])}")
-    print(f"macro F1 single {r['single_stage']['macro_f1']:.3f} cascade {r['cascade']['macro_f1']:.3f} "
-          f"({r['images']} images, {r['model_runs_per_image']:.2f} model runs/image); report in {args.out}")
+    for m in (SINGLE, CONTROL, CASCADE):
+        if isinstance(r.get(m), dict):
+            x = r[m]
+            print(f"{m:<13} macro F1 {x['macro_f1']:.3f}, species only {x['macro_f1_species']:.3f}, "
+                  f"{x['model_runs_per_frame']:.2f} model runs/frame")
+    for name, d in (r.get("differences") or {}).items():
+        a = d["macro_f1"]
+        print(f"{name}: {a['point']:+.3f} (95% CI {a['ci95'][0]:+.3f} to {a['ci95'][1]:+.3f})")
+    print(f"{r['images']} images, {r['sequences']} sequences; report in {args.out}/report.md")
     return 0
 
 
@@ -165,6 +257,9 @@ def add_cli(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--backend", default="onnxruntime", help="engine the device code runs the models on")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0 = none)")
+    p.add_argument("--control", help="the fair control: a training run folder (or its .pt) of the global "
+                   "model fine-tuned for the experts' extra epochs (`camtrap-export train --control-of`; "
+                   "`pipeline` makes WORKDIR/control); scored as a single stage beside the cascade")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over sequences (0 = none)")
     add_trust_options(p)
     p.set_defaults(func=_cmd)

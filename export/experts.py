@@ -195,6 +195,12 @@ def global_run(path: str | os.PathLike) -> tuple[Path, int | None, dict[str, Any
     return best, freeze, run
 
 
+def shared_freeze(global_freeze: int | None) -> int:
+    """Layers an expert (or the fair control) keeps frozen: what the global froze; a global trained
+    whole (freeze 0, e.g. from a yaml) still gets layers 0-9 shared."""
+    return global_freeze if global_freeze else DEFAULT_FREEZE_CHECKPOINT
+
+
 def train_experts(data: str | os.PathLike, groups: str | os.PathLike, from_run: str | os.PathLike,
                   out: str | os.PathLike, *, negatives: bool = False, empty_ratio: float | None = None,
                   freeze: int | None = None, only: list[str] | None = None, say: Callable[[str], None] = print,
@@ -213,8 +219,8 @@ def train_experts(data: str | os.PathLike, groups: str | os.PathLike, from_run: 
             if v is None:
                 raise ValueError(f"{from_run}: no run.json giving the global run's {k}; give --{k}")
             train_kwargs[k] = v
-    if freeze is None:  # share what the global froze; a global trained whole (freeze 0) still gets 0-9 shared
-        freeze = g_freeze if g_freeze else DEFAULT_FREEZE_CHECKPOINT
+    if freeze is None:
+        freeze = shared_freeze(g_freeze)
     ungrouped = [n for n in spec.names if not any(n in s for s in grp.values())]
     if ungrouped:
         say(f"[experts] warning: species in no group (the global model alone will name them): {', '.join(ungrouped)}")

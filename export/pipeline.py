@@ -1,14 +1,21 @@
-"""`camtrap-export pipeline CONFIG`: prepare -> train -> group -> experts, resumable.
+"""`camtrap-export pipeline CONFIG`: prepare -> train -> group -> experts (+ control), resumable.
 
 The config (YAML, checked field by field) names a workdir and one section per step. Each
 finished step records a fingerprint in WORKDIR/state.json: the sha256 of its config section, of
 the content hashes of its inputs (input files, the dataset hash, best.pt, groups.yaml) and of the
-previous step's fingerprint. A step whose fingerprint matches and whose outputs exist is skipped
-("skip train: up to date"); a changed input reruns that step and, through the chained
-fingerprint, every step after it. A crashed step has no record and simply runs again.
+fingerprint of the step it depends on (``DEPENDS``). A step whose fingerprint matches and whose
+outputs exist is skipped ("skip train: up to date"); a changed input reruns that step and,
+through the chained fingerprints, every step that depends on it. A crashed step has no record
+and simply runs again.
+
+The control step (on by default; ``control: {enabled: false}`` turns it off) trains the fair
+control: the global model fine-tuned on all species for the experts' extra epochs with their
+frozen layers (``export.train.train_control``). It depends on train only, so an edited grouping
+does not retrain it. `camtrap-export evaluate --control WORKDIR/control` scores it beside the
+cascade.
 
 Workdir layout: data/ (prepared YOLO dataset), train/ (global run), group/groups.yaml (+ plots),
-experts/<group>/ (expert runs), state.json. A person may edit group/groups.yaml: the experts
+experts/<group>/ (expert runs), control/ (the control run), state.json. A person may edit group/groups.yaml: the experts
 step sees the new content and reruns; to keep an edited grouping across reruns of the group
 step, point ``group.groups`` at your own file instead.
 
@@ -38,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edge.atomic import atomic_write_json
 from edge.hashing import sha256_file
 
-STEPS = ("prepare", "train", "group", "experts")
+STEPS = ("prepare", "train", "group", "experts", "control")
+DEPENDS = {"prepare": None, "train": "prepare", "group": "train", "experts": "group", "control": "train"}
 STATE_VERSION = 1
 
 
@@ -111,6 +119,13 @@ class ExpertsConfig(TrainOptions):
     freeze: int | None = Field(None, ge=0)
 
 
+class ControlConfig(_Strict):
+    """The fair control (see the module doc); epochs default to the experts' (themselves the global run's)."""
+
+    enabled: bool = True
+    epochs: int | None = Field(None, ge=1)
+
+
 class PipelineConfig(_Strict):
     workdir: Path
     data: Path | None = None  # an existing YOLO data.yaml instead of a prepare section
@@ -118,6 +133,7 @@ class PipelineConfig(_Strict):
     train: TrainConfig = TrainConfig()
     group: GroupConfig = GroupConfig()
     experts: ExpertsConfig = ExpertsConfig()
+    control: ControlConfig = ControlConfig()
 
     @model_validator(mode="after")
     def _one_dataset(self):
@@ -222,6 +238,7 @@ class Pipeline:
         self.run_dir = self.wd / "train"
         self.groups_yaml = self.wd / "group" / "groups.yaml"
         self.experts_dir = self.wd / "experts"
+        self.control_dir = self.wd / "control"
 
     # inputs of each step: computed just before it would run, after the previous step finished
     def _inputs(self, step: str, prev_fp: str | None) -> dict[str, Any]:
@@ -248,6 +265,8 @@ class Pipeline:
             ins["model"] = sha256_file(model_file(resolve_model(c.train.model)))
             return ins
         ins["best"] = sha256_file(self.run_dir / "weights" / "best.pt")
+        if step == "control":
+            return ins
         if step == "group":
             ins["groups_file"] = input_hash(c.group.groups)
             return ins
@@ -260,14 +279,32 @@ class Pipeline:
             "train": [self.run_dir / "weights" / "best.pt", self.run_dir / "run.json"],
             "group": [self.groups_yaml],
             "experts": [self.experts_dir / "experts.json"],
+            "control": [self.control_dir / "weights" / "best.pt", self.control_dir / "run.json"],
         }[step]
 
     def _config(self, step: str) -> dict[str, Any]:
-        sec = getattr(self.cfg, step)
-        d = sec.model_dump(mode="json")
-        if step in ("train", "experts", "group"):
+        if step == "control":  # what the control trains with: the train section, the experts' epochs
+            d = {**self.cfg.train.model_dump(mode="json"), "epochs": self._control_epochs()}
+        else:
+            d = getattr(self.cfg, step).model_dump(mode="json")
+        if step in ("train", "experts", "group", "control"):
             d.pop("plots", None)  # plots do not change the models
         return d
+
+    def _control_epochs(self) -> int:
+        return self.cfg.control.epochs or self.cfg.experts.epochs or self.cfg.train.epochs
+
+    @staticmethod
+    def _ancestors(step: str) -> list[str]:
+        out, s = [], DEPENDS[step]
+        while s is not None:
+            out.append(s)
+            s = DEPENDS[s]
+        return out
+
+    @staticmethod
+    def _descendants(step: str) -> list[str]:
+        return [s for s in STEPS if step in Pipeline._ancestors(s)]
 
     def run_prepare(self) -> None:
         from export.datasets import prepare
@@ -312,27 +349,41 @@ class Pipeline:
                           say=self.say, **e)
         self.not_shared = [g for g, x in s["experts"].items() if x["identical"] is False]
 
+    def run_control(self) -> None:
+        from export.train import train_control
+
+        t = self.cfg.train.model_dump()
+        t.pop("model")
+        t.pop("epochs")
+        t.pop("imgsz")
+        train_control(self.run_dir, self.control_dir, data=self.data_yaml, epochs=self._control_epochs(),
+                      imgsz=self.cfg.train.imgsz, prefix="[control]", say=self.say, **t)
+
     def run(self, rerun: str | None = None) -> dict[str, Any]:
-        """Run what is out of date; `rerun` forces that step (and so everything after it)."""
+        """Run what is out of date; `rerun` forces that step (and so every step depending on it)."""
         if rerun is not None and rerun not in STEPS:
             raise ValueError(f"--rerun: unknown step '{rerun}' (steps: {', '.join(STEPS)})")
         self.wd.mkdir(parents=True, exist_ok=True)
         self.not_shared: list[str] = []
         state = read_state(self.wd)
-        steps = [s for s in STEPS if s != "prepare" or self.cfg.prepare is not None]
-        prev_fp: str | None = None
+        steps = [s for s in STEPS if (s != "prepare" or self.cfg.prepare is not None)
+                 and (s != "control" or self.cfg.control.enabled)]
+        fps: dict[str | None, str | None] = {None: None}
         ran: list[str] = []
-        for i, step in enumerate(steps):
-            fp = fingerprint(step, self._config(step), self._inputs(step, prev_fp))
+        for step in steps:
+            dep = DEPENDS[step] if DEPENDS[step] in steps else None
+            fp = fingerprint(step, self._config(step), self._inputs(step, fps[dep]))
             rec = state["steps"].get(step)
             fresh = rec is not None and rec.get("fingerprint") == fp and all(p.exists() for p in self._outputs(step))
-            if fresh and rerun != step and not ran:
+            upstream = [s for s in ran if s in self._ancestors(step)]
+            if fresh and rerun != step and not upstream:
                 self.say(f"skip {step}: up to date")
             else:
-                why = ("forced" if rerun == step else f"{ran[-1]} reran" if ran else "never run" if rec is None
-                       else "inputs or config changed" if rec.get("fingerprint") != fp else "outputs missing")
+                why = ("forced" if rerun == step else f"{upstream[-1]} reran" if upstream else "never run"
+                       if rec is None else "inputs or config changed" if rec.get("fingerprint") != fp
+                       else "outputs missing")
                 self.say(f"run {step}: {why}")
-                for later in steps[i:]:  # a crash from here on must not leave later steps looking current
+                for later in [step, *self._descendants(step)]:  # a crash must not leave them looking current
                     state["steps"].pop(later, None)
                 write_state(self.wd, state)
                 t0 = time.monotonic()
@@ -345,7 +396,7 @@ class Pipeline:
                                         "outputs": [str(p) for p in self._outputs(step)]}
                 write_state(self.wd, state)
                 ran.append(step)
-            prev_fp = fp
+            fps[step] = fp
         return {"ran": ran, "state": state, "not_shared": self.not_shared}
 
 
@@ -363,8 +414,10 @@ def _run(args) -> int:
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("pipeline", help="prepare -> train -> group -> experts, skipping what is up to date",
+    p = sub.add_parser("pipeline", help="prepare -> train -> group -> experts (+ the fair control), skipping what "
+                       "is up to date",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="pipeline YAML (workdir, prepare|data, train, group, experts)")
-    p.add_argument("--rerun", choices=STEPS, default=None, help="run this step (and all after it) even if up to date")
+    p.add_argument("config", help="pipeline YAML (workdir, prepare|data, train, group, experts, control)")
+    p.add_argument("--rerun", choices=STEPS, default=None,
+                   help="run this step (and the steps depending on it) even if up to date")
     p.set_defaults(func=_run)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm", ".heic"}
 WEIGHT_CLIP = (0.5, 10.0)
 DEFAULT_FREEZE_CHECKPOINT = 10
+DEFAULT_EPOCHS, DEFAULT_IMGSZ = 50, 640
 CLOSE_MOSAIC_SHARE = 0.1  # mosaic off for the last 10% of epochs (ultralytics' 10 of its default 100)
 TINY_YAML = Path(__file__).with_name("models") / "camtrap-tiny.yaml"
 
@@ -417,8 +418,9 @@ def versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------- the command
 
-def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike, *, epochs: int = 50,
-          imgsz: int = 640, batch: int = 16, freeze: int | None = None, class_weights: bool = True,
+def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike, *,
+          epochs: int = DEFAULT_EPOCHS, imgsz: int = DEFAULT_IMGSZ, batch: int = 16, freeze: int | None = None,
+          class_weights: bool = True,
           oversample: bool = True, target_share: float = 0.5, max_repeat: int = 10, seed: int = 0,
           device: str = "cpu", patience: int = 50, plots: bool = True, optimizer: str = "auto",
           lr0: float | None = None, close_mosaic: int | None = None, prefix: str = "[train]",
@@ -509,6 +511,33 @@ def train(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
     return record
 
 
+def train_control(run: str | os.PathLike, out: str | os.PathLike, *, data: str | os.PathLike | None = None,
+                  epochs: int | None = None, imgsz: int | None = None, freeze: int | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """The fair control for a cascade: the global model of ``run`` fine-tuned on all species for the
+    experts' extra epochs, with the experts' frozen layers, evaluated as a single stage beside it.
+
+    Defaults are what the experts got by default: the run's epochs and image size, its dataset,
+    its frozen layers (``export.experts.shared_freeze``). Without it, a cascade's gain over the single
+    stage mixes the experts' effect with the extra training they had.
+    """
+    from export.experts import global_run, shared_freeze
+
+    best, g_freeze, g_run = global_run(run)
+    args = (g_run or {}).get("args") or {}
+    picked = {"data": data or args.get("data"), "epochs": epochs or args.get("epochs"),
+              "imgsz": imgsz or args.get("imgsz")}
+    missing = [k for k, v in picked.items() if v is None]
+    if missing:
+        raise ValueError(f"{run}: no run.json giving the global run's {', '.join(missing)}; "
+                         + ", ".join(f"give --{k}" for k in missing))
+    rec = train(picked["data"], best, out, epochs=int(picked["epochs"]), imgsz=int(picked["imgsz"]),
+                freeze=shared_freeze(g_freeze) if freeze is None else freeze, **kwargs)
+    rec["control_of"] = str(Path(run).resolve())
+    atomic_write_json(Path(out).resolve() / "run.json", rec)
+    return rec
+
+
 def add_train_options(p, *, inherit: bool = False) -> None:
     """Options shared by `train` and `experts` (and mirrored by the pipeline config). ``inherit``:
     epochs and image size default to the global run's (an expert shares its frozen backbone)."""
@@ -516,8 +545,10 @@ def add_train_options(p, *, inherit: bool = False) -> None:
         p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the global run's)")
         p.add_argument("--imgsz", type=int, default=None, help="training image size, px (default: the global run's)")
     else:
-        p.add_argument("--epochs", type=int, default=50, help="training epochs")
-        p.add_argument("--imgsz", type=int, default=640, help="training image size (px)")
+        p.add_argument("--epochs", type=int, default=None,
+                       help=f"training epochs (default: {DEFAULT_EPOCHS}; with --control-of, the run's)")
+        p.add_argument("--imgsz", type=int, default=None,
+                       help=f"training image size, px (default: {DEFAULT_IMGSZ}; with --control-of, the run's)")
     p.add_argument("--batch", type=int, default=16, help="images per batch")
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false",
                    help="no inverse-frequency weighting of the classification loss")
@@ -539,11 +570,20 @@ def add_train_options(p, *, inherit: bool = False) -> None:
 
 
 def _run(args) -> int:
-    train(args.data, args.model, args.out, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
-          freeze=args.freeze, class_weights=args.class_weights, oversample=args.oversample,
-          target_share=args.target_share, max_repeat=args.max_repeat, seed=args.seed, device=args.device,
-          patience=args.patience, plots=args.plots, optimizer=args.optimizer, lr0=args.lr0,
-          close_mosaic=args.close_mosaic)
+    opts = dict(batch=args.batch, class_weights=args.class_weights, oversample=args.oversample,
+                target_share=args.target_share, max_repeat=args.max_repeat, seed=args.seed, device=args.device,
+                patience=args.patience, plots=args.plots, optimizer=args.optimizer, lr0=args.lr0,
+                close_mosaic=args.close_mosaic)
+    if args.control_of:
+        if args.model:
+            raise ValueError("--control-of starts from that run's best.pt; leave out --model")
+        train_control(args.control_of, args.out, data=args.data, epochs=args.epochs, imgsz=args.imgsz,
+                      freeze=args.freeze, prefix="[control]", **opts)
+        return 0
+    if not args.data or not args.model:
+        raise ValueError("train needs --data and --model (or --control-of RUN)")
+    train(args.data, args.model, args.out, epochs=args.epochs or DEFAULT_EPOCHS, imgsz=args.imgsz or DEFAULT_IMGSZ,
+          freeze=args.freeze, **opts)
     return 0
 
 
@@ -553,11 +593,15 @@ def add_cli(sub) -> None:
     p = sub.add_parser("train", help="train the global detector (ultralytics, offline)",
                        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="YOLO data.yaml (from `prepare`)")
-    p.add_argument("--model", required=True,
+    p.add_argument("--data", help="YOLO data.yaml (from `prepare`); with --control-of, default: the run's")
+    p.add_argument("--model",
                    help=f"ultralytics .pt checkpoint (MDv6, YOLOv5u/v8/11) or model yaml, e.g. {TINY_YAML.name}")
+    p.add_argument("--control-of", metavar="RUN",
+                   help="make the fair control of a cascade: fine-tune RUN's best.pt on all species for the "
+                   "experts' extra epochs with their frozen layers (default: RUN's epochs, image size, data)")
     p.add_argument("--out", required=True, help="run folder: weights/best.pt, weights/last.pt, run.json")
     p.add_argument("--freeze", type=int, default=None,
-                   help=f"freeze layers 0..N-1 (default {DEFAULT_FREEZE_CHECKPOINT} from a checkpoint, 0 from a yaml)")
+                   help=f"freeze layers 0..N-1 (default {DEFAULT_FREEZE_CHECKPOINT} from a checkpoint, 0 from a yaml; "
+                   "with --control-of, the experts' frozen layers)")
     add_train_options(p)
     p.set_defaults(func=_run)

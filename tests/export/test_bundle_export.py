@@ -85,6 +85,72 @@ def test_tampered_manifest_is_refused(bundle, tmp_path):
 
 
 @pytest.mark.slow
+def test_signatures_are_checked_by_default_against_the_keys_keygen_trusts(bundle, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from edge.keys import user_keys_dir
+    from edge.signing import key_id
+
+    # keygen put its public key in the user keys folder: no flag needed to trust it
+    assert (user_keys_dir() / f"{key_id(bundle / 'keys' / 'test.pub')}.pub").is_file()
+    data = str(bundle / "ds" / "data.yaml")
+    base = ["evaluate", "--data", data, "--split", "val", "--bootstrap", "0"]
+    assert export_main([*base, "--bundle", str(bundle / "B"), "--out", str(tmp_path / "r1")]) == 0
+    assert "signed by key" in capsys.readouterr().out
+    copy = tmp_path / "B"  # a tampered bundle is refused without any flag ...
+    shutil.copytree(bundle / "B", copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    man["cascade"]["route_threshold"] = 0.01
+    (copy / "manifest.json").write_text(json.dumps(man))
+    assert export_main([*base, "--bundle", str(copy), "--out", str(tmp_path / "r2")]) == 2
+    assert "signature" in capsys.readouterr().err
+    # ... and with no trusted key at all, nothing loads unless --allow-unsigned, which says so
+    monkeypatch.setenv("CAMTRAP_KEYS_DIR", str(tmp_path / "empty"))
+    assert export_main([*base, "--bundle", str(bundle / "B"), "--out", str(tmp_path / "r3")]) == 2
+    assert "no trusted public key" in capsys.readouterr().err
+    assert export_main([*base, "--bundle", str(bundle / "B"), "--out", str(tmp_path / "r3"), "--allow-unsigned"]) == 0
+    assert "signature NOT verified" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_control_from_a_run_and_evaluated_beside_single_and_cascade(bundle, tmp_path, capsys):
+    # `train --control-of`: the global fine-tuned on all species with the experts' frozen layers
+    assert export_main(["train", "--control-of", str(bundle / "global"), "--out", str(tmp_path / "control"),
+                        "--batch", "8", "--no-plots"]) == 0
+    run = json.loads((tmp_path / "control" / "run.json").read_text())
+    expert = json.loads((bundle / "experts" / "small" / "run" / "run.json").read_text())
+    for k in ("epochs", "imgsz", "freeze", "data"):
+        assert run["args"][k] == (expert["args"][k] if k != "data" else str((bundle / "ds" / "data.yaml").resolve()))
+    assert run["control_of"] == str((bundle / "global").resolve()) and run["from_checkpoint"] is True
+    vals = sorted((bundle / "ds" / "images" / "val").iterdir())
+    meta = {"images": {f"images/val/{p.name}": {"seq_id": f"s{k // 2}"} for k, p in enumerate(vals)}}
+    (bundle / "ds" / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert export_main(["evaluate", "--bundle", str(bundle / "B"), "--data", str(bundle / "ds" / "data.yaml"),
+                        "--split", "val", "--out", str(out), "--bootstrap", "50",
+                        "--control", str(tmp_path / "control")]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "report.json").read_text())
+    assert r["single_stage"]["model_runs_per_frame"] == 1.0 and r["control"]["model_runs_per_frame"] == 1.0
+    assert r["cascade"]["model_runs_per_frame"] >= 1.0
+    assert set(r["differences"]) == {"cascade - single_stage", "cascade - control", "control - single_stage"}
+    for d in r["differences"].values():
+        for key in ("macro_f1", "macro_f1_species"):
+            lo, hi = d[key]["ci95"]
+            assert lo <= hi and -1 <= d[key]["point"] <= 1
+    for name in ("single_stage", "control", "cascade"):
+        x = r[name]
+        assert sum(map(sum, x["confusion"])) == 8 and x["macro_f1_ci95"] is not None
+        rows = {row["class"]: row for row in x["per_class"]}
+        assert rows["background"]["support"] > 0 and "sequences" in rows["fox"]
+    assert r["sequences"] == 4 and sum(r["sequences_per_class"].values()) >= 4
+    md = (out / "report.md").read_text()
+    assert "control (single stage, same extra training)" in md and "cascade - control" in md
+    assert "cascade - control" in printed and (out / "confusion_control.png").is_file()
+
+
+@pytest.mark.slow
 def test_evaluate_scores_single_stage_and_cascade_side_by_side(bundle, tmp_path):
     out = tmp_path / "report"
     # prepare's meta.json: frames of a burst share a seq_id; the bootstrap resamples bursts
@@ -111,5 +177,13 @@ def test_evaluate_scores_single_stage_and_cascade_side_by_side(bundle, tmp_path)
         assert (out / f"confusion_{name}.png").stat().st_size > 1000
     assert r["model_runs_per_image"] >= 1.0
     assert r["gain_bootstrap"]["clusters"] == len(vals) // 2
+    # species-only macro F1 beside the one with background, per-species intervals, sequences per species
+    for name in ("single_stage", "cascade"):
+        x = r[name]
+        rows = [row for row in x["per_class"] if row["support"] and row["class"] != "background"]
+        assert x["macro_f1_species"] == pytest.approx(sum(row["f1"] for row in rows) / len(rows))
+        for row in rows:
+            assert row["sequences"] >= 1 and len(row["f1_ci95"]) == 2
+    assert r["control"] is None and r["sequences_per_class"]["background"] >= 1
     md = (out / "report.md").read_text()
-    assert "| background |" in md and "Macro F1" in md
+    assert "| background |" in md and "species-only macro F1" in md and "No control was given" in md

@@ -66,24 +66,34 @@ def test_pipeline_resumes_and_reruns_only_what_changed(tmp_path):
 
     lines: list[str] = []
     res = run_pipeline(cfg, say=lines.append)
-    assert res["ran"] == ["prepare", "train", "group", "experts"] and res["not_shared"] == []
+    assert res["ran"] == ["prepare", "train", "group", "experts", "control"] and res["not_shared"] == []
     work = tmp_path / "work"
     state = json.loads((work / "state.json").read_text())
-    assert set(state["steps"]) == {"prepare", "train", "group", "experts"}
+    assert set(state["steps"]) == {"prepare", "train", "group", "experts", "control"}
+    # the fair control: the global model fine-tuned on all species for the experts' epochs, same frozen layers
+    control = json.loads((work / "control" / "run.json").read_text())
+    expert = json.loads((work / "experts" / "medium" / "run" / "run.json").read_text())
+    assert control["control_of"] == str((work / "train").resolve())
+    assert control["args"]["model"] == str((work / "train" / "weights" / "best.pt").resolve())
+    assert sorted(control["names"]) == sorted(fixtures.SPECIES)  # all species
+    for k in ("epochs", "imgsz", "freeze"):
+        assert control["args"][k] == expert["args"][k]
+    control_mtime = (work / "control" / "weights" / "best.pt").stat().st_mtime_ns
     assert {p.name for p in (work / "experts").iterdir() if p.is_dir()} == {"medium", "small"}
     best = work / "train" / "weights" / "best.pt"
     best_mtime = best.stat().st_mtime_ns
 
     lines.clear()
     assert run_pipeline(cfg, say=lines.append)["ran"] == []
-    assert lines == [f"skip {s}: up to date" for s in ("prepare", "train", "group", "experts")]
+    assert lines == [f"skip {s}: up to date" for s in ("prepare", "train", "group", "experts", "control")]
 
     # a person changes the grouping: group and experts rerun, the global model stays
     f.write_groups(groups, {"a": ["fox", "rabbit"], "b": ["lynx", "mouse"]})
     lines.clear()
-    assert run_pipeline(cfg, say=lines.append)["ran"] == ["group", "experts"]
+    assert run_pipeline(cfg, say=lines.append)["ran"] == ["group", "experts"]  # the control depends on train only
     assert lines[:2] == ["skip prepare: up to date", "skip train: up to date"]
     assert best.stat().st_mtime_ns == best_mtime
+    assert (work / "control" / "weights" / "best.pt").stat().st_mtime_ns == control_mtime
     summary = json.loads((work / "experts" / "experts.json").read_text())
     assert set(summary["experts"]) == {"a", "b"}
 
@@ -96,7 +106,7 @@ def test_pipeline_resumes_and_reruns_only_what_changed(tmp_path):
     # a changed training option reruns train and everything after it, not prepare
     doc["train"] = {**small, "seed": 1}
     _write(cfg, doc)
-    assert run_pipeline(cfg, say=lambda s: None)["ran"] == ["train", "group", "experts"]
+    assert run_pipeline(cfg, say=lambda s: None)["ran"] == ["train", "group", "experts", "control"]
 
 
 @pytest.mark.slow
@@ -107,7 +117,8 @@ def test_pipeline_group_step_clusters_with_grouping(tmp_path):
     data = f.make_dataset(tmp_path / "ds", n_train=16, n_val=8, size=96)
     small = {"epochs": 1, "imgsz": 96, "batch": 8, "plots": False}
     cfg = _write(tmp_path / "p.yaml", {"workdir": "w", "data": str(data), "train": small,
-                                       "group": {"k": 2, "min_support": 1}, "experts": small})
+                                       "group": {"k": 2, "min_support": 1}, "experts": small,
+                                       "control": {"enabled": False}})
     res = run_pipeline(cfg, say=lambda s: None)
     assert res["ran"] == ["train", "group", "experts"]  # no prepare section: the data.yaml is used as is
     written = yaml.safe_load((tmp_path / "w" / "group" / "groups.yaml").read_text())["groups"]
