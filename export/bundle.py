@@ -26,6 +26,7 @@ from edge.manifest import CascadeSettings, Manifest, ModelEntry, SampleEntry, sp
 from export.datasets import DATASET_HASH_KEY, recorded_dataset_hash
 
 log = logging.getLogger(__name__)
+PARITY_IMAGES = 8  # images holding the model's species, beside the samples, for the ONNX-vs-PyTorch check
 
 # The paper's species codes (Table 3) win where a species name matches.
 PAPER_CODES = {
@@ -69,6 +70,30 @@ def _images_for_samples(data_yaml: Path | None, n: int) -> list[Path]:
         if len(picked) >= n:
             break
     return picked[: max(n - 1, 1)] + empties[:1]
+
+
+def _images_of(data_yaml: Path | None, classes: list[str], n: int) -> list[Path]:
+    """Up to ``n`` val/test (then train) images holding any of ``classes``: the parity check's images
+    for a model (an expert's group species), so that it compares detections, not empty outputs."""
+    if data_yaml is None:
+        return []
+    d = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(d.get("path") or Path(data_yaml).parent)
+    names = d["names"]
+    names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
+    wanted = {i for i, name in enumerate(names) if name in set(classes)}
+    found: list[Path] = []
+    for split in ("test", "val", "train"):
+        if not isinstance(d.get(split), str) or not (root / d[split]).is_dir():
+            continue
+        for img in sorted((root / d[split]).glob("*")):
+            lbl = root / "labels" / split / (img.stem + ".txt")
+            if lbl.is_file() and any(int(line.split()[0]) in wanted for line in lbl.read_text().splitlines()
+                                     if line.strip()):
+                found.append(img)
+                if len(found) >= n:
+                    return found
+    return found
 
 
 def _run_onnx(path: Path, entry: ModelEntry, images: list[np.ndarray]) -> list[list[dict]]:
@@ -133,8 +158,9 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
         for name, role, group, run, meta in plan:
             w = _weights(run)
             exp = export_onnx(w, tmp / "models" / f"{name}.onnx")
-            if parity and sample_imgs:
-                parity_check(w, exp, sample_imgs, conf=conf)
+            if parity:
+                own = [cv2.imread(str(p)) for p in _images_of(data, exp.classes, PARITY_IMAGES)]
+                parity_check(w, exp, sample_imgs + own, conf=conf)
             entries.append(ModelEntry(
                 name=name, file=f"models/{name}.onnx", sha256=sha256_file(exp.onnx_path), role=role,
                 group=group, classes=exp.classes, imgsz=exp.imgsz, layout=exp.layout, conf_threshold=conf,

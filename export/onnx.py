@@ -3,7 +3,11 @@
 Export pins the opset, fixes the image size and leaves only the batch dynamic (TensorRT
 then needs one optimisation profile over batch alone). The parity check runs the same
 letterboxed images through PyTorch and ONNX Runtime and decodes both with the device's own
-decoder (edge.vision), so what is compared is what the device will report.
+decoder (edge.vision), so what is compared is what the device will report. A comparison of no
+detections proves nothing (an expert given images of other groups' species sees nothing), so
+the check images should hold the model's species; if PyTorch detects nothing on any of them at
+the deployment threshold the comparison is repeated at ``PARITY_FLOOR``, and if it is still
+empty the check fails.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 OPSET = 17
+PARITY_FLOOR = 0.05  # check threshold when nothing is detected at the deployment threshold (runner's floor)
 
 
 @dataclass
@@ -84,32 +89,60 @@ def export_onnx(weights: Path, out: Path, imgsz: int | None = None, simplify: bo
 
 
 def parity_check(weights: Path, exported: ExportedModel, images: list[np.ndarray], conf: float = 0.25,
-                 iou_min: float = 0.99, score_tol: float = 1e-3) -> dict:
+                 iou_min: float = 0.99, score_tol: float = 1e-3, floor: float = PARITY_FLOOR) -> dict:
     """Run PyTorch and ONNX Runtime on the same inputs; same detections or raise.
 
-    Returns {"images": n, "max_raw_diff": .., "max_score_diff": .., "detections": n}.
+    Compared at ``conf``; when PyTorch finds nothing on any image at ``conf``, at ``floor``; when
+    it finds nothing even there, ValueError (an empty comparison is no check). Returns {"images": n,
+    "detections": n, "images_with_detections": n, "max_raw_diff": .., "max_score_diff": .., "conf": c}.
     """
     import onnxruntime as ort
     import torch
 
-    from edge.detection import iou
-    from edge.vision import decode, letterbox
+    from edge.vision import letterbox
     from export.yolo_env import YOLO
 
+    if not images:
+        raise ValueError(f"{exported.onnx_path}: parity: no check images (give --data, a data.yaml with images of "
+                         "its species, or --no-parity)")
     net = YOLO(weights).model.float().eval()
     sess = ort.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
-    max_raw = max_score = 0.0
-    n_dets = 0
-    for k, img in enumerate(images):
+    raws = []
+    max_raw = 0.0
+    for img in images:
         x, lb = letterbox(img, exported.imgsz)
         with torch.no_grad():
             pt = net(torch.from_numpy(x[None]))
         pt = (pt[0] if isinstance(pt, (list, tuple)) else pt).numpy()
         ox = sess.run(None, {in_name: x[None]})[0]
         max_raw = max(max_raw, float(np.abs(pt - ox).max()))
-        a = decode(pt[0], exported.layout, exported.classes, lb, conf=conf)
-        b = decode(ox[0], exported.layout, exported.classes, lb, conf=conf)
+        raws.append((pt[0], ox[0], lb))
+    for threshold in (conf, min(conf, floor)):
+        result = _compare(exported, raws, threshold, iou_min, score_tol)
+        if result["detections"]:
+            break
+    else:
+        raise ValueError(f"{exported.onnx_path}: parity: the model detects nothing on {len(images)} check images "
+                         f"even at {min(conf, floor)}, so the comparison would be empty (check images must hold "
+                         f"its species: {', '.join(exported.classes)})")
+    exported.parity = {"images": len(images), **result, "max_raw_diff": max_raw}
+    log.info("parity %s: %d images (%d with detections), %d detections at conf %.2f, max score diff %.2e, "
+             "max raw diff %.2e", exported.onnx_path.name, len(images), result["images_with_detections"],
+             result["detections"], result["conf"], result["max_score_diff"], max_raw)
+    return exported.parity
+
+
+def _compare(exported: ExportedModel, raws: list, conf: float, iou_min: float, score_tol: float) -> dict:
+    """Decode both outputs of every image at ``conf`` with the device decoder; raise on any difference."""
+    from edge.detection import iou
+    from edge.vision import decode
+
+    n_dets = with_dets = 0
+    max_score = 0.0
+    for k, (pt, ox, lb) in enumerate(raws):
+        a = decode(pt, exported.layout, exported.classes, lb, conf=conf)
+        b = decode(ox, exported.layout, exported.classes, lb, conf=conf)
         if len(a) != len(b):
             raise ValueError(
                 f"{exported.onnx_path}: parity: image {k}: PyTorch {len(a)} vs ONNX {len(b)} detections")
@@ -119,8 +152,5 @@ def parity_check(weights: Path, exported: ExportedModel, images: list[np.ndarray
                 raise ValueError(f"{exported.onnx_path}: parity: image {k}: {da} != {db}")
             max_score = max(max_score, abs(da.score - db.score))
         n_dets += len(a)
-    exported.parity = {"images": len(images), "detections": n_dets, "max_raw_diff": max_raw,
-                       "max_score_diff": max_score, "conf": conf}
-    log.info("parity %s: %d images, %d detections, max score diff %.2e, max raw diff %.2e",
-             exported.onnx_path.name, len(images), n_dets, max_score, max_raw)
-    return exported.parity
+        with_dets += bool(a)
+    return {"detections": n_dets, "images_with_detections": with_dets, "max_score_diff": max_score, "conf": conf}

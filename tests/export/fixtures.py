@@ -69,3 +69,38 @@ def make_dataset(root: Path, *, n_train: int = 24, n_val: int = 8, size: int = 1
 def write_groups(path: Path, groups: dict[str, list[str]] | None = None) -> Path:
     path.write_text(yaml.safe_dump({"groups": groups or GROUPS}, sort_keys=False))
     return path
+
+
+def make_it_detect(pt: Path, images: list[Path], imgsz: int, top: float = 0.6, gain: float = 30.0) -> None:
+    """Rewrite a barely trained checkpoint so that it detects something on ``images``.
+
+    A tiny model trained from a yaml for an epoch or two scores every anchor alike (about 0.003),
+    so nothing passes any threshold and an ONNX-vs-PyTorch check would compare nothing. Here the
+    class branch's last convolution is amplified (``gain``: the anchors' scores spread apart) and
+    its bias shifted so that the best anchor on these images scores ``top``: a few boxes pass 0.25.
+    Only the head changes (the frozen backbone stays bit-identical). A test device, not accuracy.
+    """
+    import math
+
+    import torch
+
+    from edge.vision import letterbox
+    from export.yolo_env import ultralytics
+
+    ultralytics()
+    ckpt = torch.load(pt, map_location="cpu", weights_only=False)
+    model = ckpt.get("ema") or ckpt["model"]
+    head = model.model[-1]
+    lasts = [branch[-1] for branch in head.cv3]
+    with torch.no_grad():
+        for conv in lasts:
+            conv.weight.mul_(gain)
+        x = torch.from_numpy(np.stack([letterbox(cv2.imread(str(p)), imgsz)[0] for p in images]))
+        out = model.float().eval()(x)
+        scores = (out[0] if isinstance(out, (list, tuple)) else out)[:, 4:].clamp(1e-7, 1 - 1e-7)
+        best = float(scores.max())
+        shift = math.log(top / (1 - top)) - math.log(best / (1 - best))
+        for conv in lasts:
+            conv.bias.add_(shift)
+    model.half()
+    torch.save(ckpt, pt)

@@ -4,6 +4,7 @@ bundle -> loaded and self-tested by the device code."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -27,6 +28,10 @@ def bundle(tmp_path_factory):
     groups = f.write_groups(root / "groups.yaml")
     train_experts(data, groups, root / "global", root / "experts", epochs=1, imgsz=96, batch=8, plots=False,
                   say=lambda s: None)
+    checks = sorted((root / "ds" / "images" / "val").glob("*.jpg"))
+    shutil.copyfile(root / "global" / "weights" / "best.pt", root / "untrained.pt")
+    for pt in [root / "global" / "weights" / "best.pt", *root.glob("experts/*/run/weights/best.pt")]:
+        f.make_it_detect(pt, checks, 96)  # 1-epoch models detect nothing: the parity check would refuse them
     assert export_main(["keygen", "--out", str(root / "keys" / "test")]) == 0
     rc = export_main(["bundle", "--global", str(root / "global"), "--experts", str(root / "experts"),
                       "--groups", str(groups), "--out", str(root / "B"), "--sign", str(root / "keys" / "test.key"),
@@ -50,9 +55,24 @@ def test_bundle_is_signed_complete_and_pickle_free(bundle):
             assert e.backbone_sha256 is not None and e.backbone_sha256 == m.global_model.backbone_sha256
     assert len(m.samples) == 3 and all(s.sha256 for s in m.samples)
     assert not [p for p in (bundle / "B").rglob("*") if p.suffix in (".pt", ".pkl", ".pickle")]
-    par = m.provenance["models"]["global"]["parity"]
-    assert par["images"] == 3 and par["max_raw_diff"] < 1e-3
+    for name, par in m.provenance["models"].items():  # every model compared on detections, not on nothing
+        assert par["parity"]["images"] > 3 and par["parity"]["max_raw_diff"] < 1e-3, name
+        assert par["parity"]["detections"] > 0 and par["parity"]["images_with_detections"] > 0, name
     assert set(m.codes) == set(m.global_model.classes)
+
+
+@pytest.mark.slow
+def test_parity_check_fails_when_the_comparison_would_be_empty(bundle, tmp_path):
+    import cv2
+
+    from export.onnx import export_onnx, parity_check
+
+    exp = export_onnx(bundle / "untrained.pt", tmp_path / "u.onnx")  # scores ~0.003 everywhere
+    imgs = [cv2.imread(str(p)) for p in sorted((bundle / "ds" / "images" / "val").glob("*.jpg"))]
+    with pytest.raises(ValueError, match="comparison would be empty"):
+        parity_check(bundle / "untrained.pt", exp, imgs)
+    with pytest.raises(ValueError, match="no check images"):
+        parity_check(bundle / "untrained.pt", exp, [])
 
 
 @pytest.mark.slow
@@ -73,8 +93,6 @@ def test_device_selftest_passes_on_the_exported_bundle(bundle):
 
 @pytest.mark.slow
 def test_tampered_manifest_is_refused(bundle, tmp_path):
-    import shutil
-
     copy = tmp_path / "B"
     shutil.copytree(bundle / "B", copy)
     man = json.loads((copy / "manifest.json").read_text())
@@ -86,8 +104,6 @@ def test_tampered_manifest_is_refused(bundle, tmp_path):
 
 @pytest.mark.slow
 def test_signatures_are_checked_by_default_against_the_keys_keygen_trusts(bundle, tmp_path, monkeypatch, capsys):
-    import shutil
-
     from edge.keys import user_keys_dir
     from edge.signing import key_id
 
