@@ -135,6 +135,12 @@ def _best(dets: Iterable[Detection]) -> float:
     return max((float(d.score) for d in dets), default=0.0)
 
 
+def gated(global_best: float, gate: float | None) -> bool:
+    """The gate's rule: a background frame whose global best is below the gate skips the
+    all-experts pass. One definition, used by ``plan`` and by ``camtrap-export calibrate``."""
+    return gate is not None and global_best < gate
+
+
 def plan(
     global_dets: Sequence[Detection],
     group_of: Callable[[str], str | None] | Mapping[str, str],
@@ -168,7 +174,7 @@ def plan(
     if lacking:
         return Route("no-expert", (), best, lacking,
                      "global saw " + ", ".join(lacking) + " with no expert for their group")
-    if policy.gate_threshold is not None and best < policy.gate_threshold:
+    if gated(best, policy.gate_threshold):
         return Route("gated", (), best, (),
                      f"global best {best:.2f} < gate {policy.gate_threshold:.2f}: all-experts pass skipped")
     return Route("background", tuple(experts), best, (),

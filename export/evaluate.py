@@ -23,7 +23,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import cv2
 import numpy as np
 import yaml
 
@@ -120,13 +119,17 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
              batch: int = 8, n_boot: int = 1000, public_keys: list[Path] | None = None,
              require_signature: bool = False, control: Path | None = None) -> dict:
     from edge.bundle import load_bundle
+    from edge.cascade import gated
     from edge.engines import load_engines
+    from edge.imageio import ImageError, read_image
     from edge.runner import CascadeRunner
+    from export.calibrate import FrameOutcome, gate_outcome
 
     imgs, truths, names, meta = _split_images(data_yaml, split)  # bad input fails before models load
     bundle = load_bundle(bundle_path, public_keys=public_keys or None, require_signature=require_signature)
     man = bundle.manifest
-    runner = CascadeRunner(man, load_engines(bundle, backend))
+    gate = man.cascade.gate_threshold  # applied below from the gate-off run, so both can be reported
+    runner = CascadeRunner(man, load_engines(bundle, backend), man.cascade.model_copy(update={"gate_threshold": None}))
     g = man.global_model
     if set(names) != set(g.classes):
         raise ValueError(f"{data_yaml}: classes {sorted(names)} differ from the bundle's {sorted(g.classes)}")
@@ -135,19 +138,22 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     preds: dict[str, list[str]] = {SINGLE: [], CASCADE: []} | ({CONTROL: []} if ctrl else {})
     routes: Counter = Counter()
     runs: list[int] = []
+    outcomes: list[FrameOutcome] = []
     for k in range(0, len(imgs), batch):
         chunk = imgs[k:k + batch]
-        arrays = []
-        for p in chunk:
-            a = cv2.imread(str(p))
-            if a is None:
-                raise ValueError(f"{p}: unreadable image")
-            arrays.append(a)
-        for res in runner.classify(arrays):
+        try:  # read as the device's reader does (reduced JPEG decode to the models' input size)
+            arrays = [read_image(p, max_side=runner.input_side).bgr for p in chunk]
+        except ImageError as e:
+            raise ValueError(str(e)) from None
+        for res, truth in zip(runner.classify(arrays), truths[k:k + batch], strict=True):
             d = res.decision
-            routes[d.route.reason] += 1
-            runs.append(len(d.models_run))
-            preds[CASCADE].append(d.top[0] or BACKGROUND)
+            o = FrameOutcome(animal=truth != BACKGROUND, found=not d.empty, background=d.route.reason == "background",
+                             global_best=d.route.global_best, runs=len(d.models_run))
+            outcomes.append(o)
+            shut = o.background and gated(o.global_best, gate)  # what the device does with the bundle's gate
+            routes["gated" if shut else d.route.reason] += 1
+            runs.append(1 if shut else o.runs)
+            preds[CASCADE].append(BACKGROUND if shut else d.top[0] or BACKGROUND)
             preds[SINGLE].append(res.single_stage or BACKGROUND)  # same global run, its own thresholds
         if ctrl is not None:
             preds[CONTROL] += [_top_above(dets, ctrl.entry) or BACKGROUND for dets in ctrl.detect(arrays)]
@@ -178,6 +184,7 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     report["control_model"] = str(control) if control is not None else None
     report["routes"] = dict(routes)
     report["model_runs_per_image"] = per_frame[CASCADE]
+    report["gate"] = {"threshold": gate, "with": gate_outcome(outcomes, gate), "without": gate_outcome(outcomes, None)}
     if boot:
         report["differences"] = boot["differences"]
         report["n_boot"] = boot["n_boot"]
@@ -217,6 +224,11 @@ def render_markdown(r: dict) -> str:
     if CONTROL not in models:
         lines += ["No control was given (`--control`): the gain over the single stage mixes the experts with "
                   "their extra training, so it is not the experts' effect.", ""]
+    if r.get("gate"):
+        w, o = r["gate"]["with"], r["gate"]["without"]
+        lines += [f"Background gate {r['gate']['threshold']}: animal recall {w['animal_recall']:.3f} "
+                  f"(without it {o['animal_recall']:.3f}), model runs per frame {w['runs_per_frame']:.2f} "
+                  f"(without it {o['runs_per_frame']:.2f}), {w['gated']} frames gated.", ""]
     lines += [f"Routes {r['routes']}.", "",
               "| class | sequences | support | " + " | ".join(f"F1 {m.split('_')[0]} (95% CI)" for m in models) + " |",
               "|---|---:|---:|" + "---|" * len(models)]
