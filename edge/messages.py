@@ -105,7 +105,7 @@ class Topics:
     UPDATE: ClassVar[str] = "update"  # retained state of a model update (issue 8)
     CMD: ClassVar[str] = "cmd/"  # cmd/<name> in, cmd/<name>/reply[/...] out
     REPLY: ClassVar[str] = "/reply"
-    PUBLISHED: ClassVar[tuple[str, ...]] = ("status", "detections", "alerts", "events", "telemetry", "update")
+    PUBLISHED: ClassVar[tuple[str, ...]] = (STATUS, DETECTIONS, ALERTS, EVENTS, TELEMETRY, UPDATE)
 
     prefix: str
 

@@ -200,3 +200,20 @@ def test_reason_logged_again_when_it_changes_and_once_per_outage(tmp_path: Path,
         assert any("lost the MQTT broker" in r.getMessage() for r in caplog.records)
     finally:
         plain.close()
+
+
+def test_back_within_the_cap_after_a_long_outage(mosquitto: Mosquitto,
+                                                 pub_factory: Callable[[MqttConfig], Publisher]) -> None:
+    """Issue 7 item 5: the box reconnected 88 s after the broker was back (backoff up to 120 s).
+    After an outage long enough to reach the cap, it is back within about reconnect_max_s."""
+    cap = 1.0
+    pub = pub_factory(config(mosquitto, reconnect_min_s=0.1, reconnect_max_s=cap))
+    assert pub.wait_connected(10)
+    mosquitto.kill()
+    _failures(pub, 6)  # 0.1, 0.2, 0.4, 0.8, then the cap
+    assert pub._backoff.ceiling() == cap
+    mosquitto.start()
+    back = time.monotonic()
+    assert pub.wait_connected(cap + 5)
+    took = time.monotonic() - back
+    assert took <= cap + 2, f"reconnected {took:.1f} s after the broker returned (cap {cap} s)"
