@@ -28,6 +28,7 @@ import yaml
 
 from edge.keys import add_trust_options, describe, trust_from_args
 from export.datasets import class_names
+from export.evidence import read_meta, sequence_of
 from export.metrics import BACKGROUND, bootstrap_models, confusion, macro_f1, per_class, sequences_per_label
 
 SINGLE, CONTROL, CASCADE = "single_stage", "control", "cascade"
@@ -53,16 +54,7 @@ def _split_images(data_yaml: Path, split: str) -> tuple[list[Path], list[str], l
     names = class_names(d.get("names"), data_yaml)
     imgs = sorted(p for p in (root / d[split]).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     truths = [_truth(root / "labels" / split / (p.stem + ".txt"), names) for p in imgs]
-    meta_path = root / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return imgs, truths, names, meta
-
-
-def _seq_of(meta: dict, img: Path, split: str) -> str:
-    """The image's burst (sequence) id from prepare's meta.json, keyed images/<split>/<name>."""
-    images = meta.get("images", meta) if isinstance(meta, dict) else {}
-    rec = images.get(f"images/{split}/{img.name}") or images.get(img.name)
-    return str(rec.get("seq_id", img.stem)) if isinstance(rec, dict) else img.stem
+    return imgs, truths, names, read_meta(root)
 
 
 def _plot_confusion(m: np.ndarray, labels: list[str], title: str, path: Path) -> None:
@@ -160,7 +152,7 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     if ctrl is not None:
         ctrl.engine.close()
     labels = [*g.classes, BACKGROUND]
-    seqs = [_seq_of(meta, p, split) for p in imgs]
+    seqs = [sequence_of(meta, p, split) for p in imgs]
     report: dict = {"bundle": str(bundle_path), "bundle_version": man.bundle_version, "key_id": bundle.key_id,
                     "data": str(data_yaml), "split": split, "images": len(imgs), "backend": backend,
                     "groups": man.groups, "labels": labels, "control": None,

@@ -11,6 +11,9 @@ and decoder (edge/vision.py), so the counts describe what the deployed model wou
 - soft evidence at a low ``soft_conf``: each ground-truth box takes the class-score vector of the
   best-overlapping candidate after class-agnostic NMS (one candidate per animal), so a look-alike
   that never wins the argmax still leaves score mass on its neighbours.
+
+Each image's share of the totals is kept too (``Evidence.units``, merged by sequence when
+prepare's meta.json names them), so ``export.stability`` can resample the evidence.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.detection import Detection, iou
+from export.stability import Units, group_units
 
 log = logging.getLogger(__name__)
 NMS_IOU = 0.45
@@ -44,11 +48,28 @@ class Evidence:
     model: str = ""
     data: str = ""
     extra: dict = field(default_factory=dict)
+    units: Units | None = None  # per-sequence (or per-image) shares, for the bootstrap
 
     @property
     def support(self) -> np.ndarray:
         """GT boxes per species in the split (row sums, background included)."""
         return self.counts.sum(axis=1)
+
+
+def sequence_of(meta: dict, img: Path, split: str) -> str:
+    """The image's burst (sequence) id from prepare's meta.json, keyed images/<split>/<name>;
+    the image's own name when meta.json does not say."""
+    images = meta.get("images", meta) if isinstance(meta, dict) else {}
+    rec = images.get(f"images/{split}/{img.name}") or images.get(img.name)
+    return str(rec.get("seq_id", img.stem)) if isinstance(rec, dict) else img.stem
+
+
+def read_meta(root: Path) -> dict:
+    """prepare's meta.json beside data.yaml ({} when absent)."""
+    import json
+
+    p = root / "meta.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def resolve_weights(run: str | Path) -> Path:
@@ -194,6 +215,7 @@ def compute_evidence(
     if split not in spec.splits:
         raise ValueError(f"{spec.yaml_path}: no '{split}' split")
     images = list_images(spec.splits[split])
+    meta = read_meta(spec.root)
     if not images:
         raise ValueError(f"{spec.yaml_path}: the '{split}' split has no images")
     if onnx:
@@ -219,6 +241,8 @@ def compute_evidence(
     soft_sum = np.zeros((n, n))
     soft_n = np.zeros(n, dtype=np.int64)
     false_pos = np.zeros(n, dtype=np.int64)
+    per_image = Units(np.zeros((len(images), n, n + 1)), np.zeros((len(images), n, n)),
+                      np.zeros((len(images), n)), "images")
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
         xs, lbs, shapes = [], [], []
@@ -245,13 +269,19 @@ def compute_evidence(
             hard = decode(raw[b], "yolov8", classes, lbs[b], conf=conf, iou=NMS_IOU)
             soft = decode(raw[b], "yolov8", classes, lbs[b], conf=soft_conf, iou=NMS_IOU, agnostic=True)
             gts = gt_boxes(label_path(img_path), w, h, n)
-            accumulate(gts, hard, soft, counts, soft_sum, soft_n, false_pos, iou_match)
+            i = start + b
+            accumulate(gts, hard, soft, per_image.counts[i], per_image.soft_sum[i], per_image.soft_n[i],
+                       false_pos, iou_match)
+    counts += per_image.counts.sum(axis=0).astype(np.int64)
+    soft_sum += per_image.soft_sum.sum(axis=0)
+    soft_n += per_image.soft_n.sum(axis=0).astype(np.int64)
     if model is None:
         engine.close()
     soft_mean = np.divide(soft_sum, soft_n[:, None], out=np.zeros_like(soft_sum), where=soft_n[:, None] > 0)
     ev = Evidence(species=classes, counts=counts, soft=soft_mean, soft_n=soft_n, false_positives=false_pos,
                   conf=conf, soft_conf=soft_conf, iou_match=iou_match, imgsz=size, images=len(images),
-                  model=str(weights), data=str(spec.yaml_path))
+                  model=str(weights), data=str(spec.yaml_path),
+                  units=group_units(per_image, [sequence_of(meta, p, split) for p in images]))
     log.info("evidence: %d images, %d GT boxes, %d missed at conf %.2f, %d with soft candidates",
              len(images), int(counts.sum()), int(counts[:, n].sum()), conf, int(soft_n.sum()))
     return ev

@@ -25,6 +25,10 @@ off-diagonal of poorly-detected species towards zero - the very collapse above. 
 as ``miss_rate`` per species in the groups file instead. ``min_support`` only reports: species
 with few validation boxes are listed (their placement is the least certain) - excluding them
 from the tree was measured to hurt when common species are also thin.
+
+How sure the groups are: ``export.stability`` resamples the validation evidence (its sequences)
+and reports per species how often it lands in its group; unstable species are flagged with
+advice, marked on the dendrogram, and K=auto takes the cut the resampled evidence picks most often.
 """
 
 from __future__ import annotations
@@ -40,6 +44,16 @@ import numpy as np
 import yaml
 
 from edge.atomic import atomic_write_text
+from export.stability import (
+    N_BOOT,
+    STABLE_SHARE,
+    Stability,
+    advice,
+    k_votes,
+    prefer_stable,
+    stability,
+    units_from_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -446,9 +460,20 @@ def read_groups(path: str | Path, species: list[str] | None = None) -> dict[str,
 # ---------------------------------------------------------------------------------- plots
 
 
+def leaf_label(species: str, group: str, stability: dict[str, float] | None = None,
+               unstable: list[str] | None = None) -> str:
+    """A dendrogram leaf: 'species [group]', its share of resamples in its group, '?' when unstable."""
+    return (f"{species} [{group}]" + (f" {stability[species]:.0%}" if stability else "")
+            + (" ?" if species in (unstable or ()) else ""))
+
+
 def write_plots(out_stem: Path, species: list[str], profile: np.ndarray, groups: dict[str, list[str]],
-                metric: Metric = DEFAULT_METHOD) -> tuple[Path, Path]:
-    """Dendrogram and similarity heatmap PNGs beside the groups file; returns their paths."""
+                metric: Metric = DEFAULT_METHOD, stability: dict[str, float] | None = None,
+                unstable: list[str] | None = None) -> tuple[Path, Path]:
+    """Dendrogram and similarity heatmap PNGs beside the groups file; returns their paths.
+
+    With ``stability`` each leaf shows its share of resamples in its group; ``unstable`` leaves
+    are marked "?" and drawn in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -457,15 +482,19 @@ def write_plots(out_stem: Path, species: list[str], profile: np.ndarray, groups:
 
     d = distance_matrix(profile, metric)
     labels = groups_to_labels(groups, species)
-    names = [f"{s} [{g}]" for s, g in zip(species, labels, strict=True)]
+    names = [leaf_label(s, g, stability, unstable) for s, g in zip(species, labels, strict=True)]
     dendro = out_stem.with_name(out_stem.name + "_dendrogram.png")
     heat = out_stem.with_name(out_stem.name + "_similarity.png")
     n = len(species)
 
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * n + 3), 4.5))
     dendrogram(_linkage(d), labels=names, ax=ax, leaf_rotation=90, color_threshold=0)
+    for tick in ax.get_xticklabels():
+        if tick.get_text().endswith(" ?"):
+            tick.set_color("red")
     ax.set_ylabel(f"average-linkage distance ({metric})")
-    ax.set_title("Species dendrogram (all species)")
+    ax.set_title("Species dendrogram (all species)" + (
+        "; % = resamples in its group, ? = unstable" if stability else ""))
     fig.tight_layout()
     fig.savefig(dendro, dpi=100)
     plt.close(fig)
@@ -501,12 +530,14 @@ def run_grouping(
     metric: Metric = DEFAULT_METHOD,
     imgsz: int | None = None,
     evidence=None,
+    n_boot: int = N_BOOT,
 ) -> dict[str, list[str]]:
     """Group species and write groups.yaml + dendrogram + heatmap (+ confusion CSV from a run).
 
     Sources: ``confusion_csv`` (hard counts only), ``run`` + ``data`` (a trained model on the
     val split: hard counts at ``conf`` and soft evidence at ``soft_conf``), or a ready
     ``evidence`` (export.evidence.Evidence), which lets callers reuse one computation.
+    ``n_boot`` resamples of the evidence measure each species' stability (0: none).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -530,8 +561,24 @@ def run_grouping(
         write_confusion_csv(out.with_name(out.stem + "_confusion.csv"), species, counts)
     support = counts.sum(axis=1)
     profile = similarity_profile(counts, soft)
-    groups = cluster(profile, species, k, allow_singletons, metric=metric, support=support,
-                     min_support=min_support)
+
+    def cluster_k(c: np.ndarray, sf: np.ndarray | None, kk: int | str) -> dict[str, list[str]]:
+        return cluster(similarity_profile(c, sf), species, kk, allow_singletons, metric=metric,
+                       support=c.sum(axis=1), min_support=min_support)
+
+    groups = cluster_k(counts, soft, k)
+    k_gap = len(groups)
+    units = evidence.units if evidence is not None and evidence.units is not None else units_from_counts(counts)
+    stab: Stability | None = None
+    votes: dict[int, int] = {}
+    if n_boot > 0 and len(units) > 1:
+        if k == "auto":  # the cut the resampled evidence picks most often (export.stability)
+            votes = k_votes(units, lambda c, sf: cluster_k(c, sf, "auto"), n_boot)
+            chosen = prefer_stable(votes, k_gap)
+            if chosen != k_gap:
+                groups = cluster_k(counts, soft, chosen)
+        stab = stability(units, groups, cluster_k, n_boot)
+        (log.warning if stab.unstable else log.info)("%s", advice(stab))
     low = [s for s, v in zip(species, support.tolist(), strict=True) if v < min_support]
     if low:
         log.warning("species with validation support below %d (their placement is the least certain; "
@@ -557,8 +604,16 @@ def run_grouping(
         "no_evidence": no_evidence,
         "source": source,
     }
+    if stab is not None:
+        meta["stability"] = {"share_in_group": stab.share, "unstable": stab.unstable, "threshold": STABLE_SHARE,
+                             "resamples": stab.n_boot, "units": f"{stab.n_units} {stab.units}",
+                             "advice": advice(stab)}
+        if votes:
+            meta["stability"]["k_largest_gap"] = k_gap
+            meta["stability"]["k_votes"] = votes
     write_groups(out, groups, meta)
-    write_plots(out.with_suffix(""), species, profile, groups, metric)
+    write_plots(out.with_suffix(""), species, profile, groups, metric,
+                stability=stab.share if stab else None, unstable=stab.unstable if stab else None)
     for g, members in groups.items():
         log.info("%s: %s", g, ", ".join(members))
     return groups
@@ -590,6 +645,8 @@ def add_cli(sub) -> None:
     p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the model's)")
     p.add_argument("--min-support", type=int, default=20, help="report species with fewer val boxes")
     p.add_argument("--allow-singletons", action="store_true", help="allow one-species groups")
+    p.add_argument("--bootstrap", type=int, default=N_BOOT,
+                   help="resamples of the validation evidence measuring each species' stability (0 = none)")
     p.add_argument("--method", choices=["symmetric", "cosine"], default=DEFAULT_METHOD,
                    help="distance between species profiles (default symmetric: 1 - (P + P^T) / 2)")
     p.set_defaults(func=_cmd)
@@ -600,8 +657,12 @@ def _cmd(args: argparse.Namespace) -> int:
         raise ValueError("--run needs --data DATA_YAML")
     groups = run_grouping(out=args.out, k=args.k, confusion_csv=args.confusion, run=args.run, data=args.data,
                           conf=args.conf, soft_conf=args.soft_conf, min_support=args.min_support,
-                          allow_singletons=args.allow_singletons, metric=args.method, imgsz=args.imgsz)
+                          allow_singletons=args.allow_singletons, metric=args.method, imgsz=args.imgsz,
+                          n_boot=args.bootstrap)
     for g, members in groups.items():
         print(f"{g}: {', '.join(members)}")
+    st = (yaml.safe_load(Path(args.out).read_text()).get("meta") or {}).get("stability")
+    if st:
+        print(st["advice"])
     print(f"wrote {args.out}")
     return 0

@@ -108,6 +108,7 @@ class GroupConfig(_Strict):
     conf: float = Field(0.25, gt=0, lt=1)
     min_support: int = Field(20, ge=0)
     allow_singletons: bool = False
+    bootstrap: int = Field(200, ge=0)  # resamples measuring each species' stability (export.stability)
     groups: Path | None = None  # a person's groups file: used as is instead of clustering (k, conf unused)
 
 
@@ -336,7 +337,7 @@ class Pipeline:
 
         groups = run_grouping(out=self.groups_yaml, k=g.k, run=self.run_dir, data=self.data_yaml, conf=g.conf,
                               min_support=g.min_support, allow_singletons=g.allow_singletons,
-                              imgsz=self.cfg.train.imgsz)
+                              imgsz=self.cfg.train.imgsz, n_boot=g.bootstrap)
         self.say("[group] " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items()))
 
     def run_experts(self) -> None:
