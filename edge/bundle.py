@@ -270,7 +270,8 @@ def unpack_archive(archive: Path, parent: Path) -> Path:
                 src = tar.extractfile(m)
                 assert src is not None
                 with open(dest, "xb") as out:  # "x": never through an existing path
-                    copied = shutil.copyfileobj(src, out, 1 << 20) or out.tell()
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    copied = out.tell()
                 if copied != m.size:
                     raise BundleError(f"{archive}: {m.name}: truncated member")
                 dest.chmod(0o444)

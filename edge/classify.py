@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from edge.keys import add_trust_options, describe, trust_from_args
 
@@ -87,7 +88,7 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
                                typical_threshold=man.cascade.route_threshold,
                                model_classes={m.name: m.classes for m in man.models},
                                flush_every=max(20, batch))
-        counts = {"images": 0, "animals": 0, "empty": 0, "failed": 0, "bundle": man.bundle_version,
+        counts: dict[str, Any] = {"images": 0, "animals": 0, "empty": 0, "failed": 0, "bundle": man.bundle_version,
                   "key_id": bundle.key_id, "image_root": str(root)}
         t = time.monotonic()
         try:
@@ -103,14 +104,15 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
                         counts["failed"] += 1
                 for f, img, res in zip(chunk, loaded, runner.classify([i.bgr for i in loaded]), strict=True):
                     s = img.scale or 1.0
-                    dets = [replace(d, box=tuple(v / s for v in d.box)) for d in res.decision.detections]
+                    dets = [replace(d, box=(d.box[0] / s, d.box[1] / s, d.box[2] / s, d.box[3] / s))
+                            for d in res.decision.detections]
                     writer.add(names[f], dets, image_size=img.orig_size)
                     counts["animals" if dets else "empty"] += 1
                 counts["images"] += len(files[k:k + batch])
         finally:
             writer.close()
-            for e in engines.values():
-                e.close()
+            for engine in engines.values():
+                engine.close()
     counts["seconds"] = round(time.monotonic() - t, 2)
     return counts
 

@@ -191,10 +191,10 @@ def overrides_of(model: type[BaseModel], name: str) -> type[Section]:
     Each field keeps its title, description and bounds, so the section refuses exactly what
     ``model`` refuses, and a field added to ``model`` is overridable without another edit here.
     """
-    fields: dict[str, Any] = {
-        n: (f.annotation | None, FieldInfo.merge_field_infos(f, default=None))
-        for n, f in model.model_fields.items()
-    }
+    fields: dict[str, Any] = {}
+    for n, f in model.model_fields.items():
+        annotation: Any = f.annotation
+        fields[n] = (annotation | None, FieldInfo.merge_field_infos(f, default=None))
     return create_model(name, __base__=Section, __module__=__name__, **fields)
 
 
@@ -735,8 +735,8 @@ def _sections(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, type[B
         key = f"{prefix}.{name}" if prefix else name
         tagged = _tagged_models(f.annotation)
         if tagged:  # one table per backend: engine (type: onnxruntime), engine (type: tensorrt)
-            for tag, sub in tagged.items():
-                yield f"{key} (type: {tag})", sub
+            for tag, backend in tagged.items():
+                yield f"{key} (type: {tag})", backend
             continue
         sub = _model_of(f.annotation)
         if sub is not None:

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from edge import __version__
@@ -48,6 +49,11 @@ from edge.messages import (
 from edge.mqtt_commands import CommandRegistry, Request
 from edge.runner import CascadeRunner, Classified, Prepared
 from edge.sdnotify import Notifier, watchdog_interval
+
+if TYPE_CHECKING:
+    from edge.ingest import Ingest
+    from edge.publish import Publisher
+    from edge.records.megadetector import MdBatchWriter
 
 log = logging.getLogger("camtrap.daemon")
 
@@ -86,9 +92,9 @@ class Daemon:
         self._next_telemetry = 0.0
         self._last_ping = 0.0
         self._disposal_alarm: str | None = None
-        self.publisher = None
-        self.ingest = None
-        self.md_writer = None
+        self.publisher: Publisher | None = None
+        self.ingest: Ingest | None = None
+        self.md_writer: MdBatchWriter | None = None
         self._reader: threading.Thread | None = None
         self.fatal: BaseException | None = None
         self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
@@ -105,6 +111,7 @@ class Daemon:
         from edge.engines import load_engines, read_samples
 
         cfg = self.cfg
+        assert cfg.bundle.path is not None and cfg.ledger.path is not None  # set by Config._derive
         keys = sorted(Path(cfg.bundle.public_keys_dir).glob("*.pub")) if cfg.bundle.public_keys_dir else []
         if cfg.bundle.require_signature and not keys:
             raise ValueError(f"bundle.public_keys_dir: no *.pub keys in {cfg.bundle.public_keys_dir} "
@@ -297,7 +304,7 @@ class Daemon:
                                         file=os.path.basename(it.row.path), alert=alert)
             payload = encode_detection_json(msg)
             msgs.append(OutMsg("detection", Topics.DETECTIONS, payload, image_id=it.row.id))
-            if alert:
+            if alert and sp is not None:  # sp is a watch-list species here
                 msgs.append(OutMsg("alert", Topics.ALERTS, payload, image_id=it.row.id))
                 self._alerted.add((ev, sp))
                 result["alerted"] = sp  # so a restart does not alert twice for this event
@@ -443,6 +450,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def status_report(cfg: Config, last: int = 5) -> str:
     """What the ledger says, for a ranger at the console (safe while the daemon runs: WAL)."""
+    assert cfg.ledger.path is not None  # set by Config._derive
     path = Path(cfg.ledger.path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ledger yet (has the daemon run with this config?)")

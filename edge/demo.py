@@ -192,7 +192,7 @@ class Subscriber:
         if client is not None:
             client.disconnect()
             client.loop_stop()
-            self._client = None
+            del self._client
 
 
 # --- the demo -------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def run_demo(*, frames_dir: Path | None = None, broker: str | None = None, keep:
     state.mkdir()
     embedded: EmbeddedBroker | None = None
     sub: Subscriber | None = None
-    daemon = None
+    daemon: Daemon | None = None
     runner: threading.Thread | None = None
     crashed: list[BaseException] = []
     received: list[Received] = []
@@ -281,12 +281,12 @@ def run_demo(*, frames_dir: Path | None = None, broker: str | None = None, keep:
         cfg_path = write_config(work / "config.yaml", watch=watch, state=state, host=host, port=port)
         cfg = load_config(cfg_path)
         say(f"device config {cfg_path}; watching {watch}")
-        daemon = Daemon(cfg)
+        daemon = live = Daemon(cfg)
         daemon.start()
 
         def run() -> None:
             try:
-                daemon.run()
+                live.run()
             except BaseException as e:  # reported by the main thread
                 crashed.append(e)
                 log.exception("daemon loop failed")
@@ -297,7 +297,7 @@ def run_demo(*, frames_dir: Path | None = None, broker: str | None = None, keep:
         def pump() -> None:
             while True:
                 try:
-                    m = sub.messages.get_nowait()  # type: ignore[union-attr]
+                    m = sub.messages.get_nowait()
                 except queue.Empty:
                     return
                 received.append(m)

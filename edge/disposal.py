@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -216,7 +217,7 @@ def move_file(src: Path, dest: Path, *, copy: bool | None = None) -> Path:
     return target
 
 
-def _candidates(dest: Path):
+def _candidates(dest: Path) -> Iterator[Path]:
     yield dest
     n = 1
     while True:
@@ -246,3 +247,4 @@ def _existing_copy(src: Path, st: os.stat_result, dest: Path) -> Path | None:
                 src_hash = sha256_file(src)
             if sha256_file(c) == src_hash:
                 return c
+    raise AssertionError("unreachable: the candidate names never run out")

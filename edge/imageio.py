@@ -209,7 +209,8 @@ def read_image(path: str | os.PathLike, max_side: int | None = None,
         raise ImageError(path, f"{fmt} of {w}x{h} ({_mp(w * h)} MP) is above the {_mp(max_pixels)} MP "
                          "limit (watch.max_megapixels): refused without decoding")
     exif = _exif(pil)
-    orientation = int(exif.get(_TAG_ORIENTATION, 1) or 1)
+    tag = exif.get(_TAG_ORIENTATION)
+    orientation = tag if isinstance(tag, int) and tag in range(1, 9) else 1
     if orientation not in range(1, 9):
         orientation = 1
 

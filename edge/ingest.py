@@ -40,8 +40,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edge.imageio import file_complete, show_path
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +111,7 @@ class Ingest:
         self._next_reconcile = 0.0
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self._observer = None
+        self._observer: BaseObserver | None = None
         self.counts = {"candidates": 0, "rejected": 0, "scans": 0, "callback_errors": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -125,6 +129,7 @@ class Ingest:
             FileMovedEvent,
         )
 
+        observer: BaseObserver
         if self.polling:
             from watchdog.observers.polling import PollingObserver
 
@@ -145,7 +150,7 @@ class Ingest:
             wanted = [FileCreatedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
                       DirCreatedEvent, DirMovedEvent]
         handler = _handler(self)
-        kwargs = {"recursive": self.recursive}
+        kwargs: dict[str, Any] = {"recursive": self.recursive}
         if "event_filter" in inspect.signature(observer.schedule).parameters:  # watchdog >= 4
             kwargs["event_filter"] = wanted
         for r in self.roots:

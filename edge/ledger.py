@@ -165,6 +165,13 @@ CREATE TABLE events (
 }
 
 
+def _rowid(cur: sqlite3.Cursor) -> int:
+    """The id an INSERT gave its row (sqlite3 types ``lastrowid`` as optional: None before any insert)."""
+    if cur.lastrowid is None:
+        raise LedgerError("INSERT returned no row id")
+    return cur.lastrowid
+
+
 def _db_path(path: str | Path) -> str | bytes:
     """A path as stored: text when it is valid UTF-8, else its raw bytes (a BLOB), so a camera's
     Latin-1 file name is recorded and processed rather than crashing the insert."""
@@ -299,12 +306,12 @@ class Ledger:
         Idempotent: the scan, the watcher and the reconcile may all report the same file.
         A file of another size or mtime at the path of a finished image is a NEW image (cameras
         reuse names after a card is formatted): the old row is kept as history."""
-        path, now = _db_path(path), _now()
+        key, now = _db_path(path), _now()
         insert = ("INSERT INTO images (path, size, mtime, sha256, taken_at, created, updated) "
                   "VALUES (?, ?, ?, ?, ?, ?, ?)")
         with self._tx() as db:
             row = db.execute("SELECT id, state, size, mtime FROM images WHERE path=? AND superseded IS NULL",
-                             (path,)).fetchone()
+                             (key,)).fetchone()
             if row is not None:
                 same = row["size"] == size and row["mtime"] == mtime
                 if row["state"] == "seen":
@@ -318,7 +325,7 @@ class Ledger:
                 # a new file at a reused path: retire the old row (pointing at itself until the new
                 # row exists, which keeps the foreign key valid), then insert
                 db.execute("UPDATE images SET superseded=id WHERE id=?", (row["id"],))
-            new_id = int(db.execute(insert, (path, size, mtime, sha256, taken_at, now, now)).lastrowid)
+            new_id = _rowid(db.execute(insert, (key, size, mtime, sha256, taken_at, now, now)))
             if row is not None:
                 db.execute("UPDATE images SET superseded=? WHERE id=?", (new_id, row["id"]))
                 log.info("%s: a new file reuses the path of image %d (%s); treated as a new image",
@@ -498,7 +505,7 @@ class Ledger:
             cur = db.execute("INSERT INTO outbox (topic, payload, qos, retain, kind, image_id, created) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (m.topic, m.payload, m.qos, int(m.retain), m.kind, m.image_id, now))
-            seqs.append(int(cur.lastrowid))
+            seqs.append(_rowid(cur))
         return seqs
 
     def _make_room(self, db: sqlite3.Connection, need: int) -> bool:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from edge.detection import SAME_ANIMAL_IOU
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 Layout = Literal["yolov5", "yolov8", "end2end"]
 _CODE = re.compile(r"^[a-z0-9]{1,8}$")
 
@@ -217,9 +217,9 @@ class Manifest(_Strict):
                 missing = set(self.groups[m.group]) - set(m.classes)
                 if missing:
                     raise ValueError(f"expert {m.name!r} lacks classes of its group: {sorted(missing)}")
-        species = set(globals_[0].classes)
-        if set(seen) - species:
-            raise ValueError(f"grouped species not in the global model: {sorted(set(seen) - species)}")
+        known = set(globals_[0].classes)
+        if set(seen) - known:
+            raise ValueError(f"grouped species not in the global model: {sorted(set(seen) - known)}")
         for s, c in self.codes.items():
             if not _CODE.match(c):
                 raise ValueError(f"code {c!r} for {s!r} must be 1-8 lowercase letters or digits")

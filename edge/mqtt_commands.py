@@ -129,7 +129,8 @@ def reply_route(topics: Topics, req: Request) -> tuple[str, str | None]:
 
 
 class _Info(Protocol):
-    rc: int
+    @property
+    def rc(self) -> int: ...
 
     def is_published(self) -> bool: ...
 

@@ -67,8 +67,9 @@ class ThrottledLog:
         self._held = 0
         self._lock = threading.Lock()
 
-    def log(self, level: int, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` if the bucket allows; returns whether it was written."""
+    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
+        """Log ``msg % args`` (with the current exception's traceback when ``exc_info``) if the bucket
+        allows; returns whether it was written."""
         if not self._bucket.take():
             with self._lock:
                 self._held += 1
@@ -77,7 +78,7 @@ class ThrottledLog:
             held, self._held = self._held, 0
         if held:
             msg += f" ({held:,} similar line(s) suppressed before this one)"
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     @property

@@ -303,6 +303,7 @@ class Updater:
         else:
             folder = self._fetch_files(rec)
         rec = self._save(self._rec.to("verifying", "bundle"))  # type: ignore[union-attr]
+        assert rec.source is not None
         bundle = verify_dir(folder, source=Path(rec.source), public_keys=self.keys, require_signature=True)
         if bundle.version != rec.to_version:
             raise UpdateError(f"the bundle at {rec.source} is version {bundle.version}, not {rec.to_version}")
@@ -387,7 +388,8 @@ class Updater:
             counters = Counters(frames=int(p.get("frames", 0)), errors=int(p.get("errors", 0)),
                                 empty=int(p.get("empty", 0)), ms_total=float(p.get("ms_total", 0.0)),
                                 crashes=int(p.get("crashes", 0)), elapsed_s=time.time() - float(p["since"]))
-            base = Baseline(**{k: v for k, v in rec.baseline.items() if k in ("frames", "empty_rate", "mean_ms")})
+            b = rec.baseline
+            base = Baseline(frames=int(b.get("frames") or 0), empty_rate=b.get("empty_rate"), mean_ms=b.get("mean_ms"))
             verdict = judge(counters, self.cfg.probation, base)
             if verdict.action == "continue":
                 if time.monotonic() - self._last_save >= SAVE_EVERY_S:
@@ -397,7 +399,7 @@ class Updater:
             self._commit(verdict.reason)
         else:
             self._save(rec.to("rolling_back", "rolling back", reason=verdict.reason))
-            self._flip_back(self._rec, reason=verdict.reason)  # type: ignore[arg-type]
+            self._flip_back(self._rec, reason=verdict.reason)
 
     def _commit(self, reason: str) -> None:
         assert self._rec is not None

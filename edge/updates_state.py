@@ -22,6 +22,7 @@ What a restart does (``on_start``, pure), given where ``current`` points:
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -66,7 +67,7 @@ class UpdateRecord:
     def to(self, state: State, step: str = "", **changes: object) -> UpdateRecord:
         return replace(self, state=state, step=step, updated=time.time(), **changes)  # type: ignore[arg-type]
 
-    def topic_payload(self) -> bytes:
+    def topic_payload(self) -> builtins.bytes:  # builtins: this class has a field named bytes
         """The retained ``update`` message: compact, the fields a fleet table needs."""
         body = {"v": 1, "id": self.id[:12], "state": self.state, "step": self.step, "from": self.from_version,
                 "to": self.to_version, "bytes": self.bytes, "reason": self.reason, "t": int(self.updated)}

@@ -64,7 +64,7 @@ def _run_decode(args: argparse.Namespace) -> int:
         out = decode_detection_binary(data, species, groups)
         out["format"] = f"binary ({len(data)} bytes)"
     if names and out.get("sp") in names:
-        out["species"] = names[out["sp"]]  # type: ignore[index]
+        out["species"] = names[out["sp"]]
     sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
     return 0
 

@@ -47,7 +47,7 @@ def bundle_taxa(bundle: str | os.PathLike[str] | None) -> tuple[dict[str, Taxon]
         return {}, None
     from edge.bundle import read_manifest
 
-    m = read_manifest(bundle)
+    m = read_manifest(Path(bundle))
     return dict(m.taxonomy), m.bundle_version
 
 

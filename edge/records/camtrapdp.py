@@ -410,7 +410,7 @@ def _detections_from_result(result: Mapping[str, Any]) -> tuple[tuple[str, float
         if bbox is None and size is not None and d.get("box") is not None:
             bbox = normalise_box(d["box"], *size)
         out.append((str(d["species"]), float(d["score"]), tuple(bbox) if bbox else None))
-    return tuple(out)  # type: ignore[return-value]
+    return tuple(out)
 
 
 def media_result_from_row(row: Any, *, deployment_id: str, tz: Any = timezone.utc,

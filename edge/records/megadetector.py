@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from edge.atomic import atomic_write_bytes
 from edge.detection import Detection
@@ -148,7 +148,7 @@ def _is_id(key: Any) -> bool:
     return isinstance(key, str) and key.isdigit()
 
 
-def _is_num(v: Any) -> bool:
+def _is_num(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -284,17 +284,17 @@ def validate_md_output(doc: Any) -> list[str]:
                 errors.append(f"{dw}.classifications: must be a list of [class_id, conf]")
                 continue
             confs = []
-            for k, pair in enumerate(cl):
+            for n, pair in enumerate(cl):
                 if not (isinstance(pair, list) and len(pair) == 2):
-                    errors.append(f"{dw}.classifications[{k}]: must be [class_id, conf]")
+                    errors.append(f"{dw}.classifications[{n}]: must be [class_id, conf]")
                     continue
                 cid, c = pair
                 if not _is_id(cid):
-                    errors.append(f"{dw}.classifications[{k}]: id {cid!r} is not a string-formatted int")
+                    errors.append(f"{dw}.classifications[{n}]: id {cid!r} is not a string-formatted int")
                 elif cid not in cls_cats:
-                    errors.append(f"{dw}.classifications[{k}]: id {cid!r} is not in classification_categories")
+                    errors.append(f"{dw}.classifications[{n}]: id {cid!r} is not in classification_categories")
                 if not (_is_num(c) and 0 <= c <= 1):
-                    errors.append(f"{dw}.classifications[{k}]: confidence must be a number in [0, 1]")
+                    errors.append(f"{dw}.classifications[{n}]: confidence must be a number in [0, 1]")
                 else:
                     confs.append(c)
             if confs != sorted(confs, reverse=True):

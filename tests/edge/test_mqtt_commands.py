@@ -128,6 +128,32 @@ def test_worker_queue_is_bounded_and_submit_never_raises() -> None:
     assert len(calls) == 16
 
 
+def test_worker_survives_an_unexpected_error_and_logs_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """An error outside the handler (here: paho's info object raising a TypeError once) is counted and
+    logged with its traceback, and later commands are still answered (the worker's own log call once
+    raised a TypeError on exc_info, which ended the worker thread)."""
+
+    class Flaky(_Info):
+        raised = False
+
+        def is_published(self) -> bool:
+            if not Flaky.raised:
+                Flaky.raised = True
+                raise TypeError("an info object gone wrong")
+            return True
+
+    worker, calls = _worker(lambda *a: Flaky())
+    caplog.set_level(logging.ERROR, logger="edge.mqtt_commands")
+    worker.start()
+    for _ in range(3):
+        worker.submit(T.command("ping"), b"{}")
+    _settle(worker, 2, lambda w: w.stats["replied"])
+    worker.stop()
+    assert worker.stats["errors"] == 1 and worker.stats["replied"] == 2 and len(calls) == 3, worker.stats
+    err = next(r for r in caplog.records if "command ping: unexpected error" in r.getMessage())
+    assert err.exc_info is not None and "an info object gone wrong" in str(err.exc_info[1])
+
+
 def test_worker_rate_limits_handlers() -> None:
     worker, calls = _worker(lambda *a: _Info(True), rate=1.0, burst=5)
     worker.start()
