@@ -18,7 +18,10 @@ Routes (``Route.reason``):
   detections are the answer and no expert runs.
 - ``background``: nothing at or above ``route_threshold``; every expert runs and the single
   most confident expert wins if its best score reaches ``expert_floor`` (its detections below
-  the floor are dropped), else the frame is empty.
+  the floor are dropped), else the frame is empty. ``plan`` lists the experts in the order of
+  the global model's weak scores for their groups; with ``background_stop`` set the runner
+  runs them in that order and stops once one reaches it, handing ``decide`` a route whose
+  ``groups`` are the experts that ran (``staged``).
 - ``gated``: as background, but the global model's best score is below ``gate_threshold``, so
   the all-experts pass is skipped and the frame is empty (the compute lever of METHOD.md).
 
@@ -141,6 +144,11 @@ def gated(global_best: float, gate: float | None) -> bool:
     return gate is not None and global_best < gate
 
 
+def staged(route: Route, ran: Sequence[str], why: str) -> Route:
+    """The background route after a staged pass: ``groups`` are the experts that ran, in order."""
+    return replace(route, groups=tuple(ran), why=f"{route.why.split(':')[0]}: {why}")
+
+
 def plan(
     global_dets: Sequence[Detection],
     group_of: Callable[[str], str | None] | Mapping[str, str],
@@ -177,7 +185,15 @@ def plan(
     if gated(best, policy.gate_threshold):
         return Route("gated", (), best, (),
                      f"global best {best:.2f} < gate {policy.gate_threshold:.2f}: all-experts pass skipped")
-    return Route("background", tuple(experts), best, (),
+    # the all-experts pass in the order of the global model's weak scores per group, so that a
+    # staged pass (``background_stop``) tries the likeliest expert first
+    hint: dict[str, float] = {g: 0.0 for g in experts}
+    for d in global_dets:
+        g = lookup(d.species)
+        if g in hint:
+            hint[g] = max(hint[g], float(d.score))
+    order = tuple(sorted(experts, key=lambda g: (-hint[g], list(experts).index(g))))
+    return Route("background", order, best, (),
                  f"global best {best:.2f} < route {policy.route_threshold:.2f}: every expert runs")
 
 

@@ -164,6 +164,19 @@ class CascadeSettings(_Strict):
         default=False, title="Keep unmatched global boxes",
         description="Keep a routed global box that no expert box overlaps (the paper drops it).",
     )
+    background_stop: float | None = Field(
+        default=None, ge=0, le=1, title="Background early stop",
+        description="In the all-experts pass, run the experts one at a time, the group the global model "
+        "scored highest (below the route threshold) first, and stop once an expert's best reaches this "
+        "score (at least expert_floor); null = every expert runs (the paper's rule).",
+    )
+
+    @model_validator(mode="after")
+    def _stop_above_floor(self) -> CascadeSettings:
+        if self.background_stop is not None and self.background_stop < self.expert_floor:
+            raise ValueError(f"background_stop {self.background_stop} is below expert_floor {self.expert_floor}: "
+                             "the pass would stop on an answer it then drops")
+        return self
 
 
 class Manifest(_Strict):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.cascade import CascadePolicy, Decision, Route, decide, plan
+from edge.cascade import CascadePolicy, Decision, Route, decide, plan, staged
 from edge.detection import Detection
 from edge.manifest import Manifest, ModelEntry
 from edge.vision import Letterbox, class_thresholds, decode, letterbox_batch
@@ -111,25 +111,43 @@ class CascadeRunner:
         g_dets = self.global_runner.detect_inputs(*prep.inputs[self.global_runner.entry.imgsz])
         g_ms = self.global_runner.last_ms / prep.n
         routes: list[Route] = [plan(d, self.group_of, list(self.experts), self.policy) for d in g_dets]
-        # which images each expert must see
-        wanted: dict[str, list[int]] = {g: [] for g in self.experts}
-        for i, r in enumerate(routes):
-            for g in r.groups:
-                if g in wanted:
-                    wanted[g].append(i)
+        stop = self.policy.background_stop
+        # experts still to run per image; a staged background pass takes them one round at a time
+        todo = {i: gs for i, r in enumerate(routes) if (gs := [g for g in r.groups if g in self.experts])}
+        one_by_one = {i for i, r in enumerate(routes) if stop is not None and r.reason == "background"}
         e_dets: list[dict[str, list[Detection]]] = [{} for _ in range(prep.n)]
         e_raw_best = [0.0] * prep.n
         e_ms: dict[str, float] = {}
-        for g, idx in wanted.items():
-            if not idx:
-                continue
-            runner = self.experts[g]
-            x, lbs = prep.inputs[runner.entry.imgsz]
-            outs = runner.detect_inputs(x[idx], [lbs[i] for i in idx])
-            e_ms[runner.entry.name] = runner.last_ms / len(idx)
-            for i, dets in zip(idx, outs, strict=True):
-                e_raw_best[i] = max([e_raw_best[i], *(d.score for d in dets)])
-                e_dets[i][g] = _above(dets, runner.entry)
+        while todo:
+            wanted: dict[str, list[int]] = {g: [] for g in self.experts}  # images each expert sees this round
+            for i, gs in todo.items():
+                for g in gs[:1] if i in one_by_one else gs:
+                    wanted[g].append(i)
+            for g, idx in wanted.items():
+                if not idx:
+                    continue
+                runner = self.experts[g]
+                x, lbs = prep.inputs[runner.entry.imgsz]
+                outs = runner.detect_inputs(x[idx], [lbs[i] for i in idx])
+                e_ms[runner.entry.name] = runner.last_ms / len(idx)
+                for i, dets in zip(idx, outs, strict=True):
+                    e_raw_best[i] = max([e_raw_best[i], *(d.score for d in dets)])
+                    e_dets[i][g] = _above(dets, runner.entry)
+            for i in list(todo):
+                if i not in one_by_one:
+                    del todo[i]
+                    continue
+                ran = list(e_dets[i])
+                best_g = max(ran, key=lambda g: max((d.score for d in e_dets[i][g]), default=0.0))
+                best = max((d.score for d in e_dets[i][best_g]), default=0.0)
+                todo[i] = todo[i][1:]
+                if best >= stop:  # type: ignore[operator]  # one_by_one only when stop is set
+                    routes[i] = staged(routes[i], ran, f"stopped after {len(ran)} of {len(self.experts)} "
+                                       f"experts: {best_g} ({best:.2f}) >= stop {stop:.2f}")
+                    del todo[i]
+                elif not todo[i]:
+                    routes[i] = staged(routes[i], ran, f"every expert ran, none reached stop {stop:.2f}")
+                    del todo[i]
         results = []
         for i, (gd, route) in enumerate(zip(g_dets, routes, strict=True)):
             decision = decide(gd, e_dets[i], route, self.policy)

@@ -274,3 +274,16 @@ def test_decision_round_trips_through_its_dict():
     back = Decision.from_dict(d.to_dict())
     assert back.to_dict() == d.to_dict()
     assert back.top == (d.top[0], round(d.top[1], 5))
+
+
+def test_background_route_lists_the_likeliest_expert_first():
+    experts = ["large", "medium", "small"]
+    r = plan([det("fox", 0.12), det("deer", 0.08)], GROUPS, experts, CascadePolicy())
+    assert r.reason == "background" and r.groups == ("medium", "large", "small")
+    assert plan([], GROUPS, experts, CascadePolicy()).groups == tuple(experts)  # nothing seen: bundle order
+
+
+def test_background_stop_must_not_be_below_the_expert_floor():
+    assert CascadeSettings(background_stop=0.5).background_stop == 0.5
+    with pytest.raises(ValidationError, match=r"background_stop 0\.2 is below expert_floor 0\.3"):
+        CascadeSettings(background_stop=0.2)

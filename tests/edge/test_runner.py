@@ -30,3 +30,26 @@ def test_prepared_batch_equals_direct_classification_and_empty_batches_are_fine(
     # experts see only the frames routed to them; the empty frame goes to every expert
     assert direct[0].decision.models_run[0] == "global" and "felids" in direct[0].decision.models_run
     assert direct[1].decision.route.reason == "background"
+
+
+def test_background_pass_can_stop_at_the_first_confident_expert(tmp_path):
+    """background_stop: the experts run one at a time, the group the global model scored
+    highest first, and the pass stops once one is confident; unset, every expert runs."""
+    b = load_bundle(write_test_bundle(tmp_path / "b"))
+    engines = load_engines(b, "onnxruntime")
+    green = patch_image(IMGSZ, STRIDE, (1, 1), 1, scale=2, value=125)  # Felis at ~0.47
+    empty = np.full((128, 128, 3), 20, np.uint8)
+    policy = b.manifest.cascade.model_copy(update={"route_threshold": 0.6})  # so the Felis frame is background
+    every = CascadeRunner(b.manifest, engines, policy).classify([green, empty])
+    staged_ = CascadeRunner(b.manifest, engines, policy.model_copy(update={"background_stop": 0.3}))
+    staged_ = staged_.classify([green, empty])
+    # the paper's rule: every expert, the likeliest group (felids, from the global's weak Felis) first
+    assert every[0].decision.route.reason == "background"
+    assert every[0].decision.models_run == ("global", "felids", "canids")
+    # staged: felids answers Felis above the stop, canids never runs; same answer
+    assert staged_[0].decision.models_run == ("global", "felids")
+    assert staged_[0].decision.top[0] == every[0].decision.top[0] == "Felis silvestris"
+    assert "stopped after 1 of 2 experts" in staged_[0].decision.route.why
+    # an empty frame: no expert reaches the stop, so every expert still runs
+    assert staged_[1].decision.models_run == every[1].decision.models_run == ("global", "felids", "canids")
+    assert staged_[1].decision.empty and "none reached stop" in staged_[1].decision.route.why
