@@ -127,7 +127,11 @@ def _frozen_layers(meta: dict) -> int:
 
 def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out: Path,
                  data: Path | None = None, sign_key: Path | None = None, version: str | None = None,
-                 n_samples: int = 4, conf: float = 0.25, parity: bool = True) -> Manifest:
+                 n_samples: int = 4, conf: float = 0.25, parity: bool = True,
+                 taxonomy: Path | None = None) -> Manifest:
+    """``taxonomy``: a taxonomy CSV (export/taxonomy.py); default: the one `prepare` stored with
+    the dataset. The manifest then names the taxon of every class (records, displays)."""
+    from export import taxonomy as tx
     from export.grouping import read_groups
     from export.onnx import export_onnx, parity_check
 
@@ -135,6 +139,7 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
     run_meta = _read_json(global_run / "run.json")
     if data is None and run_meta.get("args", {}).get("data"):
         data = Path(run_meta["args"]["data"])
+    taxa = tx.read_taxonomy_csv(taxonomy) if taxonomy is not None else tx.dataset_taxonomy(data)
     with building(out) as tmp:
         (tmp / "models").mkdir()
         (tmp / "samples").mkdir()
@@ -172,6 +177,11 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
                 kept[DATASET_HASH_KEY] = recorded_dataset_hash(meta)
             provenance["models"][name] = {"weights": str(w), "parity": exp.parity, **kept}
         species = entries[0].classes
+        if taxa:
+            taxa = tx.for_classes(taxa, species, taxonomy or data or "taxonomy")
+        else:
+            log.warning("bundle %s: no taxonomy (give --taxonomy CSV, or prepare --taxonomy): the manifest "
+                        "names no taxa, so Camtrap DP records leave scientificName empty", out)
         samples = []
         for p in sample_paths:
             shutil.copyfile(p, tmp / "samples" / p.name)
@@ -188,6 +198,7 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
             samples=[SampleEntry(**s) for s in samples],
             provenance={**provenance, DATASET_HASH_KEY: recorded_dataset_hash(run_meta),
                         "data": str(data or "")},
+            taxonomy=taxa,
         )
         (tmp / "manifest.json").write_bytes(manifest.to_bytes())
         if sign_key is not None:
@@ -204,7 +215,8 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
                      groups_file=Path(args.groups), out=Path(args.out),
                      data=Path(args.data) if args.data else None,
                      sign_key=Path(args.sign) if args.sign else None, version=args.version,
-                     n_samples=args.samples, conf=args.conf, parity=not args.no_parity)
+                     n_samples=args.samples, conf=args.conf, parity=not args.no_parity,
+                     taxonomy=Path(args.taxonomy) if args.taxonomy else None)
     print(f"bundle {args.out}: version {m.bundle_version}, models {[e.name for e in m.models]}")
     return 0
 
@@ -243,6 +255,8 @@ def add_cli(sub) -> None:
     p.add_argument("--samples", type=int, default=4, help="sample images for the device self-test")
     p.add_argument("--conf", type=float, default=0.25, help="default per-class threshold")
     p.add_argument("--no-parity", action="store_true", help="skip the PyTorch/ONNX parity check")
+    p.add_argument("--taxonomy", help="taxonomy CSV (docs/taxonomy.md; default: the one prepare stored "
+                   "with the dataset)")
     p.set_defaults(func=_cmd_bundle)
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
     k.add_argument("--out", required=True, help="path prefix: writes PREFIX.key and PREFIX.pub")

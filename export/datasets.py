@@ -748,14 +748,18 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
             md_json: Path | None = None, images: Path | None = None, md_threshold: float = 0.2,
             test_locations: Iterable[str] | None = None, val_locations: Iterable[str] | None = None,
             val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0, resplit: bool = False,
-            link: str = "hardlink", overwrite: bool = False) -> dict:
+            link: str = "hardlink", overwrite: bool = False, taxonomy: Path | None = None) -> dict:
     """Build a YOLO dataset in ``out`` from exactly one source; returns the split report.
 
     Sources: ``coco`` (optionally with ``md_json`` for species-labelled images without boxes),
     ``labels_csv`` + ``md_json``, or ``yolo`` (a data.yaml: its splits are kept unless
     ``resplit`` or locations are given). ``images`` is the image root for COCO (default: the
-    JSON's folder) and the labels CSV (default: the CSV's folder).
+    JSON's folder) and the labels CSV (default: the CSV's folder). ``taxonomy`` is a taxonomy CSV
+    (export/taxonomy.py) with a row for every class; a ``yolo`` source's own stored taxonomy is
+    kept when none is given. It goes into meta.json, where `bundle` finds it.
     """
+    from export import taxonomy as tx
+
     out = Path(out)
     sources = [s for s in (coco, yolo, labels_csv) if s is not None]
     if len(sources) != 1:
@@ -774,6 +778,7 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
         raise ValueError(f"prepare: {out} exists (pass --overwrite to replace it)")
     if out.exists() and not (out / "data.yaml").is_file():
         raise ValueError(f"prepare: refusing to replace {out}: it holds no data.yaml, so it is not a prepared dataset")
+    taxa = tx.read_taxonomy_csv(taxonomy) if taxonomy is not None else tx.dataset_taxonomy(yolo)
     test_locations = [str(s) for s in test_locations] if test_locations else None
     val_locations = [str(s) for s in val_locations] if val_locations else None
 
@@ -804,6 +809,8 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
             raise ValueError(f"prepare: the {split} split would be empty ({len(items)} usable images); "
                              "add data or change the split options")
     names = sorted({b.species for it in items for b in it.boxes})
+    if taxa:
+        taxa = tx.for_classes(taxa, names, taxonomy or yolo)  # type: ignore[arg-type]
     _assign_names(items)
     warnings = []
     if not any(it.split == "test" for it in items):
@@ -822,7 +829,8 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
                   "seed": seed, "names": names, "splits": rep_splits, "skipped": dict(skipped),
                   "warnings": warnings, "placed": dict(how), DATASET_HASH_KEY: digest}
         meta = {"version": 1, "names": names, DATASET_HASH_KEY: digest, "source": source,
-                "input": str(Path(sources[0]).resolve()), "split_by": split_by, "images": {
+                "input": str(Path(sources[0]).resolve()), "split_by": split_by,
+                **({tx.META_KEY: tx.to_json(taxa)} if taxa else {}), "images": {
                     f"images/{it.split}/{it.name}": {
                         "split": it.split, "original": it.original, "src": str(it.src.resolve()),
                         "location": it.location, "seq_id": it.seq_id, "datetime": it.datetime,
@@ -878,6 +886,8 @@ def add_cli(sub) -> None:
                    help="how images enter the dataset: hardlink (default; copies across file systems), "
                         "copy, or symlink")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier prepared dataset in OUT")
+    p.add_argument("--taxonomy", type=Path, help="taxonomy CSV: class,scientific_name,vernacular_name"
+                   "[,language,rank,taxon_id] (docs/taxonomy.md); stored in meta.json for `bundle`")
     p.set_defaults(func=_run)
 
 
@@ -885,7 +895,8 @@ def _run(args: argparse.Namespace) -> int:
     report = prepare(args.out, coco=args.coco, yolo=args.yolo, labels_csv=args.labels, md_json=args.md_json,
                      images=args.images, md_threshold=args.md_threshold, test_locations=args.test_locations,
                      val_locations=args.val_locations, val_frac=args.val_frac, test_frac=args.test_frac,
-                     seed=args.seed, resplit=args.resplit, link=args.link, overwrite=args.overwrite)
+                     seed=args.seed, resplit=args.resplit, link=args.link, overwrite=args.overwrite,
+                     taxonomy=args.taxonomy)
     print(summary(report))
     print(f"  report: {Path(report['out']) / 'split_report.md'}")
     return 0

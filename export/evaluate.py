@@ -27,9 +27,11 @@ import numpy as np
 import yaml
 
 from edge.keys import add_trust_options, describe, trust_from_args
+from edge.manifest import species_label
 from export.datasets import class_names
 from export.evidence import read_meta, sequence_of
 from export.metrics import BACKGROUND, bootstrap_models, confusion, macro_f1, per_class, sequences_per_label
+from export.taxonomy import dataset_taxonomy
 
 SINGLE, CONTROL, CASCADE = "single_stage", "control", "cascade"
 PAIRS = ((CASCADE, SINGLE), (CASCADE, CONTROL), (CONTROL, SINGLE))  # (b, a): b - a
@@ -174,6 +176,8 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
         _plot_confusion(m, labels, f"{name.replace('_', ' ')} (macro F1 {report[name]['macro_f1']:.3f})",
                         out / f"confusion_{name}.png")
     report["control_model"] = str(control) if control is not None else None
+    taxa = man.taxonomy or dataset_taxonomy(data_yaml)
+    report["class_names"] = {c: species_label(c, taxa) for c in g.classes}  # for people: class (taxon)
     report["routes"] = dict(routes)
     report["model_runs_per_image"] = per_frame[CASCADE]
     report["gate"] = {"threshold": gate, "with": gate_outcome(outcomes, gate), "without": gate_outcome(outcomes, None)}
@@ -224,10 +228,11 @@ def render_markdown(r: dict) -> str:
     lines += [f"Routes {r['routes']}.", "",
               "| class | sequences | support | " + " | ".join(f"F1 {m.split('_')[0]} (95% CI)" for m in models) + " |",
               "|---|---:|---:|" + "---|" * len(models)]
+    shown = r.get("class_names", {})
     for i, lab in enumerate(r["labels"]):
         rows = [r[m]["per_class"][i] for m in models]
         cells = " | ".join(f"{x['f1']:.3f} ({_ci_text(x['f1_ci95'])})" for x in rows)
-        lines.append(f"| {lab} | {rows[0]['sequences']} | {rows[0]['support']} | {cells} |")
+        lines.append(f"| {shown.get(lab, lab)} | {rows[0]['sequences']} | {rows[0]['support']} | {cells} |")
     thin = [lab for lab in r["labels"] if 0 < r["sequences_per_class"][lab] < 5]
     if thin:
         lines += ["", "Fewer than 5 sequences behind " + ", ".join(

@@ -659,8 +659,12 @@ def _cmd(args: argparse.Namespace) -> int:
                           conf=args.conf, soft_conf=args.soft_conf, min_support=args.min_support,
                           allow_singletons=args.allow_singletons, metric=args.method, imgsz=args.imgsz,
                           n_boot=args.bootstrap)
+    from edge.manifest import species_label
+    from export.taxonomy import dataset_taxonomy
+
+    taxa = dataset_taxonomy(args.data)  # names shown beside the classes when prepare stored them
     for g, members in groups.items():
-        print(f"{g}: {', '.join(members)}")
+        print(f"{g}: {', '.join(species_label(s, taxa) for s in members)}")
     st = (yaml.safe_load(Path(args.out).read_text()).get("meta") or {}).get("stability")
     if st:
         print(st["advice"])

@@ -72,6 +72,7 @@ class PrepareConfig(_Strict):
     seed: int = 0
     resplit: bool = False
     link: Literal["hardlink", "symlink", "copy"] = "hardlink"
+    taxonomy: Path | None = None  # taxonomy CSV (docs/taxonomy.md)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -249,7 +250,7 @@ class Pipeline:
         if step == "prepare":
             p = c.prepare
             assert p is not None
-            ins = {k: input_hash(getattr(p, k)) for k in ("coco", "yolo", "labels_csv", "md_json")}
+            ins = {k: input_hash(getattr(p, k)) for k in ("coco", "yolo", "labels_csv", "md_json", "taxonomy")}
             if p.yolo is not None:
                 ins["yolo_dataset"] = dataset_hash(p.yolo)
             else:  # prepare's default image root is the JSON's / CSV's folder

@@ -38,6 +38,15 @@ PLANTED_GROUPS: dict[str, list[str]] = {
 RARE: set[str] = {"mouflon", "lynx", "wood_mouse"}
 SPECIES: list[str] = [s for g in PLANTED_GROUPS.values() for s in g]  # category ids 1..9 in this order
 GROUP_OF: dict[str, str] = {s: g for g, ss in PLANTED_GROUPS.items() for s in ss}
+# class -> (scientific name, English vernacular name): the taxa the drawings stand for, written as
+# taxonomy.csv beside coco.json (columns as export/taxonomy.py reads them)
+TAXA: dict[str, tuple[str, str]] = {
+    "red_deer": ("Cervus elaphus", "red deer"), "fallow_deer": ("Dama dama", "fallow deer"),
+    "mouflon": ("Ovis orientalis", "mouflon"), "wildcat": ("Felis silvestris", "European wildcat"),
+    "feral_cat": ("Felis catus", "domestic cat"), "lynx": ("Lynx pardinus", "Iberian lynx"),
+    "rabbit": ("Oryctolagus cuniculus", "European rabbit"), "hare": ("Lepus granatensis", "Iberian hare"),
+    "wood_mouse": ("Apodemus sylvaticus", "wood mouse"),
+}
 
 # Body colours (BGR) per species: within a group only a slight tint apart.
 _COLOUR: dict[str, tuple[int, int, int]] = {
@@ -443,10 +452,18 @@ def _move(a: _Individual, rng: np.random.Generator, w: int) -> None:
 
 
 # ----------------------------------------------------------------------------- public API
+def write_taxonomy(path: Path) -> Path:
+    """The synthetic species' taxonomy CSV (docs/taxonomy.md): what `prepare --taxonomy` reads."""
+    path.write_text("class,scientific_name,vernacular_name,language,rank\n" + "".join(
+        f"{s},{TAXA[s][0]},{TAXA[s][1]},eng,species\n" for s in SPECIES), encoding="utf-8")
+    return path
+
+
 def synthesize(out: Path, seed: int = 0, n_images: int = 600, size: tuple[int, int] = (320, 240),
                n_locations: int = 8, *, rare_ratio: float = 12.0, empty_frac: float = 0.5,
                jpeg_quality: int = 90, overwrite: bool = False) -> Path:
-    """Write ``out/coco.json`` and ``out/images/<location>/IMG_NNNN.JPG``; returns the JSON path.
+    """Write ``out/coco.json``, ``out/taxonomy.csv`` and ``out/images/<location>/IMG_NNNN.JPG``;
+    returns the JSON path.
 
     Built in a temporary sibling folder and renamed into place, so ``out`` is either the whole
     result or absent. An existing ``out`` is replaced only with ``overwrite`` and only if it
@@ -521,6 +538,7 @@ def synthesize(out: Path, seed: int = 0, n_images: int = 600, size: tuple[int, i
             "annotations": annotations,
         }
         (tmp / "coco.json").write_text(json.dumps(coco, indent=1) + "\n")
+        write_taxonomy(tmp / "taxonomy.csv")
     log.info("synth: %d images (%d empty) in %d locations -> %s", len(images),
              sum(1 for a in annotations if a["category_id"] == 0), n_locations, out / "coco.json")
     return out / "coco.json"

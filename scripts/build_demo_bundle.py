@@ -15,6 +15,8 @@ private key is thrown away), frames/ (+ labels.json, the COCO truth of each fram
 /tmp/demo-build); ``--reuse`` keeps finished stages there, for iterating on the later ones.
 
     /work/main/.venv/bin/python scripts/build_demo_bundle.py            # ~20-25 min on 2 CPU cores
+    /work/main/.venv/bin/python scripts/build_demo_bundle.py --retaxon  # taxonomy into the shipped
+                                                                        # manifest, signed again
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def stage_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path, dict]:
                    overwrite=True)
     if not (args.reuse and (data_dir / "data.yaml").is_file()):
         report = prepare(data_dir, coco=coco, test_locations=TEST_LOCATIONS, seed=args.seed, link="hardlink",
-                         overwrite=True)
+                         overwrite=True, taxonomy=synth_dir / "taxonomy.csv")
         (work / "prepare.json").write_text(json.dumps(report, indent=1))
         _say(summary(report))
     report = json.loads((work / "prepare.json").read_text())
@@ -103,21 +105,60 @@ def stage_experts(work: Path, data_yaml: Path, args: argparse.Namespace) -> dict
                          device="cpu", patience=args.expert_epochs, plots=False)
 
 
-def stage_bundle(work: Path, data_yaml: Path, version: str) -> tuple[Path, Path]:
+def _throwaway_key(keys: Path) -> Path:
+    """A fresh Ed25519 pair in ``keys``; the caller signs with demo.key and then deletes it, so
+    only the public half (demo.pub) survives."""
     from edge.signing import generate_keypair
-    from export.bundle import build_bundle
 
-    keys = work / "keys"
     keys.mkdir(exist_ok=True)
-    priv, pub = generate_keypair()  # throwaway: only the public half is kept
+    priv, pub = generate_keypair()
     (keys / "demo.key").write_bytes(priv)
     (keys / "demo.key").chmod(0o600)
     (keys / "demo.pub").write_bytes(pub)
+    return keys / "demo.key"
+
+
+def stage_bundle(work: Path, data_yaml: Path, version: str) -> tuple[Path, Path]:
+    from export.bundle import build_bundle
+
+    key = _throwaway_key(work / "keys")
     bundle = work / "bundle"
     build_bundle(global_run=work / "global", experts_dir=work / "experts", groups_file=work / "groups.yaml",
-                 out=bundle, data=data_yaml, sign_key=keys / "demo.key", version=version)
-    (keys / "demo.key").unlink()
-    return bundle, keys / "demo.pub"
+                 out=bundle, data=data_yaml, sign_key=key, version=version)  # taxonomy: from prepare's meta.json
+    key.unlink()
+    return bundle, key.with_name("demo.pub")
+
+
+def retaxon_shipped(out: Path) -> None:
+    """Give the shipped bundle's manifest the synthetic species' taxonomy and sign it again the way
+    a build does (a fresh throwaway key; only demo.pub is kept), without the 22-minute rebuild.
+
+    A full rebuild gives the same taxonomy: synth writes taxonomy.csv, prepare stores it, the bundle
+    copies it. Nothing else in the manifest changes; models and samples are untouched."""
+    import tempfile
+
+    from edge.manifest import Manifest
+    from edge.signing import sign
+    from export import taxonomy as tx
+    from export.synth import write_taxonomy
+
+    bundle = out / "bundle"
+    man = Manifest.from_bytes((bundle / "manifest.json").read_bytes())
+    with tempfile.TemporaryDirectory() as tmp:
+        taxa = tx.for_classes(tx.read_taxonomy_csv(write_taxonomy(Path(tmp) / "taxonomy.csv")),
+                              man.global_model.classes, "synth taxonomy")
+        man = Manifest.model_validate({**man.model_dump(mode="json"), "taxonomy": tx.to_json(taxa)})
+        key = _throwaway_key(Path(tmp))
+        data = man.to_bytes()
+        (bundle / "manifest.json").write_bytes(data)
+        (bundle / "manifest.sig").write_bytes(sign(data, key.read_bytes()))
+        shutil.copyfile(key.with_name("demo.pub"), out / "keys" / "demo.pub")
+    build = json.loads((out / "build.json").read_text())
+    build["bundle_mb"] = _size_mb(bundle)
+    (out / "build.json").write_text(json.dumps(build, indent=1, sort_keys=True) + "\n")
+    labels = json.loads((out / "frames" / "labels.json").read_text())
+    (out / "README.md").write_text(readme(build, labels))
+    _say(f"[demo] {bundle}: taxonomy for {len(taxa)} classes, signed again; {out / 'keys' / 'demo.pub'} replaced")
 
 
 def _truth(coco: Path) -> dict[str, dict]:
@@ -273,7 +314,8 @@ On 2 CPU cores (shared with other jobs) this took {b['minutes']:.1f} minutes. St
 {b['size']} (seed {b['seed']}, 8 locations) -> prepare (test = {', '.join(b['test_locations'])}; val by sequence) ->
 global model {b['epochs']} epochs -> grouping (k=3) -> experts ({b['expert_epochs']} epochs each, layers
 0-9 frozen = the global backbone) -> `export.bundle.build_bundle` (ONNX opset 17, PyTorch parity
-check, signed).
+check, signed). The manifest names each class's taxon (scientific and vernacular name, rank),
+from the taxonomy.csv synth writes and prepare stores with the dataset.
 
 ## Measured
 
@@ -325,7 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=5, help="animal frames to ship (plus 3 empty ones)")
     p.add_argument("--version", default="demo-1")
     p.add_argument("--reuse", action="store_true", help="keep finished stages found in --work")
+    p.add_argument("--retaxon", action="store_true",
+                   help="only put the synthetic taxonomy into the shipped manifest (--out) and sign it again")
     args = p.parse_args(argv)
+    if args.retaxon:
+        retaxon_shipped(args.out)
+        return 0
     work = args.work.resolve()
     if work.is_relative_to(REPO):
         raise SystemExit(f"--work {work} lies inside the repository; use a scratch folder")

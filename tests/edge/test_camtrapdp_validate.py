@@ -265,3 +265,130 @@ def test_export_cli_from_a_real_ledger(tmp_path, capsys):
     assert ",0.1,0.1,0.3,0.4," in obs  # pixel box normalised top-left x, y, w, h
     assert "2_0,trap-07,2,2," in obs and ",blank," in obs
     assert "image could not be read: truncated JPEG" in obs
+
+
+# --- hostile field data: awkward names, replaced files, device paths, taxa -------------------
+def _export(tmp_path, db, *extra) -> tuple[int, Path]:
+    from edge.cli import main
+
+    out = tmp_path / "pkg"
+    rc = main(["export-camtrapdp", "--ledger", str(db), "--out", str(out), "--deployment-id", "trap-07",
+               "--latitude", "37.0", "--longitude", "-6.4", "--root", "/srv/cam", *extra])
+    return rc, out
+
+
+def _rows(pkg: Path, name: str) -> list[dict]:
+    import csv
+
+    with open(pkg / f"{name}.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_awkward_file_names_give_a_valid_package(tmp_path):
+    """A newline, bytes that are not UTF-8, '..' inside a name, a leading dot, '%', a very long
+    name in a deep folder and a file outside the watch folder: the package stays valid, every
+    filePath decodes back to the exact relative name, and no absolute device path is written."""
+    import os
+    from urllib.parse import unquote_to_bytes
+
+    from edge.ledger import Ledger
+
+    long_dir = "/".join(["deep" * 10] * 60)  # ~2,400 characters of folders
+    names = {
+        "newline": "/srv/cam/a/IMG\n0001.JPG",
+        "latin1": os.fsdecode(b"/srv/cam/a/caf\xe9 \xff.jpg"),
+        "dots": "/srv/cam/a/IMG..0002.JPG",
+        "hidden": "/srv/cam/.hidden/.IMG_3.JPG",
+        "percent": "/srv/cam/a/100%25 sure.jpg",
+        "long": f"/srv/cam/{long_dir}/{'L' * 250}.JPG",
+        "outside": "/mnt/usb/../x/IMG_9.JPG",
+        "bad": "/srv/cam/a/broken\n.jpg",
+    }
+    db = tmp_path / "ledger.sqlite3"
+    t0 = datetime(2025, 6, 1, tzinfo=timezone.utc).timestamp()
+    with Ledger(db) as led:
+        ids = {k: led.see(p, 100, t0 + i) for i, (k, p) in enumerate(names.items())}
+        led.claim(len(ids))
+        for k, i in ids.items():
+            if k == "bad":
+                led.quarantine(i, f"{names['bad']}: truncated JPEG (also seen in /srv/cam/a/other.jpg)")
+            else:
+                led.complete(i, {"empty": True, "detections": []})
+    rc, pkg = _export(tmp_path, db)
+    assert rc == 0
+    assert validate_camtrapdp(pkg) == []
+    media = {r["mediaID"]: r for r in _rows(pkg, "media")}
+    assert len(media) == len(names)
+    for k, path in names.items():
+        row = media[str(ids[k])]
+        back = unquote_to_bytes(row["filePath"])
+        raw = os.fsencode(path)
+        if k != "outside":
+            assert back == raw[len(b"/srv/cam/"):], k  # exact and reversible
+        assert "\n" not in row["filePath"] and not row["filePath"].startswith((".", "/", "~"))
+        assert ".." not in row["filePath"]
+    assert unquote_to_bytes(media[str(ids["outside"])]["filePath"]) == b"mnt/usb/x/IMG_9.JPG"
+    for name in ("media", "observations"):
+        text = (pkg / f"{name}.csv").read_text(encoding="utf-8")
+        assert "/srv/cam" not in text and "/mnt/usb" not in text, name
+    bad = media[str(ids["bad"])]["mediaComments"]
+    assert bad == "not classified: a/broken%0A.jpg: truncated JPEG (also seen in a/other.jpg)"
+
+
+def test_quarantined_file_replaced_by_a_good_one_is_one_capture(tmp_path):
+    """The camera was still writing: the half file was quarantined, then the whole file arrived at
+    the same path. One media row (the good one); an earlier classified file at a reused path stays."""
+    from edge.ledger import Ledger
+
+    db = tmp_path / "ledger.sqlite3"
+    t0 = datetime(2025, 6, 1, tzinfo=timezone.utc).timestamp()
+    with Ledger(db) as led:
+        half = led.see("/srv/cam/a/IMG_1.JPG", 10, t0)
+        led.claim(1)
+        led.quarantine(half, "truncated JPEG")
+        whole = led.see("/srv/cam/a/IMG_1.JPG", 100, t0 + 2)
+        assert whole != half
+        old = led.see("/srv/cam/a/IMG_2.JPG", 100, t0 + 5)  # a real capture, later overwritten by a new one
+        led.claim(2)
+        led.complete(whole, {"empty": True, "detections": []})
+        led.complete(old, {"empty": True, "detections": []})
+        new = led.see("/srv/cam/a/IMG_2.JPG", 120, t0 + 9000)
+        led.claim(1)
+        led.complete(new, {"empty": True, "detections": []})
+    rc, pkg = _export(tmp_path, db)
+    assert rc == 0 and validate_camtrapdp(pkg) == []
+    media = _rows(pkg, "media")
+    assert sorted(r["mediaID"] for r in media) == sorted(str(i) for i in (whole, old, new))
+    assert [r["filePath"] for r in media].count("a/IMG_1.JPG") == 1
+    assert not any(o["observationType"] == "unclassified" for o in _rows(pkg, "observations"))
+
+
+def test_scientific_names_come_from_the_bundle_taxonomy(tmp_path, capsys):
+    """The demo bundle's manifest names its classes' taxa: scientificName is the taxon, never the
+    class name; the class travels in observationTags; without a bundle the name is left empty."""
+    from edge.demo import DEMO_BUNDLE
+    from edge.ledger import Ledger
+
+    db = tmp_path / "ledger.sqlite3"
+    t0 = datetime(2025, 6, 1, tzinfo=timezone.utc).timestamp()
+    deer = {"width": 100, "height": 100, "detections": [
+        {"species": "red_deer", "score": 0.9, "box": [10, 10, 50, 50]},
+        {"species": "wood_mouse", "score": 0.6, "box": [60, 60, 70, 70]}]}
+    with Ledger(db) as led:
+        a = led.see("/srv/cam/a/IMG_1.JPG", 100, t0)
+        led.claim(1)
+        led.complete(a, deer)
+    rc, pkg = _export(tmp_path, db, "--bundle", str(DEMO_BUNDLE))
+    assert rc == 0 and validate_camtrapdp(pkg) == []
+    obs = {o["observationTags"]: o for o in _rows(pkg, "observations")}
+    assert obs["class:red_deer"]["scientificName"] == "Cervus elaphus"
+    assert obs["class:wood_mouse"]["scientificName"] == "Apodemus sylvaticus"
+    assert obs["class:red_deer"]["classifiedBy"] == "camtrap-cascade demo-1"
+    taxa = {t["scientificName"]: t for t in json.loads((pkg / "datapackage.json").read_text())["taxonomic"]}
+    assert taxa["Cervus elaphus"]["vernacularNames"] == {"eng": "red deer"}
+    assert taxa["Cervus elaphus"]["taxonRank"] == "species"
+    capsys.readouterr()
+    rc, pkg = _export(tmp_path, db)  # no bundle: no taxon is guessed from a class name
+    assert rc == 0 and validate_camtrapdp(pkg) == []
+    assert {o["scientificName"] for o in _rows(pkg, "observations")} == {""}
+    assert "red_deer, wood_mouse: their scientificName is left empty" in capsys.readouterr().err

@@ -18,6 +18,14 @@ from export.cli import main as export_main
 from export.experts import train_experts
 from export.train import TINY_YAML, train
 
+TAXONOMY_CSV = """class,scientific_name,vernacular_name,rank,taxon_id
+fox,Vulpes vulpes,red fox,species,
+lynx,Lynx pardinus,Iberian lynx,species,gbif:2435261
+rabbit,Oryctolagus cuniculus,European rabbit,species,
+mouse,Apodemus sylvaticus,wood mouse,species,
+wolf,Canis lupus,wolf,species,
+"""  # a project-wide file: the wolf row is for another dataset and is left out
+
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
@@ -33,9 +41,10 @@ def bundle(tmp_path_factory):
     for pt in [root / "global" / "weights" / "best.pt", *root.glob("experts/*/run/weights/best.pt")]:
         f.make_it_detect(pt, checks, 96)  # 1-epoch models detect nothing: the parity check would refuse them
     assert export_main(["keygen", "--out", str(root / "keys" / "test")]) == 0
+    (root / "taxonomy.csv").write_text(TAXONOMY_CSV)
     rc = export_main(["bundle", "--global", str(root / "global"), "--experts", str(root / "experts"),
                       "--groups", str(groups), "--out", str(root / "B"), "--sign", str(root / "keys" / "test.key"),
-                      "--version", "2026.11.0", "--samples", "3"])
+                      "--version", "2026.11.0", "--samples", "3", "--taxonomy", str(root / "taxonomy.csv")])
     assert rc == 0
     return root
 
@@ -59,6 +68,8 @@ def test_bundle_is_signed_complete_and_pickle_free(bundle):
         assert par["parity"]["images"] > 3 and par["parity"]["max_raw_diff"] < 1e-3, name
         assert par["parity"]["detections"] > 0 and par["parity"]["images_with_detections"] > 0, name
     assert set(m.codes) == set(m.global_model.classes)
+    assert set(m.taxonomy) == set(m.global_model.classes)  # from --taxonomy, signed with the rest
+    assert m.taxonomy["lynx"].scientific_name == "Lynx pardinus" and m.taxonomy["lynx"].taxon_id == "gbif:2435261"
 
 
 @pytest.mark.slow
@@ -203,3 +214,4 @@ def test_evaluate_scores_single_stage_and_cascade_side_by_side(bundle, tmp_path)
     assert r["control"] is None and r["sequences_per_class"]["background"] >= 1
     md = (out / "report.md").read_text()
     assert "| background |" in md and "species-only macro F1" in md and "No control was given" in md
+    assert "| lynx (Iberian lynx, Lynx pardinus) |" in md  # classes shown with their taxa

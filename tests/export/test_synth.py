@@ -34,7 +34,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, scenes):
     b = tmp_path / "b"
     synthesize(b, seed=7, n_images=200, size=SIZE, n_locations=4)
     ta, tb = _tree(a), _tree(b)
-    assert ta.keys() == tb.keys() and len(ta) == 201
+    assert ta.keys() == tb.keys() and len(ta) == 202  # 200 images, coco.json, taxonomy.csv
     assert all(ta[k] == tb[k] for k in ta)
     c = tmp_path / "c"
     synthesize(c, seed=8, n_images=200, size=SIZE, n_locations=4)
