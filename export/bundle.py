@@ -23,7 +23,7 @@ import yaml
 from edge.atomic import building
 from edge.hashing import sha256_file
 from edge.manifest import CascadeSettings, Manifest, ModelEntry, SampleEntry, species_codes
-from export.datasets import DATASET_HASH_KEY, recorded_dataset_hash
+from export.datasets import DATASET_HASH_KEY, class_names, recorded_dataset_hash
 
 log = logging.getLogger(__name__)
 PARITY_IMAGES = 8  # images holding the model's species, beside the samples, for the ONNX-vs-PyTorch check
@@ -79,8 +79,7 @@ def _images_of(data_yaml: Path | None, classes: list[str], n: int) -> list[Path]
         return []
     d = yaml.safe_load(Path(data_yaml).read_text())
     root = Path(d.get("path") or Path(data_yaml).parent)
-    names = d["names"]
-    names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
+    names = class_names(d.get("names"), data_yaml)
     wanted = {i for i, name in enumerate(names) if name in set(classes)}
     found: list[Path] = []
     for split in ("test", "val", "train"):
