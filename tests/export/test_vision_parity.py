@@ -23,6 +23,7 @@ must see the same pixels for 1e-3 score parity.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,14 @@ def v8(images, tmp_path_factory):
     torch.manual_seed(0)
     model = YOLO(_tiny_yaml("v8/yolov8.yaml", out / "yolov8n-tiny.yaml", nc=len(CLASSES)))
     _set_known_head(model.model, images)
-    onnx_path = Path(model.export(format="onnx", imgsz=IMGSZ, opset=17, dynamic=True, simplify=False, device="cpu"))
+    cwd = os.getcwd()
+    os.chdir(out)  # a model built from a yaml exports into the working folder, not beside the yaml
+    try:
+        onnx_path = Path(model.export(format="onnx", imgsz=IMGSZ, opset=17, dynamic=True, simplify=False,
+                                      device="cpu")).resolve()
+    finally:
+        os.chdir(cwd)
+    assert onnx_path.parent == out.resolve()
     return model, onnx_path
 
 
