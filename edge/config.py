@@ -42,6 +42,7 @@ from edge.engines.onnxruntime import OnnxRuntimeConfig
 from edge.imageio import DEFAULT_MAX_MEGAPIXELS, PILLOW_MAX_MEGAPIXELS
 from edge.keys import SYSTEM_KEYS_DIR
 from edge.manifest import CascadeSettings
+from edge.updates_config import UpdatesSection
 
 DEFAULT_CONFIG_PATH = Path("/etc/camtrap-edge/config.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/camtrap-edge")
@@ -430,6 +431,9 @@ class Config(Section):
         default_factory=RecordsSection, title="Records", description="MegaDetector JSON and Camtrap DP."
     )
     paths: PathsSection = Field(default_factory=PathsSection, title="Paths", description="State folders.")
+    updates: UpdatesSection = Field(
+        default_factory=UpdatesSection, title="Updates", description="Remote model updates (docs/updates.md)."
+    )
 
     @model_validator(mode="after")
     def _derive(self) -> Config:

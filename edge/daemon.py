@@ -49,6 +49,12 @@ from edge.messages import (
 from edge.mqtt_commands import CommandRegistry, Request
 from edge.runner import CascadeRunner, Classified, Prepared
 from edge.sdnotify import Notifier, watchdog_interval
+from edge.updates import COMMANDS as UPDATE_COMMANDS
+
+if TYPE_CHECKING:
+    from edge.bundle import Bundle
+    from edge.updates import Updater
+    from edge.updates_daemon import DaemonHost
 
 if TYPE_CHECKING:
     from edge.ingest import Ingest
@@ -104,6 +110,12 @@ class Daemon:
         self.commands = CommandRegistry()
         self.commands.register("ping", self._cmd_ping)
         self.commands.register("status", self._cmd_status)
+        for name in UPDATE_COMMANDS:  # signed: edge/updates_command.py
+            self.commands.register(name, self._cmd_update)
+        self.updates: Updater | None = None  # remote model updates (edge/updates.py)
+        self.update_host: DaemonHost | None = None
+        self._updates_off = ""
+        self._update_payload: bytes | None = None
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -116,22 +128,18 @@ class Daemon:
         if cfg.bundle.require_signature and not keys:
             raise ValueError(f"bundle.public_keys_dir: no *.pub keys in {cfg.bundle.public_keys_dir} "
                              "but bundle.require_signature is true")
+        self._setup_updates(keys)
         self.notifier.status("loading model bundle")
-        self.bundle = load_bundle(cfg.bundle.path, public_keys=keys or None,
-                                  require_signature=cfg.bundle.require_signature,
-                                  extract_to=Path(cfg.paths.state_dir) / "models" / "unpacked")
-        man = self.bundle.manifest
+        path = Path(cfg.bundle.path)
+        bundle = load_bundle(path.resolve() if self.updates is not None else path, public_keys=keys or None,
+                             require_signature=cfg.bundle.require_signature,
+                             extract_to=Path(cfg.paths.state_dir) / "models" / "unpacked")
         self.notifier.extend_timeout(1800)  # a TensorRT build on a Jetson takes minutes
-        self.engines = load_engines(self.bundle, cfg.engine)
-        self.runner = CascadeRunner(man, self.engines, cfg.cascade.apply(man.cascade))
+        self.use_model(bundle, load_engines(bundle, cfg.engine))
         samples = read_samples(self.bundle)
         if samples:  # warm-up: a first slow run must not trip the watchdog later
             self.runner.classify(samples[:1])
-        self.model_version = man.bundle_version
-        self.codes = dict(man.codes)
-        self.group_of = {s: g for g, members in man.groups.items() for s in members}
-        watch = {s.lower() for s in cfg.alerts.species}
-        self.watch_species = {s for s in man.global_model.classes if s.lower() in watch or man.code(s) in watch}
+        man = self.bundle.manifest
 
         Path(cfg.ledger.path).parent.mkdir(parents=True, exist_ok=True)
         max_outbox = cfg.mqtt.max_outbox if cfg.mqtt else 10_000
@@ -154,6 +162,8 @@ class Daemon:
         self.events = EventGrouper(gap_s=cfg.events.gap_s, idle_s=max(cfg.events.gap_s * 2, 1.0),
                                    first_id=first_event)
         self._finish_interrupted()
+        if self._update_payload is not None:  # the update record settled before the ledger opened
+            self.publish_update(self._update_payload)
         if cfg.mqtt is not None:
             from edge.publish import Publisher
 
@@ -169,10 +179,67 @@ class Daemon:
         self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
         self._reader.start()
         self.ingest.start()
+        if self.updates is not None:
+            self.updates.after_start()  # an update a restart interrupted goes on, in the background
         self.notifier.ready(f"watching {len(cfg.watch.folders)} folder(s), model {self.model_version}")
         log.info("camtrap-edge %s ready: model %s (%s), backend %s, watching %s", __version__,
                  self.model_version, ", ".join(self.engines), cfg.engine.type,
                  ", ".join(map(str, cfg.watch.folders)))
+
+    def use_model(self, bundle: Bundle, engines: dict) -> None:
+        """Serve ``bundle`` with ``engines`` from the next batch on (start-up, and a model update's
+        swap, which the processing loop performs between two batches)."""
+        man = bundle.manifest
+        self.bundle, self.engines = bundle, engines
+        self.runner = CascadeRunner(man, engines, self.cfg.cascade.apply(man.cascade))
+        self.model_version = man.bundle_version
+        self.codes = dict(man.codes)
+        self.group_of = {s: g for g, members in man.groups.items() for s in members}
+        watch = {s.lower() for s in self.cfg.alerts.species}
+        self.watch_species = {s for s in man.global_model.classes if s.lower() in watch or man.code(s) in watch}
+        if self.update_host is not None:
+            self.update_host.serving = (bundle, engines)
+        if self.publisher is not None:
+            self.publisher.update_status(model=self.model_version)
+
+    def _setup_updates(self, keys: list[Path]) -> None:
+        """Remote updates (edge/updates.py) manage ``<state_dir>/models/current``; a bundle.path
+        elsewhere keeps the box on that bundle and update commands are refused with the reason.
+        Runs before the model loads: a crash loop on probation rolls back here."""
+        cfg = self.cfg
+        store_root = Path(cfg.paths.state_dir) / "models"
+        if not cfg.updates.enabled:
+            self._updates_off = "remote updates are disabled in this box's config (updates.enabled)"
+            return
+        if Path(cfg.bundle.path) != store_root / "current":
+            self._updates_off = (f"bundle.path is {cfg.bundle.path}; remote updates manage {store_root / 'current'} "
+                                 "(leave bundle.path at its default)")
+            log.info("%s", self._updates_off)
+            return
+        from edge.updates import Updater
+        from edge.updates_daemon import DaemonHost, adopt_installed
+        from edge.updates_store import ModelStore
+
+        adopt_installed(ModelStore(store_root))
+        self.update_host = DaemonHost(self)
+        self.updates = Updater(cfg.updates, device_id=cfg.device.id, state_dir=Path(cfg.paths.state_dir),
+                               public_keys=keys, host=self.update_host,
+                               engines_dir=getattr(cfg.engine, "cache_dir", None))
+        action = self.updates.resume_on_start()
+        if action != "none":
+            log.warning("model update: %s after the restart (%s)", action, self.updates.record)
+
+    def publish_update(self, payload: bytes) -> None:
+        """The retained ``update`` topic (kept until the ledger is open at start-up)."""
+        self._update_payload = payload
+        if self._publishing and getattr(self, "ledger", None) is not None:
+            self.ledger.enqueue([OutMsg("status", Topics.UPDATE, payload, retain=True)])
+
+    def _cmd_update(self, req: Request) -> dict:
+        """cmd/update, cmd/rollback, cmd/models (long work runs on the updater's own thread)."""
+        if self.updates is None:
+            return {"ok": False, "state": "refused", "reason": self._updates_off}
+        return self.updates.handle(req.name, req.payload)
 
     def _finish_interrupted(self) -> None:
         """Work a stop left half-done: disposal of committed results, and open events, which are
@@ -245,7 +312,11 @@ class Daemon:
     def run(self) -> None:
         interval = watchdog_interval()
         ping_every = interval / 3 if interval else 10.0
+        if self.update_host is not None:
+            self.update_host.loop_thread = threading.current_thread()
         while not self._stop.is_set():
+            if self.update_host is not None:
+                self.update_host.run_pending()  # a model swap, between two batches
             now = time.monotonic()
             if now - self._last_ping >= ping_every:
                 self.notifier.watchdog()  # from the loop that does the work, not a timer
@@ -269,10 +340,33 @@ class Daemon:
         if not good:
             return
         t = time.perf_counter()
-        answers = self.runner.classify_prepared(prepared)
-        self._infer_ms.append((time.perf_counter() - t) * 1000.0 / len(good))
+        answers = self._classify(good, prepared)
+        ms = (time.perf_counter() - t) * 1000.0 / len(good)
+        self._infer_ms.append(ms)
         for it, ans in zip(good, answers, strict=True):
             self._finish(it, ans)
+        if self.update_host is not None:
+            empties = sum(1 for a in answers if a.decision.empty)
+            for a in answers:
+                self.update_host.frame_done(a.decision.empty, ms)
+            if self.updates is not None:
+                self.updates.observe(frames=len(answers), empty=empties, ms_total=ms * len(answers))
+
+    def _classify(self, good: list[_Item], prepared: Prepared) -> list[Classified]:
+        """The cascade on a batch. A new model on probation that fails counts an error (enough of
+        them roll it back, here on this thread) and the batch is run again on what serves then,
+        so no frame is lost to a bad update."""
+        if set(self.runner.input_sizes) - set(prepared.inputs):  # read ahead for the model before a swap
+            prepared = self.runner.prepare([it.image.bgr for it in good if it.image is not None])
+        try:
+            return self.runner.classify_prepared(prepared)
+        except Exception:
+            if self.updates is None or not self.updates.on_probation:
+                raise
+            log.exception("the new model failed on probation")
+            self.updates.observe(errors=1)
+            prepared = self.runner.prepare([it.image.bgr for it in good if it.image is not None])
+            return self.runner.classify_prepared(prepared)
 
     def _finish(self, it: _Item, ans: Classified) -> None:
         img = it.image
@@ -289,7 +383,7 @@ class Daemon:
         sp, score = d.top
         result = {
             "file": it.row.path, "width": w, "height": h, "taken_at": frame.t, "event": ev,
-            "model": self.model_version, **d.to_dict(),
+            "model": self.model_version, "bundle": self.bundle.manifest_sha256[:12], **d.to_dict(),
             "max_animal_score": round(ans.max_animal_score, 5),
             "ms": {k: round(v, 2) for k, v in ans.timings_ms.items()},
         }
@@ -373,6 +467,8 @@ class Daemon:
     def _tick(self, now: float) -> None:
         for e in self.events.expire(now):
             self._close_event(e.id)
+        if self.updates is not None:
+            self.updates.observe()  # probation also ends on time, frames or not
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.cfg.telemetry.every_s
             self._telemetry()
@@ -412,6 +508,8 @@ class Daemon:
     def close(self) -> None:
         """Orderly stop: ingest off, finish nothing new, flush records, publish 'stopped'."""
         self.notifier.stopping("stopping")
+        if self.updates is not None:
+            self.updates.clean_stop()  # not a crash, for probation's count
         if self.ingest is not None:
             self.ingest.stop()
         if self._reader is not None:

@@ -51,7 +51,6 @@ from edge.updates_store import ModelStore, StoreError
 
 log = logging.getLogger("camtrap.updates")
 
-UPDATE_TOPIC = "update"  # relative to the device's MQTT prefix; retained
 COMMANDS = ("update", "rollback", "models")
 MANIFEST_CAP = 4 << 20
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -435,5 +434,5 @@ class Updater:
         self._save(rec.to("rolled_back", "done", reason=reason))
 
 
-__all__ = ["COMMANDS", "UPDATE_TOPIC", "Host", "UpdateError", "Updater", "file_path", "manifest_path",
+__all__ = ["COMMANDS", "Host", "UpdateError", "Updater", "file_path", "manifest_path",
            "valid_version", "version_key"]

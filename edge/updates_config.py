@@ -36,8 +36,7 @@ class ProbationSection(_Section):
 
 
 class UpdatesSection(_Section):
-    """Remote model updates over MQTT (`cmd/update`, `cmd/rollback`, `cmd/models`); commands must be
-    signed by a key in bundle.public_keys_dir."""
+    """Remote model updates (docs/updates.md); commands must be signed by a key in bundle.public_keys_dir."""
 
     enabled: bool = Field(default=True, title="Enabled", description="Accept signed update commands.")
     base_url: str | None = Field(

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.updates import UPDATE_TOPIC
+from edge.messages import DEFAULT_PREFIX, Topics, prefix_problem, topics
 from edge.updates_command import DEFAULT_LIFETIME_S, make_command
 from edge.updates_state import TERMINAL
 
-DEFAULT_PREFIX = "camtrap/{device_id}/"
 FOLLOWED = ("fetching", "verifying", "building", "selftest", "switching", "probation", "rolling_back")
 
 
@@ -80,8 +79,9 @@ class Fleet:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        if "{device_id}" not in prefix:
-            raise ValueError(f"--prefix {prefix!r} must contain {{device_id}}")
+        why = prefix_problem(prefix)
+        if why:
+            raise ValueError(f"--prefix {prefix!r} {why}")
         self.prefix = prefix
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                   client_id=f"camtrap-export-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
@@ -123,8 +123,8 @@ class Fleet:
             out, self._inbox = self._inbox, []
         return out
 
-    def topic(self, device: str, rel: str) -> str:
-        return self.prefix.replace("{device_id}", device) + rel
+    def topics(self, device: str) -> Topics:
+        return topics(self.prefix, device)
 
     def device_of(self, topic: str, rel: str) -> str | None:
         head, _, tail = self.prefix.partition("{device_id}")
@@ -133,13 +133,17 @@ class Fleet:
         dev = topic[len(head): len(topic) - len(tail + rel)]
         return dev if dev and "/" not in dev else None
 
+    def wildcard(self, rel: str) -> str:
+        """``rel`` of every device (the prefix with ``+`` for the device id)."""
+        return self.prefix.replace("{device_id}", "+") + rel
+
     def online_devices(self, wait_s: float = 2.0) -> dict[str, str]:
         """device -> state, from the retained status topics."""
-        self.subscribe(self.topic("+", "status"))
+        self.subscribe(self.wildcard(Topics.STATUS))
         time.sleep(wait_s)
         found: dict[str, str] = {}
         for topic, payload in self.take():
-            dev = self.device_of(topic, "status")
+            dev = self.device_of(topic, Topics.STATUS)
             if dev is None:
                 continue
             try:
@@ -162,16 +166,16 @@ def run_update(fleet: Fleet, devices: list[str], *, command: str, args: dict[str
 
     rows = {d: Row(d) for d in devices}
     for d in devices:
-        fleet.subscribe(fleet.topic(d, UPDATE_TOPIC))
-        fleet.subscribe(fleet.topic(d, f"cmd/{command}/reply"))
+        fleet.subscribe(fleet.topics(d).update)
+        fleet.subscribe(fleet.topics(d).reply(command))
     fleet.take()  # retained records of earlier updates: not this run's
     for d in devices:
         payload = make_command(command, device=d, args=args, private_pem=key_pem, lifetime_s=lifetime_s)
         rows[d].nonce = json.loads(json.loads(payload)["cmd"])["nonce"]
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = fleet.topic(d, f"cmd/{command}/reply")
+        props.ResponseTopic = fleet.topics(d).reply(command)
         props.CorrelationData = rows[d].nonce.encode()
-        fleet.client.publish(fleet.topic(d, f"cmd/{command}"), payload, qos=1, properties=props)
+        fleet.client.publish(fleet.topics(d).command(command), payload, qos=1, properties=props)
     deadline = time.monotonic() + timeout_s
     while not all(r.done for r in rows.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -182,9 +186,10 @@ def run_update(fleet: Fleet, devices: list[str], *, command: str, args: dict[str
                 continue
             if not isinstance(body, dict):
                 continue
-            for kind, rel in (("update", UPDATE_TOPIC), ("reply", f"cmd/{command}/reply")):
-                dev = fleet.device_of(topic, rel)
-                if dev in rows:
+            for dev in rows:
+                kind = "update" if topic == fleet.topics(dev).update else \
+                    "reply" if topic == fleet.topics(dev).reply(command) else None
+                if kind is not None:
                     before = rows[dev].state
                     apply_message(rows[dev], kind, body)
                     if on_change and rows[dev].state != before:
@@ -209,7 +214,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
             devices = sorted(d for d, s in seen.items() if s == "online")
             offline = sorted(d for d, s in seen.items() if s != "online")
             if not devices and not offline:
-                raise ValueError(f"--all: no box has a retained status under {fleet.topic('+', 'status')}")
+                raise ValueError(f"--all: no box has a retained status under {fleet.wildcard(Topics.STATUS)}")
         else:
             devices = args.device
         cmd_args: dict[str, Any] = {}

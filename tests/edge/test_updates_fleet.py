@@ -17,7 +17,7 @@ from paho.mqtt.properties import Properties
 from test_updates_flow import G2, KEY, OTHER, Box
 from update_helpers import Server, relabel_onnx
 
-from edge.updates import UPDATE_TOPIC
+from edge.messages import topics
 from export.update import Fleet, Row, apply_message, run_update, table
 
 
@@ -35,7 +35,7 @@ class MqttBox:
         self.client.on_message = lambda c, u, m: threading.Thread(target=self._command, args=(m,)).start()
         self._ready = threading.Event()
         self.client.on_subscribe = lambda *a: self._ready.set()
-        box.host.publish = lambda rec: self.client.publish(self.prefix + UPDATE_TOPIC, rec.topic_payload(), qos=1,
+        box.host.publish = lambda rec: self.client.publish(topics(None, device).update, rec.topic_payload(), qos=1,
                                                            retain=True)
         box.upd.device_id = device
         self._stop = threading.Event()

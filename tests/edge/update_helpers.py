@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class Server:
         self.served = 0
         self.requests: list[tuple[str, str | None]] = []
         self.cut: dict[str, int] = {}
+        self.delay_s = 0.0  # per 64 KiB block: a slow link, so a test can act mid-transfer
         outer = self
 
         class Handler(RangeRequestHandler):
@@ -127,6 +129,8 @@ class _Counting:
             raise _Cut()
         self.sent += len(block)
         self.server.served += len(block)
+        if self.server.delay_s:
+            time.sleep(self.server.delay_s)
         return self.out.write(block)
 
     def flush(self) -> None:
