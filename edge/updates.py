@@ -175,14 +175,20 @@ class Updater:
             return {"ok": True, **self.models()}
         if not self.cfg.enabled:
             return self._refuse(cmd, "remote updates are disabled in this box's config (updates.enabled)")
-        with self._lock:
+        with self._lock:  # decisions and the first record only: never held while a model is swapped
             if self._busy() and not (name == "rollback" and self._rec and self._rec.state == "probation"):
                 assert self._rec is not None
                 return {"ok": False, "state": "refused", "reason": f"update to {self._rec.to_version} is in progress "
                         f"({self._rec.state}); try again when it has finished"}
-            if name == "rollback":
-                return self._rollback_cmd(cmd)
-            return self._update_cmd(cmd)
+            if name == "update":
+                return self._update_cmd(cmd)
+            rec, target, reply = self._rollback_cmd(cmd)
+        if rec is not None:
+            self._flip_back(rec, reason=rec.reason or "rollback requested", target=target)
+            done = self._rec
+            reply = {**reply, "ok": done is not None and done.state == "rolled_back",
+                     "state": done.state if done else "failed", "reason": done.reason if done else None}
+        return reply
 
     def _refuse(self, cmd: Command, reason: str, version: str | None = None) -> dict[str, Any]:
         if not self._busy():
@@ -220,7 +226,8 @@ class Updater:
         self._spawn(rec)
         return {"ok": True, "state": rec.state, "from": running, "to": version}
 
-    def _rollback_cmd(self, cmd: Command) -> dict[str, Any]:
+    def _rollback_cmd(self, cmd: Command) -> tuple[UpdateRecord | None, Path | None, dict[str, Any]]:
+        """The rollback's first record (saved) and target, or a refusal; the flip is the caller's."""
         want = cmd.args.get("version")
         cur, prev = self.store.current(), self.store.previous()
         if want:
@@ -230,20 +237,18 @@ class Updater:
             target = prev
         if target is None or target == cur:
             kept_v = ", ".join(k.version for k in self.store.kept()) or "none"
-            return self._refuse(cmd, f"no kept version {want or '(previous)'} to roll back to (kept: {kept_v})",
-                                str(want) if want else None)
+            return None, None, self._refuse(cmd, f"no kept version {want or '(previous)'} to roll back to "
+                                            f"(kept: {kept_v})", str(want) if want else None)
         to_version = self.store.manifest_of(target).bundle_version
         reason = f"rollback requested (key {cmd.key_id})"
         if self._rec is not None and self._rec.state == "probation":
-            rec = self._rec.to("rolling_back", "rolling back", reason=reason)
+            rec = self._rec.to("rolling_back", "rolling back", reason=reason, id=cmd.nonce)  # now this command's
         else:
             rec = UpdateRecord(id=cmd.nonce, state="rolling_back", step="rolling back",
                                from_version=self._current_version(), from_sha=cur.name if cur else None,
                                to_version=to_version, to_sha=target.name, reason=reason, started=time.time(),
                                updated=time.time())
-        self._save(rec)
-        self._flip_back(rec, reason=reason, target=target)
-        return {"ok": True, "state": "rolled_back", "to": to_version}
+        return self._save(rec), target, {"ok": True, "state": "rolled_back", "to": to_version}
 
     def models(self) -> dict[str, Any]:
         kept = [{"version": k.version, "sha": k.sha256[:12], "current": k.current, "previous": k.previous}
@@ -394,15 +399,17 @@ class Updater:
                 if time.monotonic() - self._last_save >= SAVE_EVERY_S:
                     self._save(rec)
                 return
+            # the verdict's state is saved under the lock: a rollback command now finds it taken
+            if verdict.action == "commit":
+                rec = self._save(rec.to("committed", "pruning", reason=verdict.reason))
+            else:
+                rec = self._save(rec.to("rolling_back", "rolling back", reason=verdict.reason))
         if verdict.action == "commit":
-            self._commit(verdict.reason)
+            self._prune_after_commit()
         else:
-            self._save(rec.to("rolling_back", "rolling back", reason=verdict.reason))
-            self._flip_back(self._rec, reason=verdict.reason)
+            self._flip_back(rec, reason=verdict.reason)
 
-    def _commit(self, reason: str) -> None:
-        assert self._rec is not None
-        self._save(self._rec.to("committed", "pruning", reason=reason))
+    def _prune_after_commit(self) -> None:
         old, self._old = self._old, None
         if old is not None:
             self.host.discard(old[1])

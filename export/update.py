@@ -49,8 +49,11 @@ def apply_message(row: Row, kind: str, body: dict[str, Any]) -> None:
     """Fold one message from a box into its row (pure): an update record for this command, or the
     command's reply (a refusal says why)."""
     if kind == "reply":
-        if not body.get("ok", True):
+        if not body.get("ok", True) and body.get("state") in (None, "refused"):
             row.state, row.reason = "refused", str(body.get("reason") or body.get("error") or "")
+        elif body.get("state") in TERMINAL:  # a rollback answers with its outcome
+            row.state, row.reason = str(body["state"]), str(body.get("reason") or "")
+            row.to_version = body.get("to") or row.to_version
         return
     if body.get("id") not in (row.nonce[:12], "-") or (body.get("id") == "-" and row.state != "sent"):
         return  # an older update's record (retained), or another run's

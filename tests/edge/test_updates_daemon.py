@@ -213,6 +213,29 @@ def test_a_crash_loop_on_probation_rolls_back_before_the_new_model_loads(env, tm
     assert box.terminate() == 0
 
 
+def test_an_explicit_rollback_on_probation_and_after_a_commit(env, tmp_path):
+    make, srv, broker = env
+    box = make(probation={"frames": 1000, "minutes": 60}).start()
+    _publish(srv, tmp_path, "demo-2", replace={"group2": relabel_onnx(G2, "rb")})
+    fleet = Fleet(broker.host, broker.port)
+    try:
+        row = run_update(fleet, [DEV], command="update", args={"version": "demo-2"}, key_pem=KEY, timeout_s=15)[0]
+        assert "probation" in row.seen
+        box.drop(2)
+        box.wait_results(2)
+        row = run_update(fleet, [DEV], command="rollback", args={}, key_pem=KEY, timeout_s=60)[0]
+        assert row.state == "rolled_back" and "rollback requested" in row.reason, (row, box.log.read_text()[-3000:])
+        box.drop(2)
+        res = box.wait_results(4)
+        assert [r["model"] for r in res] == ["demo-2", "demo-2", "demo-1", "demo-1"]
+        assert box.current_version() == "demo-1"
+        row = run_update(fleet, [DEV], command="rollback", args={"version": "demo-0"}, key_pem=KEY, timeout_s=30)[0]
+        assert row.state == "refused" and "no kept version demo-0" in row.reason
+    finally:
+        fleet.close()
+    assert box.terminate() == 0
+
+
 def test_sigkill_at_each_step_then_restart_is_consistent(env, tmp_path):
     make, srv, broker = env
     box = make(probation={"frames": 3, "min_frames": 100, "minutes": 60}).start()
