@@ -211,7 +211,7 @@ class Daemon:
         if not cfg.updates.enabled:
             self._updates_off = "remote updates are disabled in this box's config (updates.enabled)"
             return
-        if Path(cfg.bundle.path) != store_root / "current":
+        if cfg.bundle.path is None or Path(cfg.bundle.path) != store_root / "current":
             self._updates_off = (f"bundle.path is {cfg.bundle.path}; remote updates manage {store_root / 'current'} "
                                  "(leave bundle.path at its default)")
             log.info("%s", self._updates_off)

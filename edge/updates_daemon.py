@@ -87,7 +87,8 @@ class DaemonHost:
             built = self.build(bundle)
         if threading.current_thread() is self.loop_thread or self.loop_thread is None:
             return self._swap_now(bundle, built)
-        done, out = threading.Event(), []
+        done = threading.Event()
+        out: list[Any] = []
         self._requests.put((lambda: self._swap_now(bundle, built), done, out))
         if not done.wait(SWAP_WAIT_S):
             raise TimeoutError("the processing loop did not take the new model within "

@@ -126,7 +126,7 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def send_head(self):  # type: ignore[override]
+    def send_head(self):
         rng = self.headers.get("Range")
         path = Path(self.translate_path(self.path))
         m = _RANGE.match(rng or "")
@@ -152,7 +152,7 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         self._remaining = end - start + 1
         return f
 
-    def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
+    def copyfile(self, source, outputfile) -> None:
         remaining = getattr(self, "_remaining", None)
         if remaining is None:
             return super().copyfile(source, outputfile)

@@ -96,7 +96,7 @@ class Fleet:
         self._inbox: list[tuple[str, bytes]] = []
         self._connected = threading.Event()
         self._subs: dict[int, threading.Event] = {}
-        self.client.on_connect = lambda c, u, f, reason, p: (not reason.is_failure) and self._connected.set()
+        self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.connect(host, port, keepalive=30)
@@ -105,19 +105,26 @@ class Fleet:
             self.close()
             raise ValueError(f"MQTT broker {host}:{port}: no connection within 10 s")
 
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            self._connected.set()
+
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         with self._lock:
             self._inbox.append((msg.topic, bytes(msg.payload)))
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
-        ev = self._subs.get(mid)
+        with self._lock:  # subscribe() stores the event under the same lock
+            ev = self._subs.get(mid)
         if ev is not None:
             ev.set()
 
     def subscribe(self, topic: str) -> None:
         ev = threading.Event()
         with self._lock:
-            _, mid = self.client.subscribe(topic, qos=1)
+            rc, mid = self.client.subscribe(topic, qos=1)
+            if mid is None:
+                raise ValueError(f"MQTT: cannot subscribe to {topic} ({rc})")
             self._subs[mid] = ev
         ev.wait(10)
 
