@@ -50,6 +50,7 @@ from edge.mqtt_commands import CommandRegistry, Request
 from edge.runner import CascadeRunner, Classified, Prepared
 from edge.sdnotify import Notifier, watchdog_interval
 from edge.updates import COMMANDS as UPDATE_COMMANDS
+from edge.updates import update_line
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
@@ -565,6 +566,7 @@ def status_report(cfg: Config, last: int = 5) -> str:
             lines.append(f"  {Path(r.path).name}: {what} ({r.state}{', ' + r.disposal if r.disposal else ''})")
         for r in led.images("quarantined")[-last:]:
             lines.append(f"  {Path(r.path).name}: quarantined: {r.error}")
+    lines.append(update_line(Path(cfg.paths.state_dir)))
     return "\n".join(lines)
 
 

@@ -82,6 +82,18 @@ def file_path(sha256: str) -> tuple[str, str]:
     return "files", sha256
 
 
+def update_line(state_dir: Path) -> str:
+    """One line for `camtrap-edge status`: the last update's state, from the state file."""
+    try:
+        rec = StateFile(Path(state_dir) / "updates" / "state.json").load()
+    except ValueError as e:
+        return f"model update: {e}"
+    if rec is None:
+        return "model update: none yet"
+    return (f"model update: {rec.state} ({rec.step}) {rec.from_version or '?'} -> {rec.to_version or '?'}, "
+            f"{rec.bytes:,} bytes fetched" + (f"; {rec.reason}" if rec.reason else ""))
+
+
 class Host(Protocol):
     """What the daemon does for the updater (see the module docstring)."""
 

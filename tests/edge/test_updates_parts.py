@@ -306,3 +306,29 @@ def test_store_missing_refuses_samples_without_hashes(tmp_path):
     with pytest.raises(StoreError, match="no sha256"):
         ModelStore(tmp_path).missing(Manifest.model_validate(raw))
 
+
+
+def test_an_installed_bundle_folder_is_adopted_even_after_a_crash_midway(tmp_path):
+    from edge.updates_daemon import ADOPTING, adopt_installed
+
+    store = ModelStore(tmp_path / "models")
+    variant(DEMO, tmp_path / "models" / "current", version="demo-1", key=KEY)
+    adopt_installed(store)
+    assert (tmp_path / "models" / "current").is_symlink()
+    assert store.manifest_of(store.current()).bundle_version == "demo-1"
+    assert not (tmp_path / "models" / ADOPTING).exists()
+    # a crash after the folder was renamed aside, before the symlink existed
+    (tmp_path / "models" / "current").unlink()
+    variant(DEMO, tmp_path / "models" / ADOPTING, version="demo-1", key=KEY)
+    adopt_installed(store)
+    assert store.current() is not None and not (tmp_path / "models" / ADOPTING).exists()
+
+
+def test_status_says_where_the_last_update_stands(tmp_path):
+    from edge.updates import update_line
+
+    assert update_line(tmp_path) == "model update: none yet"
+    StateFile(tmp_path / "updates" / "state.json").save(
+        _rec("failed", from_version="demo-1", bytes=1234, reason="self-test failed: group2: ..."))
+    assert update_line(tmp_path) == ("model update: failed () demo-1 -> v2, 1,234 bytes fetched; "
+                                     "self-test failed: group2: ...")
