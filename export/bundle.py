@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -42,6 +43,13 @@ PAPER_CODES = {
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _imread(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path))
+    if img is None:
+        raise ValueError(f"{path}: unreadable image")
+    return img
 
 
 def _weights(run: Path) -> Path:
@@ -143,7 +151,7 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
         (tmp / "models").mkdir()
         (tmp / "samples").mkdir()
         sample_paths = _images_for_samples(data, n_samples)
-        sample_imgs = [cv2.imread(str(p)) for p in sample_paths]
+        sample_imgs = [_imread(p) for p in sample_paths]
         # the experts' summary knows the global backbone's hash and frozen depth (shared-backbone runtime)
         shared = _read_json(experts_dir / "experts.json").get("global", {})
         global_meta = {**run_meta, "shared_freeze": shared.get("freeze"),
@@ -163,7 +171,7 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
             w = _weights(run)
             exp = export_onnx(w, tmp / "models" / f"{name}.onnx")
             if parity:
-                own = [cv2.imread(str(p)) for p in _images_of(data, exp.classes, PARITY_IMAGES)]
+                own = [_imread(p) for p in _images_of(data, exp.classes, PARITY_IMAGES)]
                 parity_check(w, exp, sample_imgs + own, conf=conf)
             entries.append(ModelEntry(
                 name=name, file=f"models/{name}.onnx", sha256=sha256_file(exp.onnx_path), role=role,
@@ -181,7 +189,7 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
         else:
             log.warning("bundle %s: no taxonomy (give --taxonomy CSV, or prepare --taxonomy): the manifest "
                         "names no taxa, so Camtrap DP records leave scientificName empty", out)
-        samples = []
+        samples: list[dict[str, Any]] = []
         for p in sample_paths:
             shutil.copyfile(p, tmp / "samples" / p.name)
             samples.append({"file": f"samples/{p.name}", "sha256": sha256_file(tmp / "samples" / p.name),

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any, cast
 
 from edge.atomic import building
 
@@ -150,17 +151,18 @@ def _four_numbers(box: object, where: str) -> tuple[float, float, float, float]:
 def _norm_box(box: object, relative: bool, w: int, h: int, where: str, image: str) -> tuple[float, ...]:
     """[x, y, w, h] top-left (pixels or relative) -> clipped YOLO (cx, cy, w, h); error beyond the tolerance."""
     x, y, bw, bh = _four_numbers(box, where)
+    shown = list(cast("Iterable[object]", box))  # as given, for the messages (_four_numbers checked it)
     if relative:
         x, y, bw, bh = x * w, y * h, bw * w, bh * h
     if bw <= 0 or bh <= 0:
-        raise ValueError(f"{where}: bbox {list(box)} has no area")
+        raise ValueError(f"{where}: bbox {shown} has no area")
     tx, ty = max(2.0, BOX_TOLERANCE * w), max(2.0, BOX_TOLERANCE * h)
     if x < -tx or y < -ty or x + bw > w + tx or y + bh > h + ty:
-        raise ValueError(f"{where}: bbox {list(box)} outside image '{image}' ({w}x{h})")
+        raise ValueError(f"{where}: bbox {shown} outside image '{image}' ({w}x{h})")
     x0, y0 = max(0.0, x), max(0.0, y)
     x1, y1 = min(float(w), x + bw), min(float(h), y + bh)
     if x1 - x0 < 1e-6 or y1 - y0 < 1e-6:
-        raise ValueError(f"{where}: bbox {list(box)} outside image '{image}' ({w}x{h})")
+        raise ValueError(f"{where}: bbox {shown} outside image '{image}' ({w}x{h})")
     return ((x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h)
 
 
@@ -202,7 +204,7 @@ def _load_md(path: Path, threshold: float) -> dict[str, list[tuple[float, ...]] 
         dets = rec.get("detections")
         if not isinstance(dets, list):
             raise ValueError(f"{where}: 'detections' must be a list")
-        boxes = []
+        boxes: list[tuple[float, ...]] = []
         for j, d in enumerate(dets):
             if not isinstance(d, dict) or "bbox" not in d or "conf" not in d or "category" not in d:
                 raise ValueError(f"{where}: detection {j}: needs category, conf and bbox")
@@ -454,7 +456,7 @@ def _load_yolo(data_yaml: Path, skipped: Counter) -> list[Item]:
     cfg, root = _yolo_config(data_yaml)
     names = class_names(cfg["names"], data_yaml)
     meta_path = data_yaml.parent / "meta.json"
-    meta = {}
+    meta: dict[str, Any] = {}
     if meta_path.is_file():  # our own earlier output: keep locations, sequences and times
         m = _read_json(meta_path)
         meta = m.get("images", {}) if isinstance(m, dict) else {}
@@ -548,8 +550,8 @@ def split_sequences(seqs: dict[str, tuple[int, list[str]]], fracs: dict[str, flo
             freq[s] += n
     strata: dict[str, list[str]] = defaultdict(list)
     for key in sorted(seqs):
-        sps = set(seqs[key][1])
-        strata[min(sps, key=lambda s: (freq[s], s)) if sps else ""].append(key)
+        present = set(seqs[key][1])
+        strata[min(present, key=lambda s: (freq[s], s)) if present else ""].append(key)
     active = [s for s in ("test", "val", "train") if fracs.get(s, 0) > 0]
     rng = np.random.default_rng(seed)
     out: dict[str, str] = {}
@@ -836,7 +838,7 @@ def prepare(out: Path, *, coco: Path | None = None, yolo: Path | None = None, la
                         "location": it.location, "seq_id": it.seq_id, "datetime": it.datetime,
                         "width": it.width, "height": it.height, "species": it.species,
                         "boxes": len(it.boxes)}
-                    for it in sorted(items, key=lambda i: (SPLITS.index(i.split), i.name))}}  # type: ignore[arg-type]
+                    for it in sorted(items, key=lambda i: (SPLITS.index(i.split), i.name))}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         (tmp / "split_report.md").write_text(_report_md(report))
     return report

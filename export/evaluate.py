@@ -129,7 +129,9 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
         raise ValueError(f"{data_yaml}: classes {sorted(names)} differ from the bundle's {sorted(g.classes)}")
     out.mkdir(parents=True, exist_ok=True)
     ctrl = control_runner(Path(control), g, out) if control is not None else None
-    preds: dict[str, list[str]] = {SINGLE: [], CASCADE: []} | ({CONTROL: []} if ctrl else {})
+    preds: dict[str, list[str]] = {SINGLE: [], CASCADE: []}
+    if ctrl:
+        preds[CONTROL] = []
     routes: Counter = Counter()
     runs: list[int] = []
     outcomes: list[FrameOutcome] = []

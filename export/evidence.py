@@ -87,7 +87,7 @@ def resolve_weights(run: str | Path) -> Path:
 
 def gt_boxes(label_file: Path, w: int, h: int, nc: int) -> list[tuple[int, tuple[float, float, float, float]]]:
     """YOLO label lines (class cx cy w h, normalised) -> (class, x1y1x2y2 pixels)."""
-    out = []
+    out: list[tuple[int, tuple[float, float, float, float]]] = []
     if not label_file.is_file():
         return out
     for n, line in enumerate(label_file.read_text(encoding="utf-8").splitlines(), 1):

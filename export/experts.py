@@ -62,7 +62,9 @@ def build_expert_dataset(spec: DataSpec, species: list[str], out: Path, *, negat
     counts: dict[str, Any] = {}
     splits = {}
     for split, sources in spec.splits.items():
-        own, empty, other = [], [], []
+        own: list[tuple[Path, list[str]]] = []
+        empty: list[tuple[Path, list[str]]] = []
+        other: list[tuple[Path, list[str]]] = []
         for img in list_images(sources):
             rows = read_label_lines(img, spec.nc)
             mine = [f"{remap[c]} {rest}" for c, rest in rows if c in remap]
@@ -211,7 +213,7 @@ def train_experts(data: str | os.PathLike, groups: str | os.PathLike, from_run: 
     epochs and imgsz left out (or None) are the global run's: the experts share its frozen backbone.
     """
     spec = read_data_yaml(data)
-    grp = read_groups(groups, spec.names)
+    grp = read_groups(Path(groups), spec.names)
     best, g_freeze, g_run = global_run(from_run)
     for k in INHERITED:
         if train_kwargs.get(k) is None:

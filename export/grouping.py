@@ -38,7 +38,7 @@ import csv
 import logging
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -445,7 +445,8 @@ def read_groups(path: str | Path, species: list[str] | None = None) -> dict[str,
             where[s] = name
         groups[name] = list(members)
     if species is None:
-        meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+        raw = doc.get("meta")
+        meta = raw if isinstance(raw, dict) else {}
         species = meta.get("species") if isinstance(meta.get("species"), list) else None
     if species is not None:
         missing = [s for s in species if s not in where]
@@ -554,6 +555,7 @@ def run_grouping(
                 raise ValueError("--run needs --data DATA_YAML (the prepared dataset with a val split)")
             from export.evidence import compute_evidence
 
+            assert run is not None  # exactly one source was given, checked above
             evidence = compute_evidence(run, data, conf=conf, soft_conf=soft_conf, imgsz=imgsz)
         species, counts, soft = evidence.species, evidence.counts, evidence.soft
         source = {"run": str(evidence.model), "data": str(evidence.data), "images": evidence.images}
@@ -588,7 +590,7 @@ def run_grouping(
         log.warning("species never confused with any other and without soft evidence: placed in the "
                     "first group by default, edit %s: %s", out, ", ".join(no_evidence))
     miss = np.divide(counts[:, -1], support, out=np.zeros(len(species)), where=support > 0)
-    meta = {
+    meta: dict[str, Any] = {
         "species": species,
         "k": len(groups),
         "k_requested": k,

@@ -11,7 +11,7 @@ per-species F1 with 95% intervals, and the intervals of the differences between 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def _ci(values: Sequence[float]) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def bootstrap_models(true: Sequence[str], preds: dict[str, Sequence[str]], clusters: Sequence[str],
+def bootstrap_models(true: Sequence[str], preds: Mapping[str, Sequence[str]], clusters: Sequence[str],
                      labels: Sequence[str], pairs: Sequence[tuple[str, str]] = (), n: int = 1000,
                      seed: int = 0) -> dict:
     """95% intervals from one set of sequence resamples, for every model and every (b, a) pair.
@@ -119,7 +119,7 @@ def bootstrap_models(true: Sequence[str], preds: dict[str, Sequence[str]], clust
     diffs = {}
     for b, a in pairs:
         diffs[f"{b} - {a}"] = {
-            key: {"point": point[b][i] - point[a][i], "ci95": _ci([r[b][i] - r[a][i] for r in runs])}
+            key: {"point": point[b][i] - point[a][i], "ci95": _ci([float(r[b][i] - r[a][i]) for r in runs])}
             for i, key in ((0, "macro_f1"), (1, "macro_f1_species"))}
     return {"models": models, "differences": diffs, "n_boot": n, "clusters": len(ids)}
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.manifest import Layout
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -30,11 +32,11 @@ class ExportedModel:
     onnx_path: Path
     classes: list[str]
     imgsz: int
-    layout: str
+    layout: Layout
     parity: dict = field(default_factory=dict)
 
 
-def detect_layout(output_shape: tuple[int, ...], nc: int) -> str:
+def detect_layout(output_shape: tuple[int, ...], nc: int) -> Layout:
     """Name the output layout from a raw output's shape [B, ...]."""
     if len(output_shape) != 3:
         raise ValueError(f"unexpected ONNX output rank {len(output_shape)}: {output_shape}")

@@ -83,8 +83,8 @@ class PrepareConfig(_Strict):
 
 
 class TrainOptions(_Strict):
-    epochs: int = Field(50, ge=1)
-    imgsz: int = Field(640, ge=32)
+    """What training the global model and the experts share (epochs and imgsz: each its own)."""
+
     batch: int = Field(16, ge=1)
     class_weights: bool = True
     oversample: bool = True
@@ -100,6 +100,8 @@ class TrainOptions(_Strict):
 
 
 class TrainConfig(TrainOptions):
+    epochs: int = Field(50, ge=1)
+    imgsz: int = Field(640, ge=32)
     model: str = "camtrap-tiny.yaml"
     freeze: int | None = Field(None, ge=0)
 
@@ -241,6 +243,7 @@ class Pipeline:
         self.groups_yaml = self.wd / "group" / "groups.yaml"
         self.experts_dir = self.wd / "experts"
         self.control_dir = self.wd / "control"
+        self.not_shared: list[str] = []  # experts whose frozen layers differ from the global model's
 
     # inputs of each step: computed just before it would run, after the previous step finished
     def _inputs(self, step: str, prev_fp: str | None) -> dict[str, Any]:
@@ -250,7 +253,8 @@ class Pipeline:
         if step == "prepare":
             p = c.prepare
             assert p is not None
-            ins = {k: input_hash(getattr(p, k)) for k in ("coco", "yolo", "labels_csv", "md_json", "taxonomy")}
+            ins: dict[str, Any] = {k: input_hash(getattr(p, k))
+                                   for k in ("coco", "yolo", "labels_csv", "md_json", "taxonomy")}
             if p.yolo is not None:
                 ins["yolo_dataset"] = dataset_hash(p.yolo)
             else:  # prepare's default image root is the JSON's / CSV's folder
@@ -260,7 +264,7 @@ class Pipeline:
             return ins
         if not self.data_yaml.is_file():
             raise FileNotFoundError(f"{self.data_yaml}: data.yaml not found")
-        ins: dict[str, Any] = {"prev": prev_fp, "dataset": dataset_hash(self.data_yaml)}
+        ins = {"prev": prev_fp, "dataset": dataset_hash(self.data_yaml)}
         if step == "train":
             from export.train import model_file, resolve_model
 
@@ -366,7 +370,7 @@ class Pipeline:
         if rerun is not None and rerun not in STEPS:
             raise ValueError(f"--rerun: unknown step '{rerun}' (steps: {', '.join(STEPS)})")
         self.wd.mkdir(parents=True, exist_ok=True)
-        self.not_shared: list[str] = []
+        self.not_shared = []
         state = read_state(self.wd)
         steps = [s for s in STEPS if (s != "prepare" or self.cfg.prepare is not None)
                  and (s != "control" or self.cfg.control.enabled)]

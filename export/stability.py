@@ -70,7 +70,7 @@ def group_units(per_image: Units, keys: Sequence[str]) -> Units:
     agg = [np.zeros((len(order), *a.shape[1:])) for a in (per_image.counts, per_image.soft_sum, per_image.soft_n)]
     for a, src in zip(agg, (per_image.counts, per_image.soft_sum, per_image.soft_n), strict=True):
         np.add.at(a, idx, src)
-    return Units(*agg, kind="sequences")
+    return Units(agg[0], agg[1], agg[2], kind="sequences")
 
 
 def _jaccard(a: set, b: set) -> float:

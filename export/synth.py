@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -292,10 +293,10 @@ def _background(style: dict, w: int, h: int, rng: np.random.Generator) -> np.nda
         cv2.ellipse(img, c, (int(s * 1.6) + 1, int(s) + 1), 0, 180, 360, (g, g, g + 5), -1, cv2.LINE_AA)
     gc = np.array(style["grass_colour"], np.float32)
     for _ in range(style["grass"]):
-        x, y = float(rng.uniform(0, w)), float(rng.uniform(hz, h))
-        ln = (0.2 + 0.8 * (y - hz) / max(1, h - hz)) * h / 14
+        gx, gy = float(rng.uniform(0, w)), float(rng.uniform(hz, h))
+        ln = (0.2 + 0.8 * (gy - hz) / max(1, h - hz)) * h / 14
         col = tuple(int(v) for v in np.clip(gc * rng.uniform(0.7, 1.3), 0, 255))
-        cv2.line(img, (int(x), int(y)), (int(x + rng.normal(0, ln / 3)), int(y - ln)), col, 1, cv2.LINE_AA)
+        cv2.line(img, (int(gx), int(gy)), (int(gx + rng.normal(0, ln / 3)), int(gy - ln)), col, 1, cv2.LINE_AA)
     return img
 
 
@@ -492,7 +493,8 @@ def synthesize(out: Path, seed: int = 0, n_images: int = 600, size: tuple[int, i
                    for i, loc in enumerate(locations)}
     cat_id = {s: i + 1 for i, s in enumerate(SPECIES)}
 
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     counter = dict.fromkeys(locations, 0)
     with building(out) as tmp:
         for loc in locations:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import yaml
 
@@ -162,8 +162,14 @@ def split_items(spec: DataSpec, split: str) -> list[tuple[Path, list[int]]]:
 
 # ---------------------------------------------------------------- imbalance (pure)
 
+class ClassCounts(TypedDict):
+    instances: list[int]  # boxes per class
+    images: list[int]  # images per class
+    empty_images: int
+
+
 def class_counts(image_classes: Sequence[Sequence[int]], nc: int,
-                 repeats: Sequence[int] | None = None) -> dict[str, list[int] | int]:
+                 repeats: Sequence[int] | None = None) -> ClassCounts:
     """Box instances and images per class (and empty images), each image counted `repeats` times."""
     inst, imgs, empty = [0] * nc, [0] * nc, 0
     for i, cls in enumerate(image_classes):
@@ -174,7 +180,7 @@ def class_counts(image_classes: Sequence[Sequence[int]], nc: int,
             inst[c] += r
         for c in set(cls):
             imgs[c] += r
-    return {"instances": inst, "images": imgs, "empty_images": empty}
+    return ClassCounts(instances=inst, images=imgs, empty_images=empty)
 
 
 def inverse_frequency_weights(counts: Sequence[int], clip: tuple[float, float] = WEIGHT_CLIP) -> list[float]:
@@ -386,7 +392,7 @@ def fit(model: Path, data_yaml: Path, out: Path, *, epochs: int, imgsz: int, bat
         import numpy as np
 
         cls = [lb["cls"].reshape(-1) for lb in tr.train_loader.dataset.labels]
-        nc = int(unwrap_model(tr.model).nc)
+        nc = int(cast(int, unwrap_model(tr.model).nc))
         loaded = np.bincount(np.concatenate(cls).astype(int), minlength=nc).tolist() if cls else [0] * nc
     except (AttributeError, KeyError, ValueError):
         pass
@@ -531,7 +537,8 @@ def train_control(run: str | os.PathLike, out: str | os.PathLike, *, data: str |
     if missing:
         raise ValueError(f"{run}: no run.json giving the global run's {', '.join(missing)}; "
                          + ", ".join(f"give --{k}" for k in missing))
-    rec = train(picked["data"], best, out, epochs=int(picked["epochs"]), imgsz=int(picked["imgsz"]),
+    rec = train(cast("str | os.PathLike[str]", picked["data"]), best, out, epochs=int(cast(int, picked["epochs"])),
+                imgsz=int(cast(int, picked["imgsz"])),
                 freeze=shared_freeze(g_freeze) if freeze is None else freeze, **kwargs)
     rec["control_of"] = str(Path(run).resolve())
     atomic_write_json(Path(out).resolve() / "run.json", rec)
