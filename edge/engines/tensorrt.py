@@ -77,7 +77,8 @@ class TensorRTConfig(EngineConfig):
     precision: Precision = Field(
         default="fp16", title="Precision",
         description="fp16 (default, the Jetson sweet spot); int8 needs calibration and must pass the "
-        "accuracy gate against fp16; fp32 for debugging",
+        "accuracy gate against fp16 (implicit calibration, deprecated since TensorRT 10.1: see "
+        "docs/jetson.md); fp32 for debugging",
     )
     max_batch: int = Field(default=4, ge=1, le=64, title="Largest batch (profile max and opt)",
                            description="bursts of 3-10 frames; buffers are sized for this")
