@@ -188,11 +188,12 @@ def add_cli(sub) -> None:
     p = sub.add_parser("calibrate", help="pick the background gate on validation frames; write it to the manifest")
     p.add_argument("--bundle", required=True, help="bundle folder (its manifest is rewritten)")
     p.add_argument("--data", required=True, help="data.yaml from `prepare`")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="split to calibrate on (default: val)")
     p.add_argument("--max-recall-drop-pp", type=float, default=DEFAULT_MAX_RECALL_DROP * 100,
                    help="animal recall the gate may cost, in percentage points of the gate-off recall (default 0.5)")
     p.add_argument("--sign", help="Ed25519 private key (PEM) to re-sign the manifest (required for a signed bundle)")
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--backend", default="onnxruntime", help="inference backend (default: onnxruntime)")
     p.add_argument("--dry-run", action="store_true", help="report the gate, do not write it")
     p.add_argument("--report", help="write the full report (JSON) here")
     add_trust_options(p)  # the bundle is verified before it is calibrated and re-signed
