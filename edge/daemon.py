@@ -94,6 +94,10 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._batches: queue.Queue[tuple[list[_Item], Prepared]] = queue.Queue(maxsize=READ_AHEAD)
+        # batches handed to the processing loop and not finished: a suspect frame is decoded and
+        # run only when this is 0, so it is alone in flight (see edge/ledger.py, crash attribution)
+        self._outstanding = 0
+        self._idle = threading.Condition()
         self._infer_ms: deque[float] = deque(maxlen=200)
         self._alerted: set[tuple[int, str]] = set()
         self._next_telemetry = 0.0
@@ -145,10 +149,7 @@ class Daemon:
         Path(cfg.ledger.path).parent.mkdir(parents=True, exist_ok=True)
         max_outbox = cfg.mqtt.max_outbox if cfg.mqtt else 10_000
         self.ledger = Ledger(cfg.ledger.path, max_outbox=max_outbox)
-        requeued, given_up = self.ledger.recover()
-        if requeued or given_up:
-            log.warning("recovered after an unclean stop: %d images to redo, %d quarantined after repeated "
-                        "failures", requeued, given_up)
+        self.ledger.recover()  # logs what it requeued and quarantined
         self.disposal = DisposalPolicy(policy=cfg.disposal.policy, move_to=cfg.disposal.move_to,
                                        audit_rate=cfg.disposal.audit_rate, audit_dir=cfg.disposal.audit_dir,
                                        floor=cfg.disposal.floor, min_free_mb=cfg.disposal.min_free_mb)
@@ -269,7 +270,7 @@ class Daemon:
             self._wake.set()
 
     def _on_reject(self, path: Path, reason: str) -> None:
-        log.warning("refused %s: %s", path, reason)
+        """Count a file ingest refused (ingest has already logged it, once, with the reason)."""
         self.ledger.bump("rejected")
 
     def _read_loop(self) -> None:
@@ -291,6 +292,11 @@ class Daemon:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            alone = any(r.suspect for r in rows)  # claim() hands a suspect out on its own
+            if alone:
+                self._wait_idle()
+            ids = [r.id for r in rows]
+            self.ledger.in_flight(ids, "decode")
             items = []
             for row in rows:
                 try:
@@ -302,12 +308,28 @@ class Daemon:
                     items.append(_Item(row, None, f"{row.path}: cannot read ({e.strerror or e})"))
             good = [it.image.bgr for it in items if it.image is not None]
             prepared = self.runner.prepare(good)  # letterboxing, too, overlaps the previous inference
+            self.ledger.in_flight(ids, None)  # waiting in the queue is no reason to be blamed
+            with self._idle:
+                self._outstanding += 1
             while not self._stop.is_set():
                 try:
                     self._batches.put((items, prepared), timeout=0.5)
                     break
                 except queue.Full:
                     continue
+            if alone:
+                self._wait_idle()  # nothing else enters flight until the suspect is through
+
+    def _wait_idle(self) -> None:
+        """Block until every batch handed to the processing loop is finished (or stopping)."""
+        with self._idle:
+            while self._outstanding and not self._stop.is_set():
+                self._idle.wait(0.5)
+
+    def _batch_done(self) -> None:
+        with self._idle:
+            self._outstanding -= 1
+            self._idle.notify_all()
 
     # -- processing -------------------------------------------------------------------------
     def run(self) -> None:
@@ -323,9 +345,14 @@ class Daemon:
                 self.notifier.watchdog()  # from the loop that does the work, not a timer
                 self._last_ping = now
             try:
-                self._process(*self._batches.get(timeout=0.5))
+                batch = self._batches.get(timeout=0.5)
             except queue.Empty:
                 pass
+            else:
+                try:
+                    self._process(*batch)
+                finally:
+                    self._batch_done()
             self._tick(time.monotonic())
 
     def _process(self, items: list[_Item], prepared: Prepared) -> None:
@@ -340,10 +367,13 @@ class Daemon:
                 good.append(it)
         if not good:
             return
+        ids = [it.row.id for it in good]
+        self.ledger.in_flight(ids, "inference")  # a crash from here on is counted against these
         t = time.perf_counter()
         answers = self._classify(good, prepared)
         ms = (time.perf_counter() - t) * 1000.0 / len(good)
         self._infer_ms.append(ms)
+        self.ledger.in_flight(ids, None)
         for it, ans in zip(good, answers, strict=True):
             self._finish(it, ans)
         if self.update_host is not None:
@@ -515,7 +545,8 @@ class Daemon:
             self.ingest.stop()
         if self._reader is not None:
             self._reader.join(timeout=5)
-        # batches decoded but not processed stay 'processing' in the ledger: redone at next start
+        # batches decoded but not processed go back to 'seen' (redone at the next start); a clean
+        # stop blames no frame
         if getattr(self, "events", None) is not None:
             for e in self.events.close_all():  # a clean stop answers the bursts in hand now
                 self._close_event(e.id)
@@ -528,6 +559,8 @@ class Daemon:
         for e in getattr(self, "engines", {}).values():
             e.close()
         if getattr(self, "ledger", None) is not None:
+            if self._reader is None or not self._reader.is_alive():
+                self.ledger.release()
             self.ledger.close()
 
 
@@ -559,12 +592,11 @@ def status_report(cfg: Config, last: int = 5) -> str:
                  "images: " + ", ".join(f"{k} {v}" for k, v in states.items()),
                  f"outbox: {led.outbox_depth()} message(s) waiting for the broker",
                  "counters: " + (", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "none")]
-        done = [r for r in led.images() if r.result is not None][-last:]
-        for r in done:
+        for r in led.latest(last, with_result=True):
             res = r.result or {}
             what = "empty" if res.get("empty") else f"{res.get('species')} {res.get('score', 0):.2f}"
             lines.append(f"  {Path(r.path).name}: {what} ({r.state}{', ' + r.disposal if r.disposal else ''})")
-        for r in led.images("quarantined")[-last:]:
+        for r in led.latest(last, state="quarantined"):
             lines.append(f"  {Path(r.path).name}: quarantined: {r.error}")
     lines.append(update_line(Path(cfg.paths.state_dir)))
     return "\n".join(lines)
@@ -575,11 +607,45 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def requeue(cfg: Config, files: list[Path] | None) -> list[ImageRow]:
+    """Give quarantined frames another try (all of them when ``files`` is None). Safe while the
+    daemon runs: it picks them up at its next claim, each alone (they come back as suspects)."""
+    path = Path(cfg.ledger.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ledger yet (has the daemon run with this config?)")
+    with Ledger(path) as led:
+        try:
+            return led.requeue(None if files is None else [os.path.abspath(f) for f in files])
+        except LedgerError as e:
+            raise ValueError(str(e)) from None
+
+
+def _cmd_requeue(args: argparse.Namespace) -> int:
+    rows = requeue(load_config(args.config), None if args.quarantined else args.files)
+    for r in rows:
+        print(f"requeued {r.path}")
+    print(f"{len(rows)} quarantined frame(s) requeued")
+    return 0
+
+
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("run", help="the daemon: watch folders, classify, publish, dispose of empties")
     p.add_argument("--config", required=True, type=Path, help="device config YAML")
     p.set_defaults(func=_cmd_run)
     s = sub.add_parser("status", help="what the ledger says: image states, outbox, latest results")
     s.add_argument("--config", required=True, type=Path, help="device config YAML")
-    s.add_argument("--last", type=int, default=5, help="latest results to list")
+    s.add_argument("--last", type=_count, default=5, help="latest results (and quarantined frames) to list; 0: none")
     s.set_defaults(func=_cmd_status)
+    r = sub.add_parser("requeue", help="give quarantined frames another try (each alone)")
+    r.add_argument("--config", required=True, type=Path, help="device config YAML")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--quarantined", action="store_true", help="every quarantined frame")
+    which.add_argument("files", nargs="*", type=Path, default=[], metavar="FILE", help="quarantined frames to retry")
+    r.set_defaults(func=_cmd_requeue)

@@ -22,7 +22,21 @@ State machine of an image::
 
     seen --claim--> processing --complete--> done --mark_disposed--> disposed
       ^                 |   \\--quarantine--> quarantined
-      +----recover------+        (also seen --quarantine--> quarantined)
+      +-recover/release-+        (also seen --quarantine--> quarantined)
+      +------------------requeue--------------------------------------/
+
+Crash attribution (who is to blame when the process dies): a row is ``in_flight`` (with the
+stage, ``decode`` or ``inference``) only while it is inside the decoder or the engine; rows
+that merely wait in the read-ahead queue are not. The mark is a plain (synchronous=NORMAL)
+commit: it survives the process dying, which is all attribution needs. At the next start
+``recover()`` looks at what was in flight:
+- several rows: any of them may be the culprit; each becomes a ``suspect`` (no crash counted);
+- one row: it was alone in the decoder/engine, the crash is counted against it (``attempts``),
+  and it is quarantined after ``max_attempts`` such crashes.
+``claim()`` hands out a suspect alone (the daemon then keeps everything else out of flight until
+it is through), so a batch that keeps dying is retried frame by frame and only the poison frame
+is quarantined. A frame that merely sat in the queue, or shared the engine with the poison, is
+never blamed. ``requeue()`` gives quarantined frames another try (as suspects: alone).
 """
 
 from __future__ import annotations
@@ -41,8 +55,10 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATES = ("seen", "processing", "done", "disposed", "quarantined")
+STAGES = ("decode", "inference")  # where an in-flight frame is
+MAX_CRASHES = 3  # crashes while alone in the decoder/engine before a frame is quarantined
 KINDS = ("detection", "alert", "telemetry", "status")
 # When the outbox is full, rows are dropped in this order (oldest first within a kind);
 # alerts are never dropped.
@@ -93,7 +109,7 @@ class ImageRow:
     size: int
     mtime: float
     state: str
-    attempts: int
+    attempts: int  # crashes counted against it (it was alone in flight when the process died)
     sha256: str | None = None
     result: dict[str, Any] | None = None
     event_id: int | None = None
@@ -103,6 +119,8 @@ class ImageRow:
     created: float = 0.0
     updated: float = 0.0
     superseded: int | None = None  # id of the newer file's row at the same path, if any
+    in_flight: str | None = None  # 'decode' / 'inference' while inside the decoder/engine
+    suspect: bool = False  # in flight with others when the process died: processed alone
 
 
 _SCHEMA_V1 = """
@@ -161,6 +179,14 @@ CREATE TABLE events (
     summary  TEXT    NOT NULL,
     closed   REAL    NOT NULL
 );
+""",
+    # v3: crash attribution. ``attempts`` used to count claims (so frames waiting in the
+    # read-ahead were blamed for other frames' crashes); it now counts crashes while the frame
+    # was alone in the decoder/engine, so old counts are cleared.
+    2: """
+ALTER TABLE images ADD COLUMN in_flight TEXT CHECK (in_flight IS NULL OR in_flight IN ('decode', 'inference'));
+ALTER TABLE images ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0;
+UPDATE images SET attempts=0 WHERE state != 'quarantined';
 """,
 }
 
@@ -224,6 +250,10 @@ class Ledger:
 
     # -- plumbing ---------------------------------------------------------------------------
     def _migrate(self) -> None:
+        """Create or upgrade the schema. An up-to-date ledger is only read here, so the daemon
+        can open it on a full disk (and wait for space) instead of failing to start."""
+        if self._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
         with self._tx(durable=True) as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -333,33 +363,104 @@ class Ledger:
             return new_id
 
     def claim(self, limit: int = 1) -> list[ImageRow]:
-        """Move up to ``limit`` waiting images (oldest first) to ``processing`` and return them."""
+        """Move up to ``limit`` waiting images (oldest first) to ``processing`` and return them
+        (not yet in flight: see :meth:`in_flight`). A suspect (in flight with others when the process
+        died) is claimed alone, and a batch stops before the next suspect, so that a crash
+        while it is processed can be counted against it and nothing else."""
         now = _now()
         with self._tx() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM images WHERE state='seen' ORDER BY id LIMIT ?",
-                                            (int(limit),))]
-            db.executemany("UPDATE images SET state='processing', attempts=attempts+1, updated=? WHERE id=?",
+            rows = db.execute("SELECT id, suspect FROM images WHERE state='seen' ORDER BY id LIMIT ?",
+                              (max(1, int(limit)),)).fetchall()
+            if rows and rows[0]["suspect"]:
+                rows = rows[:1]
+            else:
+                rows = rows[:next((k for k, r in enumerate(rows) if r["suspect"]), len(rows))]
+            ids = [r["id"] for r in rows]
+            db.executemany("UPDATE images SET state='processing', updated=? WHERE id=?",
                            [(now, i) for i in ids])
-            rows = [_image(db.execute("SELECT * FROM images WHERE id=?", (i,)).fetchone()) for i in ids]
-        return rows
+            out = [_image(db.execute("SELECT * FROM images WHERE id=?", (i,)).fetchone()) for i in ids]
+        return out
 
-    def recover(self, max_attempts: int = 3) -> tuple[int, int]:
-        """After a crash: images left in ``processing`` go back to ``seen``, except those that
-        were already tried ``max_attempts`` times (a file that kills the process every time,
-        e.g. a decompression bomb), which are quarantined. Returns (requeued, quarantined)."""
+    def in_flight(self, ids: Iterable[int], stage: str | None) -> None:
+        """Mark claimed images as inside the decoder/engine (``stage``), or out of it (None):
+        call it just before and just after the risky step. Not fsynced on purpose: it must
+        survive the process dying (it does, WAL), not a power cut (then nobody is to blame)."""
+        if stage is not None and stage not in STAGES:
+            raise ValueError(f"in_flight stage must be one of {STAGES} or None, got {stage!r}")
+        ids = [int(i) for i in ids]
+        if not ids:
+            return
+        with self._tx() as db:
+            db.executemany("UPDATE images SET in_flight=? WHERE id=? AND state='processing'",
+                           [(stage, i) for i in ids])
+
+    def recover(self, max_attempts: int = MAX_CRASHES) -> tuple[int, int]:
+        """After a crash: images left in ``processing`` go back to ``seen``. What was in flight
+        is judged (see the module docstring): a row alone in the decoder/engine has the crash
+        counted against it and is quarantined at ``max_attempts``; rows in flight together
+        become suspects (to be tried alone). Returns (requeued, quarantined)."""
         now = _now()
         with self._tx(durable=True) as db:
-            poison = db.execute("UPDATE images SET state='quarantined', updated=?, error=? "
-                                "WHERE state='processing' AND attempts>=?",
-                                (now, f"processing interrupted {max_attempts} times", max_attempts)).rowcount
-            requeued = db.execute("UPDATE images SET state='seen', updated=? WHERE state='processing'",
-                                  (now,)).rowcount
-            if poison:
-                _bump(db, "quarantined", poison)
+            flying = db.execute("SELECT id, attempts, in_flight, path FROM images "
+                                "WHERE state='processing' AND in_flight IS NOT NULL").fetchall()
+            poison = 0
+            if len(flying) == 1:
+                row = flying[0]
+                crashes = row["attempts"] + 1
+                if crashes >= max_attempts:
+                    where = "decoder" if row["in_flight"] == "decode" else "engine"
+                    why = f"the daemon died {crashes} times while this frame was alone in the {where}"
+                    db.execute("UPDATE images SET state='quarantined', attempts=?, in_flight=NULL, error=?, "
+                               "updated=? WHERE id=?", (crashes, why, now, row["id"]))
+                    poison = 1
+                    _bump(db, "quarantined")
+                    log.error("quarantined %s: %s", _py_path(row["path"]), why)
+                else:
+                    db.execute("UPDATE images SET attempts=?, suspect=1 WHERE id=?", (crashes, row["id"]))
+            else:
+                db.executemany("UPDATE images SET suspect=1 WHERE id=?", [(r["id"],) for r in flying])
+            requeued = db.execute("UPDATE images SET state='seen', in_flight=NULL, updated=? "
+                                  "WHERE state='processing'", (now,)).rowcount
         if requeued or poison:
-            log.warning("ledger recovery: %d interrupted image(s) requeued, %d quarantined after "
-                        "%d attempts", requeued, poison, max_attempts)
+            log.warning("ledger recovery: %d interrupted image(s) requeued (%d were in the decoder/engine), "
+                        "%d quarantined", requeued, len(flying) - poison, poison)
         return requeued, poison
+
+    def release(self, ids: Iterable[int] | None = None) -> int:
+        """Put claimed images (all of them: ``ids=None``) back to ``seen`` without blame: their
+        result could not be committed (a full disk), or the daemon is stopping cleanly. They are
+        redone when the ledger can write again. Returns how many went back."""
+        now = _now()
+        sql = "UPDATE images SET state='seen', in_flight=NULL, updated=? WHERE state='processing'"
+        with self._tx() as db:
+            if ids is None:
+                return int(db.execute(sql, (now,)).rowcount)
+            return sum(db.execute(sql + " AND id=?", (now, int(i))).rowcount for i in ids)
+
+    def requeue(self, paths: Iterable[str | Path] | None = None) -> list[ImageRow]:
+        """Give quarantined images another try (``camtrap-edge requeue``): all of them
+        (``paths=None``) or those at ``paths``. They come back as suspects, so each is tried
+        alone and a real poison frame is quarantined again without taking others with it.
+        Raises LedgerError naming a path that has no quarantined image."""
+        now = _now()
+        with self._tx(durable=True) as db:
+            if paths is None:
+                ids = [r[0] for r in db.execute("SELECT id FROM images WHERE state='quarantined' "
+                                                "AND superseded IS NULL ORDER BY id")]
+            else:
+                ids = []
+                for p in paths:
+                    row = db.execute("SELECT id, state FROM images WHERE path=? AND superseded IS NULL",
+                                     (_db_path(p),)).fetchone()
+                    if row is None:
+                        raise LedgerError(f"{p}: not in the ledger")
+                    if row["state"] != "quarantined":
+                        raise LedgerError(f"{p}: not quarantined (it is {row['state']})")
+                    ids.append(row["id"])
+            db.executemany("UPDATE images SET state='seen', attempts=0, suspect=1, in_flight=NULL, error=NULL, "
+                           "updated=? WHERE id=?", [(now, i) for i in ids])
+            out = [_image(db.execute("SELECT * FROM images WHERE id=?", (i,)).fetchone()) for i in ids]
+        return out
 
     def complete(self, image_id: int, result: Mapping[str, Any], messages: Iterable[OutMsg] = (), *,
                  state: Literal["done"] = "done", event_id: int | None = None,
@@ -383,8 +484,8 @@ class Ledger:
             if row["state"] not in ("seen", "processing"):
                 raise LedgerError(f"complete(): image {image_id} is {row['state']}, not seen/processing")
             db.execute("UPDATE images SET state=?, result=?, event_id=coalesce(?, event_id), "
-                       "taken_at=coalesce(?, taken_at), sha256=coalesce(?, sha256), error=NULL, updated=? "
-                       "WHERE id=?", (state, blob, event_id, taken_at, sha256, now, image_id))
+                       "taken_at=coalesce(?, taken_at), sha256=coalesce(?, sha256), error=NULL, in_flight=NULL, "
+                       "updated=? WHERE id=?", (state, blob, event_id, taken_at, sha256, now, image_id))
             seqs = self._enqueue(db, msgs, now)
             for name, n in (counters or {}).items():
                 _bump(db, name, n)
@@ -402,7 +503,7 @@ class Ledger:
                 return
             if row["state"] not in ("seen", "processing"):
                 raise LedgerError(f"quarantine(): image {image_id} is already {row['state']}")
-            db.execute("UPDATE images SET state='quarantined', error=?, updated=? WHERE id=?",
+            db.execute("UPDATE images SET state='quarantined', error=?, in_flight=NULL, updated=? WHERE id=?",
                        (reason, _now(), image_id))
             _bump(db, "quarantined")
 
@@ -473,9 +574,26 @@ class Ledger:
         return True
 
     def state_counts(self) -> dict[str, int]:
+        """Images per state. An earlier file at a reused path still counts as processed work
+        (done/disposed), but not as quarantined: the file that replaced it is what counts."""
         counts = dict.fromkeys(STATES, 0)
-        counts.update({r[0]: r[1] for r in self._read("SELECT state, count(*) FROM images GROUP BY state")})
+        counts.update({r[0]: r[1] for r in self._read(
+            "SELECT state, count(*) FROM images WHERE superseded IS NULL OR state IN ('done', 'disposed') "
+            "GROUP BY state")})
         return counts
+
+    def latest(self, n: int, *, state: str | None = None, with_result: bool = False) -> list[ImageRow]:
+        """The ``n`` newest live images (oldest of them first), optionally in one ``state`` or
+        only those with a result; ``n <= 0`` gives none."""
+        if n <= 0:
+            return []
+        if state is not None and state not in STATES:
+            raise ValueError(f"unknown image state {state!r}")
+        where = ["superseded IS NULL", *(["state=?"] if state else []),
+                 *(["result IS NOT NULL"] if with_result else [])]
+        rows = self._read(f"SELECT * FROM images WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                          ([state] if state else []) + [int(n)])
+        return [_image(r) for r in reversed(rows)]
 
     # -- outbox -----------------------------------------------------------------------------
     def enqueue(self, messages: Iterable[OutMsg]) -> list[int]:
@@ -564,7 +682,8 @@ def _image(r: sqlite3.Row) -> ImageRow:
                     attempts=r["attempts"], sha256=r["sha256"],
                     result=json.loads(r["result"]) if r["result"] is not None else None,
                     event_id=r["event_id"], taken_at=r["taken_at"], disposal=r["disposal"], error=r["error"],
-                    created=r["created"], updated=r["updated"], superseded=r["superseded"])
+                    created=r["created"], updated=r["updated"], superseded=r["superseded"],
+                    in_flight=r["in_flight"], suspect=bool(r["suspect"]))
 
 
 def _split_sql(script: str) -> list[str]:

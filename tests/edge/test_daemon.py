@@ -48,8 +48,11 @@ def drop(folder: Path, name: str, data: bytes) -> Path:
 class Device:
     """One `camtrap-edge run` subprocess over a state dir that survives restarts."""
 
-    def __init__(self, root: Path, broker=None, *, policy: str = "delete", gap_s: float = 2.0) -> None:
+    def __init__(self, root: Path, broker=None, *, policy: str = "delete", gap_s: float = 2.0,
+                 program: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.program = program or ["-m", "edge.cli"]  # what the Python subprocess runs
+        self.env = env or {}
         self.watch = root / "incoming"
         self.watch.mkdir(parents=True, exist_ok=True)
         self.state = root / "state"
@@ -76,13 +79,19 @@ class Device:
         self.log = root / "daemon.log"
         self._mark = 0  # log offset of the current run
 
-    def start(self) -> Device:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def start(self, *, wait: bool = True) -> Device:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._mark = self.log.stat().st_size if self.log.exists() else 0
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(self.config)],
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)
-        assert self.wait_log("ready", 60), self.log.read_text()[-3000:]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, *self.program, "run", "--config", str(self.config)],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            assert self.wait_log("ready", 60), self.log.read_text()[-3000:]
         return self
+
+    def run_log(self) -> str:
+        """What the current run has logged so far."""
+        return self.log.read_bytes()[self._mark:].decode(errors="replace")
 
     def wait_log(self, text: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -282,7 +291,10 @@ def test_bad_inputs_are_quarantined_and_the_daemon_stays_up(device, tmp_path):
     assert dev.alive()
     assert dev.wait_log('"quarantined":', 10)
     log = dev.log.read_text()
-    assert "refused" in log  # the symlink out of the folder
+    link = corpus["symlink_out"][0].name
+    refusals = [line for line in log.splitlines() if "refused" in line and link in line]
+    assert len(refusals) == 1, refusals  # the symlink out of the folder: said once, with the reason
+    assert "leads outside the watch folder" in refusals[0]
     dev.terminate()
 
 
@@ -302,6 +314,10 @@ def test_camtrapdp_export_of_what_the_daemon_did(device, tmp_path):
     assert st.returncode == 0, st.stderr
     assert "IMG_0001.JPG: Lynx pardinus" in st.stdout and "IMG_0002.JPG: empty (disposed, deleted)" in st.stdout
     assert "IMG_0003.JPG: quarantined:" in st.stdout and "outbox: 0" in st.stdout
+    for last, listed in (("0", 0), ("1", 2)):  # --last N: the N latest results and N latest quarantined
+        st = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", str(dev.config), "--last", last],
+                            capture_output=True, text=True)
+        assert st.returncode == 0 and sum(line.startswith("  ") for line in st.stdout.splitlines()) == listed, st.stdout
     out = tmp_path / "pkg"
     rc = subprocess.run([sys.executable, "-m", "edge.cli", "export-camtrapdp", "--config", str(dev.config),
                          "--out", str(out), "--latitude", "37.0", "--longitude", "-6.4"],

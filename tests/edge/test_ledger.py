@@ -75,7 +75,7 @@ def test_see_is_idempotent_and_reused_names_are_new_images(ledger: Ledger) -> No
     assert ledger.see("/w/IMG_0001.JPG", 150, 1001.0) == a  # grew before we got to it
     assert ledger.get(a).size == 150
     [row] = ledger.claim(5)
-    assert row.id == a and row.state == "processing" and row.attempts == 1
+    assert row.id == a and row.state == "processing" and row.attempts == 0 and row.in_flight is None
     assert ledger.see("/w/IMG_0001.JPG", 150, 1001.0) is None  # being processed
     ledger.complete(a, {"empty": True}, [])
     assert ledger.see("/w/IMG_0001.JPG", 150, 1001.0) is None  # done: nothing to do, ever
@@ -138,29 +138,98 @@ def test_transitions_are_checked(ledger: Ledger) -> None:
         ledger.complete(12345, {})
 
 
-def test_recover_requeues_and_quarantines_repeat_offenders(tmp_path: Path) -> None:
+def test_recover_blames_only_what_was_in_flight(tmp_path: Path) -> None:
+    """Claimed but waiting (the read-ahead) is not in flight: a crash then blames nobody.
+    Several frames in flight together become suspects, with no crash counted against any."""
     path = tmp_path / "l.db"
     with Ledger(path) as led:
-        ok = led.see("/w/ok.jpg", 1, 1.0)
-        bomb = led.see("/w/bomb.jpg", 1, 1.0)
-        led.claim(2)  # then the process dies
-    for attempt in range(1, 4):
-        with Ledger(path) as led:
-            requeued, poisoned = led.recover(max_attempts=3)
-            if attempt < 3:
-                assert (requeued, poisoned) == (2 if attempt == 1 else 1, 0)
-                got = {r.id for r in led.claim(2)}
-                assert bomb in got
-                if ok in got:
-                    led.complete(ok, {"empty": True})
-            else:
-                assert (requeued, poisoned) == (0, 1)
+        ids = [led.see(f"/w/{k}.jpg", 1, float(k)) for k in range(6)]
+        led.claim(6)
+        led.in_flight(ids[:2], "inference")  # in the engine; ids[2:] wait in the queue
     with Ledger(path) as led:
-        assert led.get(ok).state == "done"
+        assert led.recover() == (6, 0)
+        rows = {r.id: r for r in led.images()}
+        assert all(r.state == "seen" and r.attempts == 0 and r.in_flight is None for r in rows.values())
+        assert [i for i in ids if rows[i].suspect] == ids[:2]
+        # suspects are claimed one at a time; a batch stops before a suspect
+        assert [r.id for r in led.claim(4)] == [ids[0]]
+        assert [r.id for r in led.claim(4)] == [ids[1]]
+        assert [r.id for r in led.claim(4)] == ids[2:]
+        led.in_flight(ids[2:], "decode")
+        led.in_flight(ids[2:], None)  # decoded, then waiting again: no blame
+        assert led.recover() == (6, 0)
+        assert all(r.attempts == 0 for r in led.images())
+
+
+def test_a_poison_frame_is_isolated_and_quarantined_alone(tmp_path: Path) -> None:
+    """The daemon dies whenever the poison frame is decoded: the first time it shares the decoder
+    with a good frame (both suspects), then each is tried alone; only the poison is quarantined,
+    after MAX_CRASHES crashes while alone in flight."""
+    path = tmp_path / "l.db"
+    with Ledger(path) as led:
+        good = led.see("/w/good.jpg", 1, 1.0)
+        bomb = led.see("/w/bomb.jpg", 1, 2.0)
+        later = led.see("/w/later.jpg", 1, 3.0)
+    deaths = 0
+    for _ in range(10):
+        with Ledger(path) as led:
+            led.recover()
+            while rows := led.claim(4):
+                led.in_flight([r.id for r in rows], "decode")
+                if any(r.id == bomb for r in rows):
+                    break  # the process dies here, marks left as they are
+                for r in rows:
+                    led.complete(r.id, {"empty": True})
+            else:
+                break
+            deaths += 1
+    with Ledger(path) as led:
+        assert led.get(good).state == "done" and led.get(later).state == "done"
         b = led.get(bomb)
-        assert b.state == "quarantined" and b.attempts == 3 and "interrupted 3 times" in b.error
+        assert b.state == "quarantined" and b.attempts == ledger_mod.MAX_CRASHES
+        assert "alone in the decoder" in b.error
         assert led.counters()["quarantined"] == 1
+        assert deaths == 1 + ledger_mod.MAX_CRASHES  # once with company, then alone each time
         assert led.recover() == (0, 0)
+
+
+def test_requeue_gives_quarantined_frames_another_try_alone(ledger: Ledger) -> None:
+    a = ledger.see("/w/a.jpg", 1, 1.0)
+    b = ledger.see("/w/b.jpg", 1, 2.0)
+    c = ledger.see("/w/c.jpg", 1, 3.0)
+    ledger.quarantine(a, "crashed")
+    ledger.quarantine(b, "unreadable")
+    with pytest.raises(LedgerError, match="not quarantined"):
+        ledger.requeue(["/w/c.jpg"])
+    with pytest.raises(LedgerError, match="not in the ledger"):
+        ledger.requeue(["/w/zzz.jpg"])
+    assert [r.id for r in ledger.requeue(["/w/b.jpg"])] == [b]
+    assert ledger.get(b).state == "seen" and ledger.get(b).suspect and ledger.get(b).error is None
+    assert [r.id for r in ledger.requeue()] == [a]
+    assert [r.id for r in ledger.claim(5)] == [a]  # alone: a requeued frame may be a real poison
+    assert ledger.get(c).state == "seen"
+
+
+def test_release_puts_claimed_frames_back_without_blame(ledger: Ledger) -> None:
+    ids = [ledger.see(f"/w/{k}.jpg", 1, float(k)) for k in range(3)]
+    ledger.claim(3)
+    ledger.in_flight(ids, "inference")
+    assert ledger.release(ids[:1]) == 1
+    assert ledger.release() == 2
+    assert all(r.state == "seen" and r.in_flight is None and not r.suspect and r.attempts == 0
+               for r in ledger.images())
+
+
+def test_a_replaced_quarantined_file_no_longer_counts(ledger: Ledger) -> None:
+    bad = ledger.see("/w/a.jpg", 10, 1.0)
+    ledger.quarantine(bad, "truncated upload")
+    assert ledger.state_counts()["quarantined"] == 1
+    good = ledger.see("/w/a.jpg", 2000, 2.0)  # uploaded again, complete this time
+    ledger.complete(good, {"empty": True})
+    assert ledger.state_counts()["quarantined"] == 0 and ledger.state_counts()["done"] == 1
+    assert ledger.latest(5, state="quarantined") == []
+    assert [r.id for r in ledger.latest(5, with_result=True)] == [good]
+    assert ledger.latest(0) == []
 
 
 # -- outbox ---------------------------------------------------------------------------------------
@@ -346,8 +415,9 @@ def test_sigkill_while_writing_leaves_a_consistent_ledger(tmp_path: Path) -> Non
 
     with Ledger(path) as led:
         led.recover(max_attempts=1000)
-        for row in led.claim(1_000_000):
-            led.complete(row.id, {"img": row.id}, [det(json.dumps({"img": row.id}))], counters={"processed": 1})
+        while batch := led.claim(1_000_000):  # suspects come one at a time
+            for row in batch:
+                led.complete(row.id, {"img": row.id}, [det(json.dumps({"img": row.id}))], counters={"processed": 1})
         rows = led.images()
         assert rows and all(r.state == "done" and r.result is not None for r in rows)
         assert led.counters()["processed"] == len(rows)
@@ -381,6 +451,32 @@ def test_v1_ledger_is_migrated_to_events_table(tmp_path: Path) -> None:
     with Ledger(path) as led:
         assert led.unclosed_events() == []
         assert led.close_event(1, {}, []) is True
+
+
+def test_v2_ledger_is_migrated_and_old_claim_counts_are_cleared(tmp_path: Path) -> None:
+    """Before v3, ``attempts`` counted claims (read-ahead rows were blamed for other frames'
+    crashes): those counts are cleared, a quarantine stays."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for stmt in ledger_mod._split_sql(ledger_mod._SCHEMA_V1) + ledger_mod._split_sql(ledger_mod.MIGRATIONS[1]):
+        db.execute(stmt)
+    db.execute("INSERT INTO images (path, size, mtime, state, attempts, created, updated) "
+               "VALUES ('/w/a.jpg', 1, 1, 'seen', 2, 0, 0), ('/w/b.jpg', 1, 1, 'quarantined', 3, 0, 0)")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    with Ledger(path) as led:
+        a, b = led.images()
+        assert (a.attempts, a.suspect, a.in_flight) == (0, False, None)
+        assert (b.state, b.attempts) == ("quarantined", 3)
+
+
+def test_an_up_to_date_ledger_opens_without_writing(tmp_path: Path) -> None:
+    """So the daemon can start on a full disk and wait for space (a write would fail)."""
+    Ledger(tmp_path / "l.db").close()
+    with Ledger(tmp_path / "l.db") as led:
+        assert os.path.getsize(tmp_path / "l.db-wal") == 0
+        assert led.state_counts()["seen"] == 0
 
 
 def test_a_path_that_is_not_utf8_is_recorded_and_found(ledger: Ledger) -> None:
