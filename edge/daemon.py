@@ -15,6 +15,19 @@ commit in one transaction; only then is it disposed of. After a crash, ``recover
 ``processing`` rows back, done-but-not-disposed rows are disposed again (idempotent), and
 events left open are reopened from the results on record. Redoing is harmless: one result per
 image, ever.
+
+A full or failing state disk is not a crash: a failed ledger/records write puts the daemon in a
+``degraded`` state (edge/health.py) with the reason in the log (once), in sd_notify STATUS and in
+the retained MQTT status (sent directly: the outbox is what cannot be written). Meanwhile it
+claims nothing and deletes nothing; frames whose result could not be committed are put back to
+``seen`` by the first retry that can write (backoff), files it could not record are found again
+by a scan, and pending disposals, records and event answers are written then. It starts on a full
+disk and waits the same way.
+
+Files it creates (ledger, records, unpacked models, audit folders) follow the daemon's own umask,
+``UMASK`` (the systemd unit sets the same): owner read/write, group read, others nothing,
+whatever the shell or container started it with. Moved and audit frames keep the camera file's
+own mode.
 """
 
 from __future__ import annotations
@@ -24,7 +37,6 @@ import logging
 import os
 import queue
 import signal
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -36,8 +48,9 @@ from zoneinfo import ZoneInfo
 from edge import __version__
 from edge.cascade import Decision, event_decision
 from edge.config import Config, load_config
-from edge.disposal import DisposalPolicy, apply, free_mb, plan_disposal
+from edge.disposal import DisposalPolicy, apply, lowest_free_mb, plan_disposal
 from edge.events import EventGrouper, make_frame
+from edge.health import STORAGE_ERRORS, StorageHealth, describe
 from edge.imageio import ImageError, LoadedImage, read_image
 from edge.ledger import DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
 from edge.messages import (
@@ -65,6 +78,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("camtrap.daemon")
 
 READ_AHEAD = 2  # decoded batches waiting for inference; bounds memory (a burst of 4K frames is ~100 MB)
+UMASK = 0o027  # files 0640, folders 0750 (the unit's UMask=0027): the ledger holds device paths and results
+DISPOSAL_RETRY_S = 30.0  # how often frames waiting for free space are looked at again
 
 
 @dataclass
@@ -103,6 +118,13 @@ class Daemon:
         self._next_telemetry = 0.0
         self._last_ping = 0.0
         self._disposal_alarm: str | None = None
+        self._disposal_waiting = False  # some empties wait for free space (disposed when it returns)
+        self._next_disposal_retry = 0.0
+        self.health = StorageHealth()
+        self._stranded: set[int] = set()  # claimed, result not committed: back to 'seen' on recovery
+        self._md_backlog: list[tuple[str, dict]] = []  # records not yet written (path, add() kwargs)
+        self._unclosed: set[int] = set()  # events whose answer could not be recorded
+        self._held = threading.Lock()  # guards the three above
         self.publisher: Publisher | None = None
         self.ingest: Ingest | None = None
         self.md_writer: MdBatchWriter | None = None
@@ -146,20 +168,30 @@ class Daemon:
             self.runner.classify(samples[:1])
         man = self.bundle.manifest
 
-        Path(cfg.ledger.path).parent.mkdir(parents=True, exist_ok=True)
         max_outbox = cfg.mqtt.max_outbox if cfg.mqtt else 10_000
-        self.ledger = Ledger(cfg.ledger.path, max_outbox=max_outbox)
-        self.ledger.recover()  # logs what it requeued and quarantined
+
+        def open_ledger() -> Ledger:
+            Path(cfg.ledger.path).parent.mkdir(parents=True, exist_ok=True)
+            return Ledger(cfg.ledger.path, max_outbox=max_outbox)
+
+        ledger = self._wait_for_storage("opening the ledger", open_ledger)
+        if ledger is None:
+            return  # stopped while waiting
+        self.ledger = ledger
+        if self._wait_for_storage("recovering the ledger", self.ledger.recover) is None:
+            return  # recover() logs what it requeued and quarantined
         self.disposal = DisposalPolicy(policy=cfg.disposal.policy, move_to=cfg.disposal.move_to,
                                        audit_rate=cfg.disposal.audit_rate, audit_dir=cfg.disposal.audit_dir,
                                        floor=cfg.disposal.floor, min_free_mb=cfg.disposal.min_free_mb)
         if cfg.records.md_json:
             from edge.records.megadetector import MdBatchWriter
 
-            self.md_writer = MdBatchWriter(
+            self.md_writer = self._wait_for_storage("opening the MegaDetector records", lambda: MdBatchWriter(
                 cfg.records.md_json, detector=f"{man.global_model.name}@{man.bundle_version}",
                 classifier=f"cascade@{man.bundle_version}", species=man.global_model.classes,
-                model_classes={m.name: m.classes for m in man.models}, flush_every=cfg.records.md_flush_every)
+                model_classes={m.name: m.classes for m in man.models}, flush_every=cfg.records.md_flush_every))
+            if self.md_writer is None:
+                return
         first_event = self.ledger.max_event_id() + 1
         self.events = EventGrouper(gap_s=cfg.events.gap_s, idle_s=max(cfg.events.gap_s * 2, 1.0),
                                    first_id=first_event)
@@ -183,7 +215,9 @@ class Daemon:
         self.ingest.start()
         if self.updates is not None:
             self.updates.after_start()  # an update a restart interrupted goes on, in the background
-        self.notifier.ready(f"watching {len(cfg.watch.folders)} folder(s), model {self.model_version}")
+        self.notifier.ready(self._running_status())
+        if self.health.degraded:  # a write failed after the waits above (e.g. a disposal record)
+            self._announce_degraded()
         log.info("camtrap-edge %s ready: model %s (%s), backend %s, watching %s", __version__,
                  self.model_version, ", ".join(self.engines), cfg.engine.type,
                  ", ".join(map(str, cfg.watch.folders)))
@@ -243,12 +277,32 @@ class Daemon:
             return {"ok": False, "state": "refused", "reason": self._updates_off}
         return self.updates.handle(req.name, req.payload)
 
+    def _running_status(self) -> str:
+        return f"watching {len(self.cfg.watch.folders)} folder(s), model {self.model_version}"
+
+    def _wait_for_storage(self, what: str, fn):
+        """``fn()``, retried with backoff while the state disk cannot be written (degraded, the
+        watchdog pinged and READY sent so systemd neither times the start out nor restarts it).
+        None if the daemon was stopped meanwhile."""
+        while not self._stop.is_set():
+            try:
+                out = fn()
+            except STORAGE_ERRORS as e:
+                self._storage_failed(what, e)
+                self.notifier.ready(f"degraded: {self.health.reason}")
+                while not self._stop.is_set() and not self.health.due(time.monotonic()):
+                    self.notifier.watchdog()
+                    self._stop.wait(min(1.0, max(0.05, self.health.next_try - time.monotonic())))
+                continue
+            if self.health.recovered():
+                log.warning("storage writable again: %s done; carrying on", what)
+            return out
+        return None
+
     def _finish_interrupted(self) -> None:
         """Work a stop left half-done: disposal of committed results, and open events, which are
         reopened (with the alerts they already raised) so a burst spanning a restart stays one."""
-        for row in self.ledger.images("done"):
-            if row.disposal is None and row.result is not None:
-                self._dispose(row, row.result)
+        self._dispose_pending()
         now = time.monotonic()
         for ev in self.ledger.unclosed_events():
             results = self.ledger.event_results(ev)
@@ -266,12 +320,22 @@ class Daemon:
             st = path.stat()
         except OSError:
             return
-        if self.ledger.see(path, st.st_size, st.st_mtime) is not None:
+        try:
+            new = self.ledger.see(path, st.st_size, st.st_mtime)
+        except STORAGE_ERRORS as e:
+            self._storage_failed("recording a new file", e)
+            if self.ingest is not None:
+                self.ingest.forget(path)  # the scan after recovery passes it on again
+            return
+        if new is not None:
             self._wake.set()
 
     def _on_reject(self, path: Path, reason: str) -> None:
         """Count a file ingest refused (ingest has already logged it, once, with the reason)."""
-        self.ledger.bump("rejected")
+        try:
+            self.ledger.bump("rejected")
+        except STORAGE_ERRORS as e:
+            self._storage_failed("counting a refused file", e)
 
     def _read_loop(self) -> None:
         """Claim waiting images and decode them ahead of inference. If this thread fails, the
@@ -287,7 +351,14 @@ class Daemon:
     def _read_forever(self) -> None:
         batch = max(1, self.cfg.engine.max_batch)
         while not self._stop.is_set():
-            rows = self.ledger.claim(batch)
+            if self.health.degraded:  # claim nothing until the ledger can record results again
+                self._stop.wait(0.5)
+                continue
+            try:
+                rows = self.ledger.claim(batch)
+            except STORAGE_ERRORS as e:
+                self._storage_failed("claiming frames", e)
+                continue
             if not rows:
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -296,7 +367,11 @@ class Daemon:
             if alone:
                 self._wait_idle()
             ids = [r.id for r in rows]
-            self.ledger.in_flight(ids, "decode")
+            try:
+                self.ledger.in_flight(ids, "decode")
+            except STORAGE_ERRORS as e:
+                self._strand(ids, "marking frames in flight", e)
+                continue
             items = []
             for row in rows:
                 try:
@@ -308,7 +383,11 @@ class Daemon:
                     items.append(_Item(row, None, f"{row.path}: cannot read ({e.strerror or e})"))
             good = [it.image.bgr for it in items if it.image is not None]
             prepared = self.runner.prepare(good)  # letterboxing, too, overlaps the previous inference
-            self.ledger.in_flight(ids, None)  # waiting in the queue is no reason to be blamed
+            try:
+                self.ledger.in_flight(ids, None)  # waiting in the queue is no reason to be blamed
+            except STORAGE_ERRORS as e:
+                self._strand(ids, "marking frames decoded", e)
+                continue
             with self._idle:
                 self._outstanding += 1
             while not self._stop.is_set():
@@ -351,6 +430,8 @@ class Daemon:
             else:
                 try:
                     self._process(*batch)
+                except STORAGE_ERRORS as e:  # a write not handled where it happens: same rule
+                    self._strand([it.row.id for it in batch[0]], "processing a batch", e)
                 finally:
                     self._batch_done()
             self._tick(time.monotonic())
@@ -359,21 +440,32 @@ class Daemon:
         good = []
         for it in items:
             if it.error is not None:
+                try:
+                    self.ledger.quarantine(it.row.id, it.error)
+                except STORAGE_ERRORS as e:
+                    self._strand([it.row.id], "quarantining a frame", e)
+                    continue
                 log.warning("quarantined %s", it.error)
-                self.ledger.quarantine(it.row.id, it.error)
-                if self.md_writer is not None:
-                    self.md_writer.add(it.row.path, failure=it.error[:300])
+                self._record(it.row.path, {"failure": it.error[:300]})
             else:
                 good.append(it)
         if not good:
             return
         ids = [it.row.id for it in good]
-        self.ledger.in_flight(ids, "inference")  # a crash from here on is counted against these
+        try:
+            self.ledger.in_flight(ids, "inference")  # a crash from here on is counted against these
+        except STORAGE_ERRORS as e:
+            self._strand(ids, "marking frames in flight", e)
+            return
         t = time.perf_counter()
         answers = self._classify(good, prepared)
         ms = (time.perf_counter() - t) * 1000.0 / len(good)
         self._infer_ms.append(ms)
-        self.ledger.in_flight(ids, None)
+        try:
+            self.ledger.in_flight(ids, None)
+        except STORAGE_ERRORS as e:
+            self._strand(ids, "marking frames inferred", e)
+            return
         for it, ans in zip(good, answers, strict=True):
             self._finish(it, ans)
         if self.update_host is not None:
@@ -431,7 +523,6 @@ class Daemon:
             msgs.append(OutMsg("detection", Topics.DETECTIONS, payload, image_id=it.row.id))
             if alert and sp is not None:  # sp is a watch-list species here
                 msgs.append(OutMsg("alert", Topics.ALERTS, payload, image_id=it.row.id))
-                self._alerted.add((ev, sp))
                 result["alerted"] = sp  # so a restart does not alert twice for this event
         try:
             self.ledger.complete(it.row.id, result, msgs, event_id=ev, taken_at=frame.t,
@@ -439,67 +530,191 @@ class Daemon:
         except DuplicateResult:
             log.info("%s already has a result; keeping the first", it.row.path)
             return
-        except (sqlite3.Error, LedgerError) as e:  # disk full, I/O error: keep the file, say so loudly
-            log.error("ALARM: the ledger cannot commit the result of %s (%s); the image is kept and "
-                      "disposal is off until a commit succeeds", it.row.path, e)
-            self._disposal_alarm = f"ledger commit failed: {e}"
+        except LedgerError as e:
+            log.error("%s: result not recorded: %s", it.row.path, e)
             return
-        if self._disposal_alarm and self._disposal_alarm.startswith("ledger commit failed"):
-            self._disposal_alarm = None
-        if self.md_writer is not None:
-            from edge.detection import Detection
-
-            dets = [Detection.from_dict(x) for x in result["detections"]]
-            self.md_writer.add(it.row.path, dets, image_size=(w, h))
+        except STORAGE_ERRORS as e:  # disk full, I/O error: the frame is kept and redone later
+            self._strand([it.row.id], "committing a result", e)
+            return
+        self.health.committed()
+        if result.get("alerted"):
+            self._alerted.add((ev, sp))  # only once the alert is on record
+        self._record(it.row.path, {"detections": result["detections"], "image_size": (w, h)})
         self._dispose(it.row, result)  # only id and path are used; both are what was claimed
         for closed in assign.closed:
             self._close_event(closed.id)
 
+    def _record(self, path: str, entry: dict) -> None:
+        """The MegaDetector record of a frame; kept for a retry when the records cannot be written
+        (the ledger has the result: the record is a copy of it)."""
+        try:
+            self._write_record(path, entry)
+        except STORAGE_ERRORS as e:
+            with self._held:
+                self._md_backlog.append((path, entry))
+            self._storage_failed("writing the MegaDetector records", e)
+
+    def _write_record(self, path: str, entry: dict) -> None:
+        if self.md_writer is None:
+            return
+        from edge.detection import Detection
+
+        if "failure" in entry:
+            self.md_writer.add(path, failure=entry["failure"])
+        else:
+            self.md_writer.add(path, [Detection.from_dict(x) for x in entry["detections"]],
+                               image_size=entry["image_size"])
+
+    def _disposal_paths(self, root: Path) -> list[Path]:
+        """Every filesystem a disposal involves: the watch folder, the state folder (the ledger
+        records the disposal) and the move and audit targets. Rule 5 uses the lowest free space."""
+        d = self.disposal
+        return [root, Path(self.cfg.ledger.path).parent,
+                *([d.move_to] if d.policy == "move" and d.move_to else []), *([d.audit_dir] if d.audit_dir else [])]
+
     def _dispose(self, row: ImageRow, result: dict) -> None:
+        """Keep, move or delete a frame whose result is committed, and record it. Nothing while
+        degraded (a disposal that cannot be recorded waits); an empty that waits for free space
+        stays ``done`` (pending) and is disposed of when space returns."""
+        if self.health.degraded:
+            return
         path = Path(row.path)
         root = next((Path(f) for f in self.cfg.watch.folders if path.is_relative_to(f)), path.parent)
-        disk = free_mb(path.parent if path.parent.exists() else root)
         action = plan_disposal(self.disposal, rel_path=str(path.relative_to(root)),
                                empty=bool(result.get("empty")),
                                max_animal_score=float(result.get("max_animal_score", 1.0)),
-                               committed=True, disk_free_mb=disk)
-        if action.alarm and self._disposal_alarm != action.reason:
-            log.error("disposal stopped: %s", action.reason)
-            self._disposal_alarm = action.reason
-            self.ledger.bump("disposal_alarms")
+                               committed=True, disk_free_mb=lowest_free_mb(self._disposal_paths(root)))
+        if action.kind == "wait":
+            self._disposal_waiting = True
+            if self._disposal_alarm is None:
+                log.error("disposal paused: %s (empty frames stay until it is back)", action.reason)
+                self._disposal_alarm = action.reason
+                try:
+                    self.ledger.bump("disposal_alarms")
+                except STORAGE_ERRORS as e:
+                    self._storage_failed("counting a disposal alarm", e)
+            return
         res = apply(action, path, root=root)
         if not res.ok:
             log.error("disposal of %s failed: %s", path, res.note)
             return
         how = {"keep": "kept", "delete": "deleted"}.get(res.kind, f"moved:{res.dest}")
-        self.ledger.mark_disposed(row.id, how)  # the words edge.records maps to Camtrap DP
-        if action.audit:
-            self.ledger.bump("audit_kept")
-        elif res.kind in ("delete", "move"):
-            self.ledger.bump("discarded")
+        try:
+            self.ledger.mark_disposed(row.id, how)  # the words edge.records maps to Camtrap DP
+            if action.audit:
+                self.ledger.bump("audit_kept")
+            elif res.kind in ("delete", "move"):
+                self.ledger.bump("discarded")
+        except STORAGE_ERRORS as e:  # done already; redone (idempotent) and recorded on recovery
+            self._storage_failed("recording a disposal", e)
+
+    def _dispose_pending(self) -> None:
+        """Dispose of every committed frame not yet disposed of (after a stop, a degraded spell,
+        or while empties waited for free space)."""
+        self._disposal_waiting = False
+        was = self._disposal_alarm
+        try:
+            rows = self.ledger.images("done")
+        except STORAGE_ERRORS as e:
+            self._storage_failed("reading pending disposals", e)
+            return
+        for row in rows:
+            if self.health.degraded or self._disposal_waiting:
+                return
+            if row.disposal is None and row.result is not None:
+                self._dispose(row, row.result)
+        if was is not None and not self._disposal_waiting and not self.health.degraded:
+            log.warning("disposal resumed: free space is back above %s MB", self.disposal.min_free_mb)
+            self._disposal_alarm = None
+
+    # -- storage health (a full or failing state disk) ----------------------------------------
+    def _storage_failed(self, what: str, e: BaseException) -> None:
+        """A durable write failed: degraded (said once per spell), retried with backoff."""
+        if self.health.failed(f"{what}: {describe(e)}", time.monotonic()):
+            self._announce_degraded()
+
+    def _announce_degraded(self) -> None:
+        reason = self.health.reason or "storage"
+        log.error("DEGRADED: the state disk cannot be written (%s); claiming and deleting nothing, retrying "
+                  "with backoff", reason)
+        self.notifier.status(f"degraded: {reason}")
+        if self.publisher is not None:
+            self.publisher.set_state("degraded", reason)
+
+    def _strand(self, ids: list[int], what: str, e: BaseException) -> None:
+        """Claimed frames whose result cannot be committed: put back to ``seen`` on recovery."""
+        with self._held:
+            self._stranded.update(ids)
+        self._storage_failed(what, e)
+
+    def _retry_storage(self) -> None:
+        """Processing loop, while degraded, when the backoff is up: write what waits (stranded
+        frames back to 'seen', records, event answers); if all of it goes in, carry on."""
+        with self._held:
+            stranded, backlog, unclosed = sorted(self._stranded), list(self._md_backlog), sorted(self._unclosed)
+        try:
+            self.ledger.release(stranded)
+            self.ledger.bump("storage_retries")  # a write even when nothing was stranded
+            with self._held:
+                self._stranded.difference_update(stranded)
+            for path, entry in backlog:
+                self._write_record(path, entry)
+                with self._held:
+                    self._md_backlog.remove((path, entry))
+            for ev in unclosed:
+                self._close_event(ev, raise_errors=True)
+        except STORAGE_ERRORS as e:
+            self._storage_failed("retrying", e)
+            return
+        if not self.health.recovered():
+            return
+        log.warning("storage writable again: %d frame(s) put back to redo; resuming", len(stranded))
+        self.notifier.status(self._running_status())
+        if self.publisher is not None:
+            self.publisher.set_state("online")
+        if self.ingest is not None:
+            self.ingest.scan_now()  # files that could not be recorded meanwhile
+        self._wake.set()
+        self._dispose_pending()
 
     # -- events -----------------------------------------------------------------------------
-    def _close_event(self, ev: int) -> None:
+    def _close_event(self, ev: int, *, raise_errors: bool = False) -> None:
         """One event-level answer per burst, on the ``events`` topic, from the results on record
-        (so an event left open by a crash is closed the same way after the restart)."""
-        results = self.ledger.event_results(ev)
-        if not results:
+        (so an event left open by a crash is closed the same way after the restart). When the
+        ledger cannot take it, the event is kept for the storage retry."""
+        try:
+            results = self.ledger.event_results(ev)
+            if not results:
+                return
+            ev_dec = event_decision([Decision.from_dict(r) for r in results])
+            msgs = []
+            if not ev_dec.empty and self._publishing:
+                msg = message_from_decision(ev_dec, seq=ev, time=int(min(r.get("taken_at") or 0 for r in results)),
+                                            codes=self.codes, group_of=self.group_of, model=self.model_version,
+                                            event=ev)
+                msgs.append(OutMsg("detection", Topics.EVENTS, encode_detection_json(msg)))
+            self.ledger.close_event(ev, ev_dec.to_dict(), msgs)
+        except STORAGE_ERRORS as e:
+            with self._held:
+                self._unclosed.add(ev)
+            if raise_errors:
+                raise
+            self._storage_failed("recording an event's answer", e)
             return
-        ev_dec = event_decision([Decision.from_dict(r) for r in results])
-        msgs = []
-        if not ev_dec.empty and self._publishing:
-            msg = message_from_decision(ev_dec, seq=ev, time=int(min(r.get("taken_at") or 0 for r in results)),
-                                        codes=self.codes, group_of=self.group_of, model=self.model_version,
-                                        event=ev)
-            msgs.append(OutMsg("detection", Topics.EVENTS, encode_detection_json(msg)))
-        self.ledger.close_event(ev, ev_dec.to_dict(), msgs)
+        with self._held:
+            self._unclosed.discard(ev)
 
     # -- periodic ---------------------------------------------------------------------------
     def _tick(self, now: float) -> None:
+        if self.health.due(now):
+            self._retry_storage()
         for e in self.events.expire(now):
             self._close_event(e.id)
         if self.updates is not None:
             self.updates.observe()  # probation also ends on time, frames or not
+        if self._disposal_waiting and now >= self._next_disposal_retry and not self.health.degraded:
+            self._next_disposal_retry = now + DISPOSAL_RETRY_S
+            self._dispose_pending()
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.cfg.telemetry.every_s
             self._telemetry()
@@ -513,14 +728,18 @@ class Daemon:
                   "dropped": sum(v for k, v in c.items() if k.startswith("dropped_")),
                   "rejected": c.get("rejected", 0)}
         ms = sum(self._infer_ms) / len(self._infer_ms) if self._infer_ms else None
-        folder = self.cfg.watch.folders[0]
+        disk = min(lowest_free_mb(self._disposal_paths(Path(f))) for f in self.cfg.watch.folders)
+        alarm = self.health.reason or self._disposal_alarm
         payload = telemetry_payload(time=int(time.time()), counts=counts,
                                     queue=states.get("seen", 0) + states.get("processing", 0),
                                     outbox=self.ledger.outbox_depth(), infer_ms=ms,
-                                    disk_free_mb=free_mb(folder), temp_c=cpu_temperature(),
-                                    extra={"alarm": self._disposal_alarm} if self._disposal_alarm else None)
-        if self._publishing:
-            self.ledger.enqueue([OutMsg("telemetry", Topics.TELEMETRY, payload)])
+                                    disk_free_mb=disk, temp_c=cpu_temperature(),
+                                    extra={"alarm": alarm} if alarm else None)
+        if self._publishing and not self.health.degraded:
+            try:
+                self.ledger.enqueue([OutMsg("telemetry", Topics.TELEMETRY, payload)])
+            except STORAGE_ERRORS as e:
+                self._storage_failed("queueing telemetry", e)
         log.info("telemetry %s", payload.decode())
 
     # -- commands (the command thread; edge.mqtt_commands) -------------------------------------
@@ -551,7 +770,10 @@ class Daemon:
             for e in self.events.close_all():  # a clean stop answers the bursts in hand now
                 self._close_event(e.id)
         if self.md_writer is not None:
-            self.md_writer.close()
+            try:
+                self.md_writer.close()
+            except STORAGE_ERRORS as e:  # its journal keeps what the JSON lacks, for the next start
+                log.error("MegaDetector records not rewritten at stop (%s); the next start does it", describe(e))
         if self.publisher is not None:
             if self.publisher.connected:
                 self.publisher.wait_drained(5.0)  # what is left stays in the outbox for the next start
@@ -560,11 +782,15 @@ class Daemon:
             e.close()
         if getattr(self, "ledger", None) is not None:
             if self._reader is None or not self._reader.is_alive():
-                self.ledger.release()
+                try:
+                    self.ledger.release()
+                except STORAGE_ERRORS as e:  # then the next start's recover() does it
+                    log.error("ledger: claimed frames not put back at stop (%s)", describe(e))
             self.ledger.close()
 
 
 def run_daemon(cfg: Config) -> int:
+    os.umask(UMASK)  # our own, not the caller's (see the module docstring)
     d = Daemon(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: d.stop())

@@ -11,8 +11,12 @@ The rules, in the order they are checked (the first that matches decides):
 3. any model saw an animal scoring >= ``floor``         -> keep (cheap insurance: the cascade's
    thresholds decide "empty", the floor is a lower bar no disposed frame may cross; NaN keeps)
 4. policy ``keep``                                      -> keep
-5. free disk below ``min_free_mb``                      -> keep, ALARM (stop disposing: moving
-   needs space on the target and a full disk also means the ledger may soon fail to commit)
+5. free space below ``min_free_mb``                     -> wait, ALARM: nothing is done and
+   nothing is recorded, so the frame stays pending (``done``, not disposed) and is disposed of
+   when space returns (moving needs space on the target, and a full state disk means the ledger
+   may not be able to record the disposal). Free space is the LOWEST of every filesystem
+   involved: the frame's watch folder, the state folder (the ledger), and the move or audit
+   target; see :func:`lowest_free_mb`.
 6. in the audit sample (hash of the relative path < ``audit_rate``, so a restart or a redo
    picks the same frames)                               -> keep in place, or move to ``audit_dir``
 7. policy ``move`` -> move to ``move_to`` keeping the relative path; ``delete`` -> delete.
@@ -25,7 +29,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,7 +40,7 @@ from edge.hashing import sha256_file
 log = logging.getLogger(__name__)
 
 Policy = Literal["keep", "move", "delete"]
-ActionKind = Literal["keep", "move", "delete"]
+ActionKind = Literal["keep", "move", "delete", "wait"]  # wait: not now; the frame stays pending
 PARTIAL_SUFFIX = ".camtrap-partial"
 
 
@@ -101,7 +105,8 @@ def plan_disposal(
 
     ``max_animal_score``: the highest animal score ANY model gave the frame (global and every
     expert run), not just the winner's. ``disk_free_mb``: the lowest free space among the
-    disks involved (the watch folder's and, for moves, the target's); see :func:`free_mb`.
+    filesystems involved (watch folder, state folder, move/audit target); see
+    :func:`lowest_free_mb`.
     """
     if not committed:
         return Action("keep", "ledger commit failed: not disposing until the result is recorded",
@@ -113,8 +118,8 @@ def plan_disposal(
     if policy.policy == "keep":
         return Action("keep", "policy keep")
     if not (disk_free_mb >= policy.min_free_mb):
-        return Action("keep", f"disk nearly full: {disk_free_mb:.0f} MB free < {policy.min_free_mb:.0f} MB; "
-                      "disposal stopped", alarm=True)
+        return Action("wait", f"disk nearly full: {disk_free_mb:.0f} MB free < {policy.min_free_mb:.0f} MB; "
+                      "disposal paused until space returns", alarm=True)
     if audit_fraction(rel_path) < policy.audit_rate:
         if policy.audit_dir is not None:
             return Action("move", "audit sample of empties", dest_dir=policy.audit_dir, audit=True)
@@ -132,6 +137,12 @@ def free_mb(path: str | os.PathLike) -> float:
     return shutil.disk_usage(p).free / 1e6
 
 
+def lowest_free_mb(paths: Iterable[str | os.PathLike]) -> float:
+    """The lowest free space (MB) among the filesystems holding ``paths``: the figure rule 5
+    compares with ``min_free_mb`` (any of them full is reason enough to stop)."""
+    return min((free_mb(p) for p in paths), default=float("inf"))
+
+
 def apply(action: Action, path: str | os.PathLike, *, root: str | os.PathLike | None = None) -> Result:
     """Carry out ``action`` on ``path``. ``root`` is the watch folder: a move re-creates the
     path relative to it under ``action.dest_dir`` (default: just the file name).
@@ -140,8 +151,8 @@ def apply(action: Action, path: str | os.PathLike, *, root: str | os.PathLike | 
     between acting and recording the outcome leaves exactly that state.
     """
     src = Path(path)
-    if action.kind == "keep":
-        return Result("keep", True, src, note=action.reason)
+    if action.kind in ("keep", "wait"):
+        return Result(action.kind, True, src, note=action.reason)
     if action.kind == "delete":
         try:
             os.unlink(src)

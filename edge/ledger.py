@@ -35,8 +35,9 @@ commit: it survives the process dying, which is all attribution needs. At the ne
   and it is quarantined after ``max_attempts`` such crashes.
 ``claim()`` hands out a suspect alone (the daemon then keeps everything else out of flight until
 it is through), so a batch that keeps dying is retried frame by frame and only the poison frame
-is quarantined. A frame that merely sat in the queue, or shared the engine with the poison, is
-never blamed. ``requeue()`` gives quarantined frames another try (as suspects: alone).
+is quarantined; a frame with a crash counted against it goes after every other waiting frame.
+A frame that merely sat in the queue, or shared the engine with the poison, is never blamed.
+``requeue()`` gives quarantined frames another try (as suspects: alone).
 """
 
 from __future__ import annotations
@@ -366,11 +367,13 @@ class Ledger:
         """Move up to ``limit`` waiting images (oldest first) to ``processing`` and return them
         (not yet in flight: see :meth:`in_flight`). A suspect (in flight with others when the process
         died) is claimed alone, and a batch stops before the next suspect, so that a crash
-        while it is processed can be counted against it and nothing else."""
+        while it is processed can be counted against it and nothing else. A frame that already
+        crashed the daemon alone waits until no other frame does: a likely poison frame delays
+        nobody (each of its crashes costs a restart)."""
         now = _now()
         with self._tx() as db:
-            rows = db.execute("SELECT id, suspect FROM images WHERE state='seen' ORDER BY id LIMIT ?",
-                              (max(1, int(limit)),)).fetchall()
+            rows = db.execute("SELECT id, suspect FROM images WHERE state='seen' ORDER BY attempts > 0, id "
+                              "LIMIT ?", (max(1, int(limit)),)).fetchall()
             if rows and rows[0]["suspect"]:
                 rows = rows[:1]
             else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -81,6 +82,7 @@ class Publisher:
         self.poll_s = poll_s
         self.model = model
         self._status_extra: dict[str, Any] = dict(status_extra or {})
+        self._state = "online"  # or "degraded" (see set_state); what a (re)connect announces
         self._v5 = config.protocol == "5"
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -91,6 +93,7 @@ class Publisher:
         self._inflight: dict[int, OutMsg] = {}  # paho mid -> row; publisher thread only
         self._after = 0  # highest seq handed to paho; publisher thread only
         self._retry_at = 0.0
+        self._store_error: str | None = None
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         self._net_thread: threading.Thread | None = None
@@ -199,8 +202,22 @@ class Publisher:
             self.model = model
         self._status_extra.update(extra)
         if self._client is not None and self._connected.is_set():
-            self._client.publish(self.status_topic, self._status_payload("online"), qos=self.cfg.qos.status,
+            self._client.publish(self.status_topic, self._status_payload(self._state), qos=self.cfg.qos.status,
                                  retain=True)
+
+    def set_state(self, state: str, reason: str | None = None) -> bool:
+        """Announce ``online`` or ``degraded`` (with the reason) in the retained status, sent
+        at once and directly, not through the outbox: a full state disk, the usual reason,
+        is exactly what keeps the outbox from taking it. Reconnects repeat it. True when sent now."""
+        self._state = state
+        self._status_extra.pop("reason", None)
+        if reason:
+            self._status_extra["reason"] = reason[:200]
+        if self._client is None or not self._connected.is_set():
+            return False
+        info = self._client.publish(self.status_topic, self._status_payload(state), qos=self.cfg.qos.status,
+                                    retain=True)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     # -- paho client ------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -322,7 +339,7 @@ class Publisher:
         log.info("connected to MQTT broker %s:%d as %s", self.cfg.host, self.cfg.port,
                  self.cfg.client_id_for(self.device_id))
         # availability first; paho resends unacknowledged outbox packets right after this returns
-        client.publish(self.status_topic, self._status_payload("online"), qos=self.cfg.qos.status, retain=True)
+        client.publish(self.status_topic, self._status_payload(self._state), qos=self.cfg.qos.status, retain=True)
         if self.commands is not None:
             client.subscribe(self.topics.command_filter, qos=1)
         self._connected.set()
@@ -397,9 +414,16 @@ class Publisher:
                     return
                 if self._connected.is_set() and not self._no_new:
                     self._fill()
-            except Exception:  # the ledger may be locked or the disk full: keep going
+            except (sqlite3.Error, OSError) as e:  # a full or failing state disk: one line, keep going
+                if str(e) != self._store_error:
+                    log.error("MQTT publisher: the ledger cannot be written (%s); retrying every second", e)
+                    self._store_error = str(e)
+                time.sleep(1.0)
+            except Exception:
                 log.exception("MQTT publisher error; retrying in 1 s")
                 time.sleep(1.0)
+            else:
+                self._store_error = None
 
     def _drain_events(self) -> None:
         while True:
@@ -415,7 +439,12 @@ class Publisher:
         if row is None or row.seq is None:
             return  # the status message or a command reply
         if not reason.is_failure:
-            self.ledger.ack(row.seq)
+            try:
+                self.ledger.ack(row.seq)
+            except (sqlite3.Error, OSError):  # the disk is full: try this ack again later
+                self._inflight[mid] = row
+                self._events.put(("ack", mid, reason))
+                raise
             self.stats["acked"] += 1
             return
         if reason.value in _PERMANENT:

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -394,10 +395,19 @@ class MdBatchWriter:
 
     # -- writing ----------------------------------------------------------------------------
     def _append_journal(self, rec: dict) -> None:
-        self._journal.seek(0, os.SEEK_END)
-        self._journal.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        """One line, whole or not at all: a failed write (a full disk) is cut back, so the next
+        line does not join a torn one (written unbuffered, so nothing half-sent stays queued)."""
+        data = memoryview(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+        fd = self._journal.fileno()
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise
 
     def _extend_species(self, species: Iterable[str], journal: bool = True) -> None:
         new = [s for s in dict.fromkeys(species) if s not in self.species]

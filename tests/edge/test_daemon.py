@@ -290,6 +290,8 @@ def test_bad_inputs_are_quarantined_and_the_daemon_stays_up(device, tmp_path):
             assert r["state"] in ("done", "disposed"), (name, r["state"], r["error"])
     assert dev.alive()
     assert dev.wait_log('"quarantined":', 10)
+    assert dev.wait_log("refused", 15)  # the watcher or the next reconcile scan gets to the link
+    time.sleep(2.5)  # a reconcile scan later: still said once
     log = dev.log.read_text()
     link = corpus["symlink_out"][0].name
     refusals = [line for line in log.splitlines() if "refused" in line and link in line]

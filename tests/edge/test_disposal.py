@@ -14,6 +14,7 @@ from edge.disposal import (
     apply,
     audit_fraction,
     free_mb,
+    lowest_free_mb,
     move_file,
     plan_disposal,
 )
@@ -47,10 +48,11 @@ def test_plan_rules_in_order():
     # 4. policy keep
     keep = plan(DisposalPolicy(policy="keep", audit_rate=0.0))
     assert keep.kind == "keep" and keep.reason == "policy keep"
-    # 5. disk nearly full: stop disposing and alarm
+    # 5. disk nearly full: wait (the frame stays pending, disposed of when space returns), alarm
     for p in (DELETE, MOVE):
         a = plan(p, disk_free_mb=99.0)
-        assert a.kind == "keep" and a.alarm and "disk" in a.reason
+        assert a.kind == "wait" and a.alarm and "disk" in a.reason
+        assert apply(a, "/nonexistent/x.jpg").kind == "wait"  # nothing done, nothing to record
     assert plan(disk_free_mb=100.0).kind == "delete"
     assert plan(disk_free_mb=float("nan")).alarm
 
@@ -182,3 +184,40 @@ def test_move_failure_reported_not_raised(tmp_path):
 def test_free_mb(tmp_path):
     assert free_mb(tmp_path) > 0
     assert free_mb(tmp_path / "not" / "yet" / "made") == pytest.approx(free_mb(tmp_path), rel=0.01)
+
+
+def test_lowest_free_mb_is_the_fullest_filesystem(tmp_path):
+    """Rule 5 compares the lowest free space of every filesystem involved (a small tmpfs as
+    the full one where the test may mount it; else /dev/shm, another filesystem on Linux)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = os.geteuid() == 0 and os.system(f"mount -t tmpfs -o size=4m tmpfs {small} 2>/dev/null") == 0
+    try:
+        other = small if mounted else Path("/dev/shm")
+        if not other.is_dir():
+            pytest.skip("no second filesystem to compare with")
+        low = lowest_free_mb([tmp_path, other, tmp_path / "not-made-yet"])
+        assert low == pytest.approx(min(free_mb(tmp_path), free_mb(other)), rel=0.01)
+        if mounted:
+            assert low <= 4.2
+        assert lowest_free_mb([]) == float("inf")
+    finally:
+        if mounted:
+            os.system(f"umount {small}")
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_moved_and_audit_copies_keep_the_camera_files_mode(tmp_path, copy):
+    """The daemon runs with umask 027; a moved or copied frame keeps the mode the camera (or
+    the FTP server) gave it, it does not take the daemon's."""
+    src = tmp_path / "in" / "IMG_1.JPG"
+    src.parent.mkdir()
+    src.write_bytes(b"\xff\xd8 jpeg \xff\xd9")
+    os.chmod(src, 0o664)
+    old = os.umask(0o077)
+    try:
+        dest = move_file(src, tmp_path / "audit" / "IMG_1.JPG", copy=copy)
+    finally:
+        os.umask(old)
+    assert dest.read_bytes() == b"\xff\xd8 jpeg \xff\xd9" and not src.exists()
+    assert dest.stat().st_mode & 0o777 == 0o664

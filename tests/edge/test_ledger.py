@@ -485,3 +485,17 @@ def test_a_path_that_is_not_utf8_is_recorded_and_found(ledger: Ledger) -> None:
     assert iid is not None and ledger.see(odd, 10, 1.0) == iid
     assert ledger.find(odd).path == odd and ledger.get(iid).path == odd
     assert os.fsencode(ledger.get(iid).path) == b"/w/latin1-\xe9t\xe9.jpg"
+
+
+def test_a_frame_that_crashed_alone_waits_behind_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    with Ledger(path) as led:
+        bad = led.see("/w/bad.jpg", 1, 1.0)
+        [row] = led.claim(4)
+        led.in_flight([row.id], "decode")  # alone in the decoder when the process died
+    with Ledger(path) as led:
+        led.recover()
+        assert led.get(bad).attempts == 1
+        fresh = [led.see(f"/w/new{k}.jpg", 1, 2.0) for k in range(2)]
+        assert [r.id for r in led.claim(4)] == fresh
+        assert [r.id for r in led.claim(4)] == [bad]
