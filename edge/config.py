@@ -301,8 +301,9 @@ class DisposalSection(Section):
         default=512,
         ge=0,
         title="Least free space",
-        description="Below this many MB free on the state filesystem, disposal stops and an alarm is "
-        "raised (a ledger that cannot commit cannot record a disposal).",
+        description="Below this many MB free on the fullest filesystem involved (the watch folder's, the "
+        "state folder's, move_to's and audit_dir's), disposal pauses with an alarm: empties stay pending "
+        "and are disposed of when space returns (a ledger that cannot commit cannot record a disposal).",
     )
 
     @model_validator(mode="after")

@@ -9,8 +9,8 @@ Invariants the daemon keeps around it:
   succeeds. Meanwhile it claims no frame, deletes nothing, and keeps pinging the watchdog
   (it is alive and retrying, which is what systemd should see; the STATUS line says why).
 - Retries back off: ``min_s``, doubling, up to ``max_s`` (30 s: space that returns is used
-  soon). Only a committed result resets the backoff, so a probe that succeeds while results still cannot be written does not turn into
-  a tight loop of failures.
+  soon). Only a committed result resets the backoff, so a probe that succeeds while results
+  still cannot be written does not turn into a tight loop of failures.
 """
 
 from __future__ import annotations

@@ -349,3 +349,19 @@ def test_a_clean_stop_answers_the_open_burst(device, mosquitto):
     [ev] = [m.json() for m in sub.on("/events")]
     assert ev["nf"] == 2 and ev["sp"] == "lypa"
     sub.stop()
+
+
+def test_the_daemon_sets_its_own_umask(device):
+    """Started with umask 0 (a shell or container that sets none), the ledger and the records
+    are still not readable by others (the daemon's UMASK, as the systemd unit's UMask=0027)."""
+    old = os.umask(0)
+    try:
+        dev = device(policy="keep").start()
+    finally:
+        os.umask(old)
+    drop(dev.watch, "IMG_0001.JPG", lynx_frame(0))
+    dev.wait_done(1)
+    assert dev.terminate() == 0
+    for p in (dev.state / "ledger.sqlite3", dev.state / "records" / "md_results.json", dev.state / "records"):
+        assert p.stat().st_mode & 0o007 == 0, (p, oct(p.stat().st_mode))
+    assert (dev.state / "ledger.sqlite3").stat().st_mode & 0o777 == 0o640
