@@ -170,9 +170,11 @@ class Daemon:
 
         max_outbox = cfg.mqtt.max_outbox if cfg.mqtt else 10_000
 
+        ledger_path = Path(cfg.ledger.path)  # asserted set above
+
         def open_ledger() -> Ledger:
-            Path(cfg.ledger.path).parent.mkdir(parents=True, exist_ok=True)
-            return Ledger(cfg.ledger.path, max_outbox=max_outbox)
+            ledger_path.parent.mkdir(parents=True, exist_ok=True)
+            return Ledger(ledger_path, max_outbox=max_outbox)
 
         ledger = self._wait_for_storage("opening the ledger", open_ledger)
         if ledger is None:
@@ -538,7 +540,7 @@ class Daemon:
             return
         self.health.committed()
         if result.get("alerted"):
-            self._alerted.add((ev, sp))  # only once the alert is on record
+            self._alerted.add((ev, result["alerted"]))  # only once the alert is on record
         self._record(it.row.path, {"detections": result["detections"], "image_size": (w, h)})
         self._dispose(it.row, result)  # only id and path are used; both are what was claimed
         for closed in assign.closed:
@@ -569,7 +571,8 @@ class Daemon:
         """Every filesystem a disposal involves: the watch folder, the state folder (the ledger
         records the disposal) and the move and audit targets. Rule 5 uses the lowest free space."""
         d = self.disposal
-        return [root, Path(self.cfg.ledger.path).parent,
+        ledger = self.cfg.ledger.path
+        return [root, Path(self.cfg.paths.state_dir), *([Path(ledger).parent] if ledger else []),
                 *([d.move_to] if d.policy == "move" and d.move_to else []), *([d.audit_dir] if d.audit_dir else [])]
 
     def _dispose(self, row: ImageRow, result: dict) -> None:
@@ -778,8 +781,8 @@ class Daemon:
             if self.publisher.connected:
                 self.publisher.wait_drained(5.0)  # what is left stays in the outbox for the next start
             self.publisher.stop()
-        for e in getattr(self, "engines", {}).values():
-            e.close()
+        for engine in getattr(self, "engines", {}).values():
+            engine.close()
         if getattr(self, "ledger", None) is not None:
             if self._reader is None or not self._reader.is_alive():
                 try:
@@ -836,6 +839,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def requeue(cfg: Config, files: list[Path] | None) -> list[ImageRow]:
     """Give quarantined frames another try (all of them when ``files`` is None). Safe while the
     daemon runs: it picks them up at its next claim, each alone (they come back as suspects)."""
+    assert cfg.ledger.path is not None  # set by Config._derive
     path = Path(cfg.ledger.path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ledger yet (has the daemon run with this config?)")
