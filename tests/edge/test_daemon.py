@@ -124,7 +124,10 @@ class Device:
         finally:
             db.close()
 
-    def wait_done(self, n: int, timeout: float = 60) -> list[sqlite3.Row]:
+    def wait_done(self, n: int, timeout: float = 60,
+                  final: tuple[str, ...] = ("disposed", "quarantined")) -> list[sqlite3.Row]:
+        """Rows once ``n`` of them are final. A frame is disposed of (kept, moved or deleted, and
+        recorded) right after its result commits, so 'done' is final only where disposal waits."""
         deadline = time.monotonic() + timeout
         rows: list[sqlite3.Row] = []
         while time.monotonic() < deadline:
@@ -132,7 +135,7 @@ class Device:
                 rows = self.rows()
             except sqlite3.OperationalError:
                 rows = []
-            if sum(r["state"] in ("done", "disposed", "quarantined") for r in rows) >= n:
+            if sum(r["state"] in final for r in rows) >= n:
                 return rows
             time.sleep(0.1)
         raise AssertionError(f"only {[(r['path'], r['state']) for r in rows]} after {timeout} s\n"

@@ -175,7 +175,7 @@ def test_empties_wait_for_free_space_and_are_disposed_when_it_returns(tmp_path, 
         filler = fill(small_state, leave_kb=2048)  # 2 MB left: the ledger writes, disposal waits
         empties = [drop(dev.watch, f"E{k:03d}.JPG", empty_frame(k)) for k in range(4)]
         animal = drop(dev.watch, "A000.JPG", lynx_frame(0))
-        rows = dev.wait_done(5)
+        rows = dev.wait_done(5, final=("done", "disposed"))
         time.sleep(1.5)
         assert all(p.exists() for p in empties)
         rows = {Path(r["path"]).name: r for r in dev.rows()}
