@@ -295,7 +295,9 @@ class Updater:
                 raise UpdateError(f"self-test failed: {problem}")
             self._switch(rec, bundle, built)
             built = None  # it serves now
-        except (UpdateError, FetchError, BundleError, StoreError, SignatureError, ValueError, OSError) as e:
+        except FetchError as e:  # a broken link keeps what came: the next command resumes it
+            self._fail(str(e), keep_downloads=e.retry)
+        except (UpdateError, BundleError, StoreError, SignatureError, ValueError, OSError) as e:
             self._fail(str(e))
         except Exception as e:  # a bug must still end in a reported, consistent state
             log.exception("update failed")
@@ -304,10 +306,11 @@ class Updater:
             if built is not None:
                 self.host.discard(built)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, keep_downloads: bool = False) -> None:
         assert self._rec is not None
         self._save(self._rec.to("failed", self._rec.state, reason=reason))
-        self._clear_downloads()
+        if not keep_downloads:
+            self._clear_downloads()
 
     def _clear_downloads(self) -> None:
         shutil.rmtree(self.downloads, ignore_errors=True)

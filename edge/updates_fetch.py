@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -131,8 +132,9 @@ def _sha256(path: Path) -> str:
 
 
 def fetch_with_retries(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str | None = None,
-                       attempts: int = 3) -> Fetched:
-    """``fetch`` again after a retryable failure (each attempt resumes where the last one broke)."""
+                       attempts: int = 3, wait_s: float = 1.0) -> Fetched:
+    """``fetch`` again after a retryable failure (each attempt resumes where the last one broke),
+    waiting ``wait_s``, then twice that, and so on (capped at a minute) between attempts."""
     part = dest.with_name(dest.name + ".part")
     size = lambda: part.stat().st_size if part.exists() else 0  # noqa: E731
     total, first = 0, size()
@@ -144,6 +146,7 @@ def fetch_with_retries(url: str, dest: Path, *, max_bytes: int, timeout_s: float
             total += max(0, size() - before)
             if not e.retry or i == attempts - 1:
                 raise
+            time.sleep(min(wait_s * 2**i, 60.0))
             continue
         return Fetched(r.path, total + r.bytes, first)
     raise AssertionError("unreachable")

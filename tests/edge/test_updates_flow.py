@@ -220,6 +220,24 @@ def test_a_truncated_download_resumes_and_the_update_goes_through(box):
     assert box.upd.record.bytes == len(G2) + 3  # the first million bytes were not fetched twice
 
 
+def test_a_download_that_keeps_breaking_fails_and_the_next_command_resumes_it(tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    with Server(www) as srv:
+        box = Box(tmp_path, srv, attempts=1)
+        b = box.publish("demo-2", replace={"group2": relabel_onnx(G2, "x")})
+        sha = hashlib.sha256((b / "models" / "group2.onnx").read_bytes()).hexdigest()
+        srv.cut[f"/files/{sha}"] = 2_000_000
+        box.update("demo-2")
+        rec = box.upd.record
+        assert rec.state == "failed" and "resumes on the next attempt" in rec.reason
+        assert box.current_version == "demo-1"
+        box.update("demo-2")
+        assert box.upd.record.state == "probation", box.upd.record.reason
+        assert (f"/files/{sha}", "bytes=2000000-") in srv.requests
+        assert box.upd.record.bytes == len(G2) + 3 - 2_000_000  # this command fetched only the rest
+
+
 def test_an_oversize_update_is_refused(tmp_path):
     www = tmp_path / "www"
     www.mkdir()
