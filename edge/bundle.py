@@ -166,10 +166,10 @@ def verify_dir(root: Path, *, source: Path | None = None, public_keys: Iterable[
         raise BundleError(f"{source}: {MANIFEST}: {one_line(e)}") from None
     except ValueError as e:  # not JSON: the message already names the file
         raise BundleError(str(e)) from None
-    for m in manifest.models:
-        if PurePosixPath(m.file).suffix.lower() != ".onnx":
-            raise BundleError(f"{source}: {m.file}: model {m.name!r} must be an .onnx file")
-        _check_sha(_inside(root, m.file, source, f"model {m.name!r}"), m.file, m.sha256, source)
+    for rel, sha, what in manifest.model_files():
+        if PurePosixPath(rel).suffix.lower() != ".onnx":
+            raise BundleError(f"{source}: {rel}: {what} must be an .onnx file")
+        _check_sha(_inside(root, rel, source, what), rel, sha, source)
     for s in manifest.samples:
         p = _inside(root, s.file, source, "sample")
         expected = getattr(s, "sha256", None)  # recorded by manifests that carry sample hashes

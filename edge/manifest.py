@@ -47,6 +47,11 @@ class ModelEntry(_Strict):
     iou_threshold: float = Field(default=0.45, gt=0, le=1)
     frozen_layers: int = Field(default=0, ge=0, description="layers identical to the global backbone")
     backbone_sha256: str | None = Field(default=None, description="hash of the frozen tensors, if shared")
+    head_inputs: list[str] = Field(
+        default_factory=list,
+        description="set when ``file`` is a head graph (neck + detect head after the frozen layers): the "
+        "shared backbone's outputs it takes, instead of the image; empty = a whole model",
+    )
 
     @field_validator("file")
     @classmethod
@@ -66,6 +71,20 @@ class ModelEntry(_Strict):
 
     def threshold(self, species: str) -> float:
         return self.class_thresholds.get(species, self.conf_threshold)
+
+
+class BackboneEntry(_Strict):
+    """The frozen layers shared by the global model and the experts, stored once: one graph from
+    the letterboxed image to the tensors the heads read (``Manifest.backbone``)."""
+
+    file: str = Field(description="path inside the bundle, e.g. models/backbone.onnx")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    imgsz: int = Field(gt=0, description="square letterboxed input size in pixels")
+    input_name: str = "images"
+    outputs: list[str] = Field(min_length=1, description="the tensors the heads take, by name")
+    frozen_layers: int = Field(gt=0, description="layers 0..frozen_layers-1 of every model that uses it")
+
+    _relative = field_validator("file")(ModelEntry._relative.__func__)  # type: ignore[attr-defined]
 
 
 class SampleEntry(_Strict):
@@ -187,6 +206,8 @@ class Manifest(_Strict):
     groups: dict[str, list[str]] = Field(description="group name -> species")
     codes: dict[str, str] = Field(description="species -> short code for compact messages, e.g. lyn")
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)
+    backbone: BackboneEntry | None = Field(
+        default=None, description="shared frozen layers; models with head_inputs run on its outputs")
     samples: list[SampleEntry] = Field(default_factory=list)
     provenance: dict = Field(default_factory=dict, description="dataset hash, training args, metrics")
     taxonomy: dict[str, Taxon] = Field(
@@ -230,6 +251,14 @@ class Manifest(_Strict):
                 missing = set(self.groups[m.group]) - set(m.classes)
                 if missing:
                     raise ValueError(f"expert {m.name!r} lacks classes of its group: {sorted(missing)}")
+        for m in self.models:
+            if m.head_inputs and self.backbone is None:
+                raise ValueError(f"model {m.name!r} is a head graph but the bundle has no backbone")
+            if m.head_inputs and self.backbone is not None:
+                unknown = set(m.head_inputs) - set(self.backbone.outputs)
+                if unknown or m.imgsz != self.backbone.imgsz:
+                    raise ValueError(f"model {m.name!r}: head inputs {sorted(unknown)} / imgsz {m.imgsz} do not "
+                                     f"match the backbone's outputs / imgsz {self.backbone.imgsz}")
         known = set(globals_[0].classes)
         if set(seen) - known:
             raise ValueError(f"grouped species not in the global model: {sorted(set(seen) - known)}")
@@ -249,6 +278,14 @@ class Manifest(_Strict):
     def experts(self) -> dict[str, ModelEntry]:
         """group name -> expert model."""
         return {m.group: m for m in self.models if m.role == "expert" and m.group}
+
+    def model_files(self) -> list[tuple[str, str, str]]:
+        """(path inside the bundle, sha256, what) of every graph file: the models and the shared
+        backbone. The one list that verification, the update store and release walk."""
+        out = [(m.file, m.sha256, f"model {m.name!r}") for m in self.models]
+        if self.backbone is not None:
+            out.append((self.backbone.file, self.backbone.sha256, "shared backbone"))
+        return out
 
     def group_of(self, species: str) -> str | None:
         for g, members in self.groups.items():

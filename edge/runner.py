@@ -3,13 +3,14 @@
 Keeps the pure decision (edge.cascade) apart from the engines: this module only moves
 arrays. Images of a burst go through each model as one batch, and each expert sees only
 the images routed to it, so a burst of five costs one global batch plus one batch per
-expert actually needed.
+expert actually needed. With a shared backbone (edge/engines/shared.py) the frozen layers run
+once per batch and each model runs only its head, on the rows of the features routed to it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,10 +41,12 @@ class ModelRunner:
             return []
         return self.detect_inputs(*letterbox_batch(list(images), self.entry.imgsz))
 
-    def detect_inputs(self, batch: np.ndarray, lbs: Sequence[Letterbox]) -> list[list[Detection]]:
-        """Detections on an already letterboxed NCHW batch (see ``CascadeRunner.prepare``)."""
+    def detect_inputs(self, batch: np.ndarray, lbs: Sequence[Letterbox],
+                      features: Mapping[str, np.ndarray] | None = None) -> list[list[Detection]]:
+        """Detections on an already letterboxed NCHW batch (see ``CascadeRunner.prepare``), or,
+        for a head over a shared backbone, on the backbone's ``features`` of those images."""
         t = time.perf_counter()
-        raw = self.engine.infer(batch)
+        raw = self.engine.run_features(features) if features is not None else self.engine.infer(batch)
         self.last_ms = (time.perf_counter() - t) * 1000.0
         return [decode(raw[i], self.entry.layout, self.entry.classes, lb, conf=self.conf,
                        iou=self.entry.iou_threshold, model=self.entry.name) for i, lb in enumerate(lbs)]
@@ -83,6 +86,9 @@ class CascadeRunner:
         self.global_runner = ModelRunner(manifest.global_model, engines[manifest.global_model.name], floor)
         self.experts = {g: ModelRunner(e, engines[e.name], floor) for g, e in manifest.experts.items()}
         self.group_of = {s: g for g, members in manifest.groups.items() for s in members}
+        # a shared backbone (edge/engines/shared.py): run once per batch, then only the heads
+        shared = {id(b): b for e in engines.values() if (b := getattr(e, "backbone", None)) is not None}
+        self.backbone = next(iter(shared.values())) if len(shared) == 1 else None
 
     @property
     def input_sizes(self) -> list[int]:
@@ -108,8 +114,18 @@ class CascadeRunner:
         """The cascade over a prepared batch: the global model on all, each expert on its share."""
         if prep.n == 0:
             return []
-        g_dets = self.global_runner.detect_inputs(*prep.inputs[self.global_runner.entry.imgsz])
-        g_ms = self.global_runner.last_ms / prep.n
+        t = time.perf_counter()
+        feats = self.backbone.run(prep.inputs[self.backbone.entry.imgsz][0]) if self.backbone else None
+        bb_ms = (time.perf_counter() - t) * 1000.0
+
+        def features(runner: ModelRunner, idx: list[int] | None = None) -> Mapping[str, np.ndarray] | None:
+            if feats is None or getattr(runner.engine, "backbone", None) is not self.backbone:
+                return None  # a whole model (e.g. an expert whose frozen layers differ)
+            return feats if idx is None else {k: v[idx] for k, v in feats.items()}
+
+        g = self.global_runner
+        g_dets = g.detect_inputs(*prep.inputs[g.entry.imgsz], features=features(g))
+        g_ms = (g.last_ms + (bb_ms if features(g) is not None else 0.0)) / prep.n  # the backbone counts once
         routes: list[Route] = [plan(d, self.group_of, list(self.experts), self.policy) for d in g_dets]
         stop = self.policy.background_stop
         # experts still to run per image; a staged background pass takes them one round at a time
@@ -128,7 +144,8 @@ class CascadeRunner:
                     continue
                 runner = self.experts[g]
                 x, lbs = prep.inputs[runner.entry.imgsz]
-                outs = runner.detect_inputs(x[idx], [lbs[i] for i in idx])
+                f = features(runner, idx)
+                outs = runner.detect_inputs(x if f is not None else x[idx], [lbs[i] for i in idx], features=f)
                 e_ms[runner.entry.name] = runner.last_ms / len(idx)
                 for i, dets in zip(idx, outs, strict=True):
                     e_raw_best[i] = max([e_raw_best[i], *(d.score for d in dets)])

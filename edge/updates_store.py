@@ -50,7 +50,7 @@ class StoreError(ValueError):
 def bundle_files(manifest: Manifest) -> list[tuple[str, str]]:
     """(path inside the bundle, sha256) of every model and sample; samples must carry a hash,
     since a file that cannot be checked must not come over the air."""
-    out = [(m.file, m.sha256) for m in manifest.models]
+    out = [(rel, sha) for rel, sha, _ in manifest.model_files()]
     for s in manifest.samples:
         if not s.sha256:
             raise StoreError(f"sample {s.file}: no sha256 in the manifest; rebuild the bundle with a current "

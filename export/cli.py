@@ -10,8 +10,8 @@ import logging
 import sys
 
 # module (under export/) -> registers one or more commands
-COMMAND_MODULES = ["synth", "datasets", "train", "grouping", "experts", "pipeline", "bundle", "evaluate", "calibrate",
-                   "release", "update"]
+COMMAND_MODULES = ["synth", "datasets", "train", "grouping", "experts", "pipeline", "bundle", "backbone", "evaluate",
+                   "calibrate", "release", "update"]
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):

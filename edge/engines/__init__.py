@@ -91,9 +91,23 @@ def load_engines(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *,
     if int8 and not images:
         raise ValueError(f"{bundle.source}: INT8 needs the bundle's sample images for calibration; it has none")
     engines: dict[str, Engine] = {}
+    backbone = None
     try:
         for entry in bundle.manifest.models:
             path = bundle.model_path(entry.name)
+            if entry.head_inputs:  # a head over the shared backbone (edge/engines/shared.py)
+                from edge.engines.onnxruntime import OnnxRuntimeConfig
+                from edge.engines.shared import BackboneGraph, HeadEngine
+
+                bb = bundle.manifest.backbone
+                if not isinstance(config, OnnxRuntimeConfig) or bb is None:
+                    raise ValueError(f"{bundle.source}: model {entry.name!r} is a head over a shared backbone, "
+                                     "which runs on the onnxruntime backend only (TensorRT: not yet); use "
+                                     "engine type onnxruntime or a bundle of whole models")
+                if backbone is None:
+                    backbone = BackboneGraph(bundle.root / bb.file, bb, config)
+                engines[entry.name] = HeadEngine(path, entry, config, backbone)
+                continue
             if int8:
                 from edge.engines.tensorrt import build_gated_int8
                 from edge.vision import letterbox_batch

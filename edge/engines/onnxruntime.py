@@ -97,6 +97,32 @@ def choose_providers(config: OnnxRuntimeConfig, available: Sequence[str]) -> tup
     return chosen, missing
 
 
+def make_session(path: Path, config: OnnxRuntimeConfig, name: str) -> tuple[Any, list, list[str]]:
+    """An InferenceSession of ``path`` with the config's providers and threads, and the providers
+    asked for and really used (ONNX Runtime falls back on its own when a GPU provider fails).
+    Every session of a bundle (whole models, a shared backbone, heads) is made here, alike."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if config.intra_op_threads:
+        opts.intra_op_num_threads = config.intra_op_threads
+    providers, missing = choose_providers(config, ort.get_available_providers())
+    for p in missing:
+        log.warning("%s: this onnxruntime build lacks %s; skipping it", name, p)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ValueError(f"{path}: ONNX Runtime cannot load model {name!r}: {e}") from None
+    used: list[str] = list(session.get_providers())
+    asked = [p if isinstance(p, str) else p[0] for p in providers]
+    if used != asked:  # a GPU provider that failed to start (missing CUDA/TensorRT libs)
+        log.warning("%s: ONNX Runtime uses %s (asked for %s)", name, ", ".join(used), ", ".join(asked))
+    else:
+        log.info("%s: ONNX Runtime providers %s", name, ", ".join(used))
+    return session, providers, used
+
+
 @register
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
@@ -106,27 +132,7 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, model_path: str | Path, entry: ModelEntry, config: OnnxRuntimeConfig) -> None:
         super().__init__(model_path, entry, config)
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if config.intra_op_threads:
-            opts.intra_op_num_threads = config.intra_op_threads
-        self.providers, missing = choose_providers(config, ort.get_available_providers())
-        for name in missing:
-            log.warning("%s: this onnxruntime build lacks %s; skipping it", entry.name, name)
-        try:
-            self._session = ort.InferenceSession(str(self.model_path), sess_options=opts,
-                                                 providers=self.providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise ValueError(f"{self.model_path}: ONNX Runtime cannot load model {entry.name!r}: {e}") from None
-        self.used_providers: list[str] = list(self._session.get_providers())
-        asked = [p if isinstance(p, str) else p[0] for p in self.providers]
-        if self.used_providers != asked:  # a GPU provider that failed to start (missing CUDA/TensorRT libs)
-            log.warning("%s: ONNX Runtime uses %s (asked for %s)", entry.name, ", ".join(self.used_providers),
-                        ", ".join(asked))
-        else:
-            log.info("%s: ONNX Runtime providers %s", entry.name, ", ".join(self.used_providers))
+        self._session, self.providers, self.used_providers = make_session(self.model_path, config, entry.name)
         inp = self._session.get_inputs()[0]
         self.input_name = inp.name
         if inp.name != entry.input_name:
