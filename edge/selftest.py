@@ -23,7 +23,7 @@ from edge.keys import add_trust_options, describe, trust_from_args
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
-    from edge.engines import Engine
+    from edge.engines import Engine, EngineConfig
 
 
 @dataclass
@@ -49,8 +49,8 @@ class SelftestReport:
         return all(m.ok for m in self.models)
 
 
-def selftest(bundle: Bundle, backend: str = "onnxruntime", *, tolerance: float = 0.02, min_iou: float = 0.9,
-             runs: int = 20, engines: Mapping[str, Engine] | None = None,
+def selftest(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *, tolerance: float = 0.02,
+             min_iou: float = 0.9, runs: int = 20, engines: Mapping[str, Engine] | None = None,
              runtime: Mapping[str, Any] | None = None, **cfg: Any) -> SelftestReport:
     """Run every model on the bundle's samples and compare with the manifest's expectations.
 
@@ -93,24 +93,44 @@ def selftest(bundle: Bundle, backend: str = "onnxruntime", *, tolerance: float =
         if own:
             for e in loaded.values():
                 e.close()
-    return SelftestReport(backend, checks)
+    return SelftestReport(backend if isinstance(backend, str) else backend.type, checks)
 
 
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def _engine_cfg(args: argparse.Namespace) -> dict[str, Any]:
-    cfg: dict[str, Any] = {}
+def _engine(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings: the device config's ``engine:`` section (--config: exactly what the daemon
+    will build, so its plans are the ones compiled here), or the backend and flags given."""
+    from edge.engines import make_config
+
+    flags = {"--backend": args.backend, "--precision": args.precision, "--cache": args.cache,
+             "--max-batch": args.max_batch}
+    if args.config:
+        from edge.config import load_config
+
+        given = [k for k, v in flags.items() if v]
+        if given:
+            raise ValueError(f"{args.config}: --config takes the engine settings from its engine: section; "
+                             f"drop {', '.join(given)} or set them there")
+        cfg = load_config(args.config)
+        if args.bundle is None:
+            args.bundle = str(cfg.bundle.path)
+        return cfg.engine
+    if args.bundle is None:
+        raise ValueError("give --bundle BUNDLE, or --config CONFIG for the device's own bundle and engine settings")
+    backend = args.backend or args.default_backend
+    settings: dict[str, Any] = {}
     if args.max_batch:
-        cfg["max_batch"] = args.max_batch
-    if args.backend == "tensorrt":
+        settings["max_batch"] = args.max_batch
+    if backend == "tensorrt":
         if args.precision:
-            cfg["precision"] = args.precision
+            settings["precision"] = args.precision
         if args.cache:
-            cfg["cache_dir"] = Path(args.cache)
+            settings["cache_dir"] = Path(args.cache)
     elif args.precision or args.cache:
-        raise ValueError(f"--precision and --cache apply to the tensorrt backend, not {args.backend}")
-    return cfg
+        raise ValueError(f"--precision and --cache apply to the tensorrt backend, not {backend}")
+    return make_config(backend, **settings)
 
 
 def _load(args: argparse.Namespace, tmp: str) -> Bundle:
@@ -128,11 +148,12 @@ def _signed(bundle: Bundle) -> str:
 def run_compile(args: argparse.Namespace) -> int:
     from edge.engines import load_engines
 
+    engine = _engine(args)
     with tempfile.TemporaryDirectory(prefix="camtrap-bundle-") as tmp:
         bundle = _load(args, tmp)
-        print(f"bundle {bundle.version} ({bundle.manifest_sha256[:12]}, {_signed(bundle)}), backend {args.backend}")
+        print(f"bundle {bundle.version} ({bundle.manifest_sha256[:12]}, {_signed(bundle)}), backend {engine.type}")
         t = time.monotonic()
-        engines = load_engines(bundle, args.backend, **_engine_cfg(args))
+        engines = load_engines(bundle, engine)
         try:
             for name, e in engines.items():
                 d = e.describe()
@@ -149,10 +170,10 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def run_selftest(args: argparse.Namespace) -> int:
+    engine = _engine(args)
     with tempfile.TemporaryDirectory(prefix="camtrap-bundle-") as tmp:
         bundle = _load(args, tmp)
-        report = selftest(bundle, args.backend, tolerance=args.tolerance, min_iou=args.iou, runs=args.runs,
-                          **_engine_cfg(args))
+        report = selftest(bundle, engine, tolerance=args.tolerance, min_iou=args.iou, runs=args.runs)
     print(f"selftest: bundle {bundle.version} ({bundle.manifest_sha256[:12]}, {_signed(bundle)}), "
           f"backend {report.backend}, {len(bundle.manifest.samples)} samples")
     print(f"  {'model':<16} {'images':>6} {'result':>7} {'mean ms':>8} {'p95 ms':>8}")
@@ -166,8 +187,11 @@ def run_selftest(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, backend: str) -> None:
-    p.add_argument("--bundle", required=True, help="bundle folder or .tar/.tar.gz")
-    p.add_argument("--backend", default=backend, choices=["onnxruntime", "tensorrt"], help=f"default {backend}")
+    p.add_argument("--bundle", help="bundle folder or .tar/.tar.gz (with --config: default its bundle.path)")
+    p.add_argument("--config", help="device config: build and test with its engine: section, exactly as the "
+                   "daemon will (same settings, so the same cached TensorRT plans)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help=f"default {backend}")
+    p.set_defaults(default_backend=backend)
     p.add_argument("--precision", choices=["fp16", "fp32", "int8"],
                    help="TensorRT precision (default fp16; int8 calibrates on the samples and must pass the "
                    "accuracy gate against fp16)")

@@ -110,6 +110,35 @@ def test_compile_and_selftest_cli_with_the_installed_fake(bundle, tmp_path, monk
     assert len(gpu.builds) == 3  # the self-test used the compiled plans
 
 
+def test_compile_with_the_device_config_builds_the_daemons_plans(bundle, tmp_path, monkeypatch, capsys):
+    """`compile --config C` builds with the config's engine: section, so the daemon (which loads
+    the same section) finds every plan cached: the start-up does not build for minutes again."""
+    from edge.config import load_config
+
+    gpu = FakeGPU("10.3.0")
+    gpu.install(monkeypatch)
+    (tmp_path / "in").mkdir()
+    conf = tmp_path / "config.yaml"
+    conf.write_text(f"device: {{id: t}}\nwatch: {{folders: [in]}}\npaths: {{state_dir: state}}\n"
+                    f"bundle: {{path: {bundle.root}, require_signature: false}}\n"
+                    "engine: {type: tensorrt, precision: fp16, max_batch: 2}\n")
+    assert edge_main(["compile", "--config", str(conf), "--allow-unsigned"]) == 0
+    assert capsys.readouterr().out.count("built in") == 3
+    cfg = load_config(conf)
+    engines = load_engines(bundle, cfg.engine, runtime={"trt": gpu.trt, "cuda": gpu.cuda})  # as the daemon does
+    try:
+        assert not any(e.describe()["built"] for e in engines.values())
+        assert all(Path(e.describe()["plan"]).parent == tmp_path / "state" / "engines" for e in engines.values())
+    finally:
+        for e in engines.values():
+            e.close()
+    assert len(gpu.builds) == 3
+    assert edge_main(["selftest", "--config", str(conf), "--runs", "1", "--allow-unsigned"]) == 0
+    assert "backend tensorrt" in capsys.readouterr().out and len(gpu.builds) == 3
+    assert edge_main(["compile", "--config", str(conf), "--precision", "fp32", "--allow-unsigned"]) == 2
+    assert "--config takes the engine settings from its engine: section; drop --precision" in capsys.readouterr().err
+
+
 # --- plan cache ----------------------------------------------------------------------------------------
 
 
