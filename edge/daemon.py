@@ -322,6 +322,10 @@ class Daemon:
             st = path.stat()
         except OSError:
             return
+        if self.health.degraded:  # no write attempt per file and scan: the recovery scans again
+            if self.ingest is not None:
+                self.ingest.forget(path)
+            return
         try:
             new = self.ledger.see(path, st.st_size, st.st_mtime)
         except STORAGE_ERRORS as e:

@@ -350,11 +350,15 @@ class MdBatchWriter:
         except BlockingIOError:
             self._journal.close()
             raise ValueError(f"{self.journal_path}: another process is writing {self.path}") from None
-        self._load_existing()
-        self._replay_journal()
-        self._extend_species(species)
-        if self._pending or not self.path.exists():
-            self.flush()
+        try:
+            self._load_existing()
+            self._replay_journal()
+            self._extend_species(species)
+            if self._pending or not self.path.exists():
+                self.flush()
+        except BaseException:  # e.g. a full disk: release the lock now, so a retry can take it
+            self._journal.close()
+            raise
 
     # -- recovery ---------------------------------------------------------------------------
     def _load_existing(self) -> None:

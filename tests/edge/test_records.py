@@ -255,3 +255,38 @@ def test_existing_junk_file_is_refused(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"md\.json: not valid JSON"):
         _writer(path)
+
+
+def test_a_full_disk_neither_tears_the_journal_nor_keeps_the_lock(tmp_path, monkeypatch):
+    """ENOSPC (the daemon then waits and retries): a failed journal line is cut back, so the next
+    line is not glued to a torn one, and a writer that failed to open releases its lock."""
+    import edge.records.megadetector as md
+
+    path = tmp_path / "md.json"
+    real_write = os.write
+    w = _writer(path, flush_every=1000)
+    w.add("a.jpg", [])
+
+    def full(fd, data):
+        real_write(fd, bytes(data)[:7])  # part of the line goes in, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(md.os, "write", full)
+    with pytest.raises(OSError):
+        w.add("b.jpg", [])
+    monkeypatch.setattr(md.os, "write", real_write)
+    w.add("c.jpg", [])
+    lines = w.journal_path.read_text().splitlines()
+    assert [json.loads(line)["image"]["file"] for line in lines] == ["a.jpg", "c.jpg"]
+    w.close()
+
+    def no_space(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    path.unlink()
+    monkeypatch.setattr(md, "atomic_write_bytes", no_space)
+    with pytest.raises(OSError) as failed:
+        _writer(path)
+    monkeypatch.undo()
+    assert failed.value.errno == 28
+    _writer(path).close()  # the lock went with the failed writer (not "another process is writing")
