@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -35,10 +34,7 @@ class Box(Device):
     """A daemon subprocess whose state dir holds demo-1 at models/current, as an installer leaves it."""
 
     def __init__(self, root: Path, broker, url: str, *, probation: dict | None = None) -> None:
-        self.root = root
-        self.watch = root / "incoming"
-        self.watch.mkdir(parents=True)
-        self.state = root / "state"
+        super().__init__(root, broker, policy="keep", gap_s=1.0)  # then this box's own state and config
         variant(DEMO, self.state / "models" / "current", version="demo-1", key=KEY)
         keys = root / "keys"
         keys.mkdir()
@@ -57,11 +53,7 @@ class Box(Device):
             "updates": {"base_url": url, "timeout_s": 5,
                         "probation": probation or {"frames": 4, "min_frames": 100, "minutes": 60}},
         }
-        self.config = root / "config.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
-        self.log = root / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-        self._mark = 0
         self.n = 0
 
     def drop(self, k: int = 1) -> None:
