@@ -10,6 +10,9 @@ Invariants:
 - ``MdBatchWriter`` keeps a JSON-lines journal (one fsync per result) and rewrites the JSON
   atomically (edge/atomic.py) every few results, so the JSON on disk is valid after any crash
   and the journal replays what the last rewrite missed. A result is durable when ``add`` returns.
+  The rewrite interval grows with the file (at least ``flush_every`` results, at least
+  ``REWRITE_SHARE`` of the images held), so the cost per result stays constant: a rewrite of
+  50,000 images took 72 ms, and rewriting it every 50 results made each result pay 1.4 ms.
 - Classification category ids only grow: a new bundle never renumbers old results.
 - One file is listed once; a redone image replaces its old entry.
 """
@@ -303,11 +306,15 @@ def validate_md_output(doc: Any) -> list[str]:
     return errors
 
 
+REWRITE_SHARE = 0.1  # rewrite the JSON after at least this share of its images arrived anew
+
+
 class MdBatchWriter:
     """Appends results to a MegaDetector batch JSON that stays valid through any crash.
 
-    Each ``add`` is one fsynced line in ``<path>.journal``; every ``flush_every`` results (and
-    on ``flush``/``close``) the whole JSON is rewritten atomically and the journal emptied.
+    Each ``add`` is one fsynced line in ``<path>.journal``; every ``flush_every`` results, or
+    every ``REWRITE_SHARE`` x the images held if that is more (and on ``flush``/``close``), the
+    whole JSON is rewritten atomically and the journal emptied.
     Opening an existing file resumes it: its images are kept, the journal is replayed, and a
     result for a file already present replaces the old one (redoing an image is harmless).
     Category ids only ever grow, so a new bundle with new species never renumbers old results.
@@ -444,7 +451,7 @@ class MdBatchWriter:
             self._images.pop(entry["file"], None)  # re-added at the end: newest result last
             self._images[entry["file"]] = entry
             self._pending += 1
-            if self._pending >= self.flush_every:
+            if self._pending >= max(self.flush_every, REWRITE_SHARE * len(self._images)):
                 self.flush()
 
     def document(self) -> dict:
