@@ -25,7 +25,8 @@ Example::
     prepare: {coco: scenes/coco.json, test_locations: [L6]}   # or instead: data: my/data.yaml
     train: {model: camtrap-tiny.yaml, epochs: 40, imgsz: 160}
     group: {k: auto, conf: 0.25}
-    experts: {epochs: 30, imgsz: 160, negatives: false}
+    experts: {epochs: 10, negatives: false}   # image size (and, unless given, epochs): the global run's
+    control: {enabled: true}                  # epochs: the experts'
 """
 
 from __future__ import annotations
