@@ -579,7 +579,7 @@ def run_grouping(
             chosen = prefer_stable(votes, k_gap)
             if chosen != k_gap:
                 groups = cluster_k(counts, soft, chosen)
-        stab = stability(units, groups, cluster_k, n_boot)
+        stab = stability(units, groups, cluster_k, n_boot, species_order=species)
         (log.warning if stab.unstable else log.info)("%s", advice(stab))
     low = [s for s, v in zip(species, support.tolist(), strict=True) if v < min_support]
     if low:

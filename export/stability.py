@@ -7,7 +7,9 @@ images; single boxes for a confusion CSV) are drawn with replacement, the profil
 and cut into the same number of groups, and each bootstrap group is matched to the original
 group it overlaps most (Jaccard). A species' **stability** is the share of resamples in which
 it lands in the group matched to its own. Below ``STABLE_SHARE`` it is flagged unstable: its
-placement rests on a few boxes, and the advice is a larger validation split (``prepare
+placement rests on a few boxes. A species with fewer than ``MIN_BOXES`` validation boxes is
+flagged too, whatever its share: a bootstrap of one box cannot show how that box might have
+gone (its place then comes from other species' confusions with it). The advice is a larger validation split (``prepare
 --val-frac``) or a person's judgement (edit groups.yaml).
 
 K=auto prefers the stable cut: the largest-gap rule is run on every resample too, and the K it
@@ -25,6 +27,7 @@ import numpy as np
 
 STABLE_SHARE = 0.8  # a species is stable when it lands in its group in at least this share of resamples
 N_BOOT = 200
+MIN_BOXES = 5  # fewer validation boxes of a species than this: too few to judge its placement
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Stability:
     units: str
     n_units: int
     unstable: list[str] = field(default_factory=list)
+    boxes: dict[str, int] = field(default_factory=dict)  # validation boxes per species
 
     @property
     def mean(self) -> float:
@@ -107,8 +111,10 @@ class Stability:
 
 
 def stability(units: Units, groups: dict[str, list[str]], cluster_k: Clusterer, n_boot: int = N_BOOT,
-              seed: int = 0) -> Stability:
-    """Bootstrap ``units``, re-cluster each resample into ``len(groups)`` groups, and score each species."""
+              seed: int = 0, species_order: Sequence[str] | None = None) -> Stability:
+    """Bootstrap ``units``, re-cluster each resample into ``len(groups)`` groups, and score each species.
+
+    ``species_order``: the species in the evidence's row order (to count each one's boxes)."""
     k = len(groups)
     species = [s for m in groups.values() for s in m]
     hits = dict.fromkeys(species, 0)
@@ -119,8 +125,11 @@ def stability(units: Units, groups: dict[str, list[str]], cluster_k: Clusterer, 
         for s, ok in lands(groups, cluster_k(counts, soft, k)).items():
             hits[s] += ok
     share = {s: hits[s] / n_boot for s in species}
-    unstable = sorted((s for s in species if share[s] < STABLE_SHARE), key=lambda s: (share[s], s))
-    return Stability(k, share, n_boot, units.kind, len(units), unstable)
+    totals = units.total()[0].sum(axis=1)
+    boxes = {s: int(totals[i]) for i, s in enumerate(species_order)} if species_order is not None else {}
+    unstable = sorted((s for s in species if share[s] < STABLE_SHARE or boxes.get(s, MIN_BOXES) < MIN_BOXES),
+                      key=lambda s: (share[s], s))
+    return Stability(k, share, n_boot, units.kind, len(units), unstable, boxes)
 
 
 def k_votes(units: Units, cluster_auto: Callable[[np.ndarray, np.ndarray | None], dict[str, list[str]]],
@@ -147,8 +156,13 @@ def advice(st: Stability, val_frac: float | None = None) -> str:
     """One line saying which species are unstable and what to do about it."""
     if not st.unstable:
         return f"every species lands in its group in at least {STABLE_SHARE:.0%} of {st.n_boot} resamples"
-    names = ", ".join(f"{s} ({st.share[s]:.0%})" for s in st.unstable)
+    def why(s: str) -> str:
+        thin = st.boxes.get(s, MIN_BOXES) < MIN_BOXES
+        return f"{s} ({st.share[s]:.0%}" + (f", {st.boxes[s]} boxes)" if thin else ")")
+
+    names = ", ".join(why(s) for s in st.unstable)
     frac = f" (now {val_frac})" if val_frac is not None else ""
     return (f"unstable placement (in its group in fewer than {STABLE_SHARE:.0%} of {st.n_boot} resamples of "
-            f"{st.n_units} validation {st.units}): {names}. The validation evidence for them is thin: prepare with "
-            f"a larger --val-frac{frac}, or move them in groups.yaml by what a biologist knows")
+            f"{st.n_units} validation {st.units}, or fewer than {MIN_BOXES} validation boxes): {names}. "
+            f"The validation evidence for them is thin: prepare with a larger --val-frac{frac}, or move "
+            "them in groups.yaml by what a biologist knows")

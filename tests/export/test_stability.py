@@ -99,3 +99,15 @@ def test_a_given_k_is_kept_and_scored(tmp_path, k):
     groups = run_grouping(out=tmp_path / "g.yaml", k=k, confusion_csv=csv_path, n_boot=30)
     st = yaml.safe_load((tmp_path / "g.yaml").read_text())["meta"]["stability"]
     assert len(groups) == k and st["resamples"] == 30 and "k_votes" not in st
+
+
+def test_a_species_with_too_few_validation_boxes_is_flagged_whatever_its_share(tmp_path):
+    from export.grouping import run_grouping
+
+    counts = COUNTS.copy()
+    counts[2] = [1, 0, 1, 0, 0, 0, 0, 0, 0, 0]  # roe_deer: 2 validation boxes
+    csv_path = tmp_path / "c.csv"
+    write_confusion_csv(csv_path, SPECIES, counts)
+    run_grouping(out=tmp_path / "g.yaml", k=3, confusion_csv=csv_path, n_boot=50)
+    st = yaml.safe_load((tmp_path / "g.yaml").read_text())["meta"]["stability"]
+    assert "roe_deer" in st["unstable"] and "roe_deer (" in st["advice"] and "2 boxes)" in st["advice"]
