@@ -118,3 +118,22 @@ def test_an_older_retained_record_is_not_taken_for_this_runs_outcome():
     assert row.state == "sent"
     apply_message(row, "update", {"id": "ab" * 6, "state": "fetching", "from": "demo-1", "to": "demo-2"})
     assert row.state == "fetching" and row.to_version == "demo-2"
+
+
+def test_the_command_line_updates_all_and_prints_the_table(fleet_of_two, tmp_path, capsys):
+    from export.cli import main
+
+    _, boxes, _ = fleet_of_two
+    boxes[0].box.publish("demo-2", replace={"group2": relabel_onnx(G2, "cli")})
+    key = tmp_path / "ops.key"
+    key.write_bytes(KEY)
+    broker = f"{boxes[0].client.host}:{boxes[0].client.port}"
+    assert main(["update", "--broker", broker, "--all", "--version", "demo-2", "--sign", str(key),
+                 "--timeout", "120"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["device", "from", "to", "state", "bytes", "reason"]
+    assert [ln.split()[:4] for ln in out[1:]] == [["trap-a", "demo-1", "demo-2", "committed"],
+                                                  ["trap-b", "demo-1", "demo-2", "committed"]]
+    assert main(["update", "--broker", broker, "--device", "trap-a", "--version", "demo-1", "--sign", str(key),
+                 "--timeout", "30"]) == 1  # refused: not newer
+    assert "not newer than the running demo-2" in capsys.readouterr().out
