@@ -58,7 +58,9 @@ class OnnxRuntimeConfig(EngineConfig):
     )
     intra_op_threads: int = Field(
         default=0, ge=0, le=256, title="Threads per operator",
-        description="0 lets ONNX Runtime choose (one per core); set lower to leave cores to the daemon",
+        description="0 lets ONNX Runtime choose (one per core); every session of the bundle gets this "
+        "setting. On a 2-4 core CPU box 1 was as fast or faster in BENCHMARKS.md (the sessions run one after "
+        "the other, and it leaves cores to the reader thread)",
     )
     fp16: bool = Field(default=True, title="FP16 in the TensorRT provider", description="only for tensorrt")
 
