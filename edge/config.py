@@ -218,11 +218,21 @@ class CascadeSection(_CascadeOverrides):  # type: ignore[misc,valid-type]  # fie
         return self
 
     def apply(self, settings: CascadeSettings) -> CascadeSettings:
-        """The bundle's settings with the fields set here replacing theirs (validated again as a whole)."""
+        """The bundle's settings with the fields set here replacing theirs, validated again as a whole:
+        each field's bounds were checked with the config, but a rule between fields (background_stop
+        at least expert_floor) can only be checked against the bundle's values, here; it fails as
+        one line naming the section, not a pydantic dump."""
         values = settings.model_dump() | self.model_dump(exclude_none=True, exclude={"disable_gate"})
         if self.disable_gate:
             values["gate_threshold"] = None
-        return CascadeSettings.model_validate(values)
+        try:
+            return CascadeSettings.model_validate(values)
+        except ValidationError as e:
+            err = e.errors(include_url=False, include_input=False)[0]
+            where = ".".join(map(str, err["loc"]))
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            raise ValueError(f"cascade{'.' + where if where else ''}: {msg} (the config's overrides on the "
+                             "bundle's cascade settings)") from None
 
 
 class EventsSection(Section):

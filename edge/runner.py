@@ -123,9 +123,9 @@ class CascadeRunner:
                 return None  # a whole model (e.g. an expert whose frozen layers differ)
             return feats if idx is None else {k: v[idx] for k, v in feats.items()}
 
-        g = self.global_runner
-        g_dets = g.detect_inputs(*prep.inputs[g.entry.imgsz], features=features(g))
-        g_ms = (g.last_ms + (bb_ms if features(g) is not None else 0.0)) / prep.n  # the backbone counts once
+        glob = self.global_runner
+        g_dets = glob.detect_inputs(*prep.inputs[glob.entry.imgsz], features=features(glob))
+        g_ms = (glob.last_ms + (bb_ms if features(glob) is not None else 0.0)) / prep.n  # the backbone counts once
         routes: list[Route] = [plan(d, self.group_of, list(self.experts), self.policy) for d in g_dets]
         stop = self.policy.background_stop
         # experts still to run per image; a staged background pass takes them one round at a time

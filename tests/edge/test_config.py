@@ -258,3 +258,14 @@ def test_check_config_strict_fails_on_an_engine_runtime_that_is_not_installed(tm
     p = _write(tmp_path, MINIMAL + "bundle: {require_signature: false, path: b}\nengine: {type: tensorrt}\n")
     assert main(["check-config", "--strict", str(p)]) == 2  # no tensorrt/pycuda on this machine
     assert capsys.readouterr().out == f"{p}: engine: the tensorrt backend needs tensorrt, pycuda, not importable here\n"
+
+
+def test_an_override_that_breaks_a_rule_between_fields_fails_in_one_line(tmp_path):
+    """background_stop must be at least expert_floor: only checkable against the bundle's values."""
+    cfg = load_config(_write(tmp_path, MINIMAL + "cascade: {background_stop: 0.2}\n"))
+    assert cfg.cascade.apply(CascadeSettings(expert_floor=0.1)).background_stop == 0.2
+    with pytest.raises(ValueError) as e:
+        cfg.cascade.apply(CascadeSettings(expert_floor=0.3))
+    assert not isinstance(e.value, ValidationError)
+    assert str(e.value) == ("cascade: background_stop 0.2 is below expert_floor 0.3: the pass would stop on an "
+                            "answer it then drops (the config's overrides on the bundle's cascade settings)")
