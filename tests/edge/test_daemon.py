@@ -48,11 +48,15 @@ def drop(folder: Path, name: str, data: bytes) -> Path:
 class Device:
     """One `camtrap-edge run` subprocess over a state dir that survives restarts."""
 
+    program: tuple[str, ...] = ("-m", "edge.cli")  # what the Python subprocess runs
+    env: dict[str, str] | None = None  # added to its environment
+
     def __init__(self, root: Path, broker=None, *, policy: str = "delete", gap_s: float = 2.0,
                  program: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.root = root
-        self.program = program or ["-m", "edge.cli"]  # what the Python subprocess runs
-        self.env = env or {}
+        if program:
+            self.program = tuple(program)
+        self.env = env
         self.watch = root / "incoming"
         self.watch.mkdir(parents=True, exist_ok=True)
         self.state = root / "state"
@@ -80,7 +84,7 @@ class Device:
         self._mark = 0  # log offset of the current run
 
     def start(self, *, wait: bool = True) -> Device:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         self._mark = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, *self.program, "run", "--config", str(self.config)],
