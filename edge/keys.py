@@ -84,8 +84,11 @@ def add_trust_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-signature", action="store_true", help=argparse.SUPPRESS)  # the default now
 
 
-def trust_from_args(args: argparse.Namespace) -> Trust:
-    t = trust(args.public_key, args.allow_unsigned)
+def trust_from_args(args: argparse.Namespace, dirs: Sequence[Path] | None = None,
+                    config_requires: bool = True) -> Trust:
+    """The command's trust; ``dirs`` replaces the default places (a device config's keys folder),
+    ``config_requires=False`` (its ``require_signature: false``) allows unsigned as the flag does."""
+    t = trust(args.public_key, args.allow_unsigned or not config_requires, dirs)
     why = t.refusal()
     if why:
         raise ValueError(f"{args.bundle}: {why}")

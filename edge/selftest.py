@@ -136,7 +136,13 @@ def _engine(args: argparse.Namespace) -> EngineConfig:
 def _load(args: argparse.Namespace, tmp: str) -> Bundle:
     from edge.bundle import load_bundle
 
-    t = trust_from_args(args)
+    if getattr(args, "config", None):  # the device config's keys folder and signature rule, as the daemon
+        from edge.config import load_config
+
+        b = load_config(args.config).bundle
+        t = trust_from_args(args, [b.public_keys_dir] if b.public_keys_dir else [], b.require_signature)
+    else:
+        t = trust_from_args(args)
     return load_bundle(args.bundle, public_keys=t.public_keys, require_signature=t.require_signature,
                        extract_to=args.extract_to or tmp)
 

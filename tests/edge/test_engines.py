@@ -229,6 +229,31 @@ def test_selftest_cli_fails_on_mismatch_and_checks_signatures(tmp_path, capsys):
     assert "FAIL" in out and "samples/patch0.png: missing Lynx pardinus" in out
 
 
+def test_selftest_with_a_device_config_trusts_its_keys_folder(tmp_path, capsys):
+    from edge.signing import generate_keypair
+
+    priv, pub = generate_keypair()
+    root = write_test_bundle(tmp_path / "b", sign_key=priv)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "in").mkdir()
+    conf = tmp_path / "config.yaml"
+
+    def config(keys: str, required: bool) -> str:
+        conf.write_text(f"device: {{id: t}}\nwatch: {{folders: [in]}}\npaths: {{state_dir: state}}\n"
+                        f"bundle: {{path: {root}, public_keys_dir: {keys}, "
+                        f"require_signature: {str(required).lower()}}}\n")
+        return str(conf)
+
+    assert edge_main(["selftest", "--config", config(str(tmp_path / "keys"), True), "--runs", "1"]) == 2
+    assert f"looked in {tmp_path / 'keys'}" in capsys.readouterr().err  # the config's folder, and only it
+    (tmp_path / "keys" / "device.pub").write_bytes(pub)
+    assert edge_main(["selftest", "--config", config(str(tmp_path / "keys"), True), "--runs", "1"]) == 0
+    assert "signed by key" in capsys.readouterr().out
+    (tmp_path / "keys" / "device.pub").unlink()
+    assert edge_main(["selftest", "--config", config(str(tmp_path / "keys"), False), "--runs", "1"]) == 0
+    assert "signature NOT verified" in capsys.readouterr().out  # the config's require_signature: false
+
+
 def test_selftest_needs_samples(tmp_path):
     root = write_test_bundle(tmp_path / "b", with_samples=False)
     with pytest.raises(ValueError, match="no sample images"):
