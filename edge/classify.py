@@ -133,7 +133,8 @@ def add_cli(sub) -> None:
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--bundle", required=True, help="bundle folder or .tar/.tar.gz")
     p.add_argument("--out", required=True, help="results JSON to write")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="engine the models run on")
     p.add_argument("--batch", type=int, default=4, help="images per inference batch")
     p.add_argument("--relative-to", metavar="ROOT",
                    help="image root the output's file names are relative to (default: the deepest folder "

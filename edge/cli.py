@@ -13,6 +13,24 @@ import sys
 COMMAND_MODULES = ["classify", "selftest", "commands.messages", "daemon", "commands.records", "config", "demo"]
 
 
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless it says its default itself, or is a switch
+    or an empty list). Used by both command lines (`camtrap-edge`, `camtrap-export`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, [], argparse.SUPPRESS)
+                and action.nargs != 0 and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def use_defaults_formatter(sub: argparse._SubParsersAction) -> None:
+    """One help style for every command: descriptions as written, defaults shown."""
+    for cmd in sub.choices.values():
+        cmd.formatter_class = DefaultsFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="camtrap-edge", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -25,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         mod.add_cli(sub)
+    use_defaults_formatter(sub)
     return p
 
 

@@ -9,20 +9,11 @@ import importlib
 import logging
 import sys
 
+from edge.cli import use_defaults_formatter
+
 # module (under export/) -> registers one or more commands
 COMMAND_MODULES = ["synth", "datasets", "train", "grouping", "experts", "pipeline", "bundle", "backbone", "evaluate",
                    "calibrate", "release", "update"]
-
-
-class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default (unless it says its default itself, or is a switch)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (action.option_strings and action.default is not None and action.default is not argparse.SUPPRESS
-                and action.nargs != 0 and "default" not in text):
-            text += " (default: %(default)s)"
-        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         mod.add_cli(sub)
-    for cmd in sub.choices.values():  # one help style: descriptions as written, defaults shown
-        cmd.formatter_class = DefaultsFormatter
+    use_defaults_formatter(sub)
     return p
 
 
