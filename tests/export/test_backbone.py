@@ -123,6 +123,11 @@ def test_manifest_and_engines_refuse_what_cannot_run(shared, tmp_path):
         Manifest.model_validate(bad)
     with pytest.raises(ValueError, match="onnxruntime backend only"):
         load_engines(load_bundle(out), "tensorrt")
+    # the update store and release fetch the backbone like every model file
+    from edge.updates_store import bundle_files
+
+    man_ = load_bundle(out).manifest
+    assert man_.backbone is not None and ("models/backbone.onnx", man_.backbone.sha256) in bundle_files(man_)
     # the backbone file is verified like every model file
     copy = tmp_path / "b"
     shutil.copytree(out, copy)
