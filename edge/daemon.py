@@ -80,6 +80,10 @@ log = logging.getLogger("camtrap.daemon")
 READ_AHEAD = 2  # decoded batches waiting for inference; bounds memory (a burst of 4K frames is ~100 MB)
 UMASK = 0o027  # files 0640, folders 0750 (the unit's UMask=0027): the ledger holds device paths and results
 DISPOSAL_RETRY_S = 30.0  # how often frames waiting for free space are looked at again
+# a frame that crashed the daemon while alone in the decoder/engine is tried again only after the
+# daemon has been up this long (and nothing else waits): crashes that cluster right after a start
+# (power flapping, an operator's kill loop) must not pin three crashes on whichever frame came first
+OFFENDER_RETRY_AFTER_S = 10.0
 
 
 @dataclass
@@ -113,6 +117,7 @@ class Daemon:
         # run only when this is 0, so it is alone in flight (see edge/ledger.py, crash attribution)
         self._outstanding = 0
         self._idle = threading.Condition()
+        self._up_since = time.monotonic()  # reset when READY
         self._infer_ms: deque[float] = deque(maxlen=200)
         self._alerted: set[tuple[int, str]] = set()
         self._next_telemetry = 0.0
@@ -213,6 +218,7 @@ class Daemon:
                              reconcile_every=cfg.watch.reconcile_every_s, settle=cfg.watch.settle_s,
                              on_reject=self._on_reject, poll_interval=cfg.watch.poll_interval_s)
         self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
+        self._up_since = time.monotonic()
         self._reader.start()
         self.ingest.start()
         if self.updates is not None:
@@ -360,8 +366,9 @@ class Daemon:
             if self.health.degraded:  # claim nothing until the ledger can record results again
                 self._stop.wait(0.5)
                 continue
+            offenders = time.monotonic() - self._up_since >= OFFENDER_RETRY_AFTER_S
             try:
-                rows = self.ledger.claim(batch)
+                rows = self.ledger.claim(batch, offenders=offenders)
             except STORAGE_ERRORS as e:
                 self._storage_failed("claiming frames", e)
                 continue

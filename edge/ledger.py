@@ -35,7 +35,9 @@ commit: it survives the process dying, which is all attribution needs. At the ne
   and it is quarantined after ``max_attempts`` such crashes.
 ``claim()`` hands out a suspect alone (the daemon then keeps everything else out of flight until
 it is through), so a batch that keeps dying is retried frame by frame and only the poison frame
-is quarantined; a frame with a crash counted against it goes after every other waiting frame.
+is quarantined; a frame with a crash counted against it goes after every other waiting frame
+(and the daemon tries it only once it has been up a while: crashes that cluster right after a
+start, a flapping power supply, an operator's kill loop, are unlikely to be the frame's doing).
 A frame that merely sat in the queue, or shared the engine with the poison, is never blamed.
 ``requeue()`` gives quarantined frames another try (as suspects: alone).
 """
@@ -363,17 +365,18 @@ class Ledger:
                          path, row["id"], row["state"])
             return new_id
 
-    def claim(self, limit: int = 1) -> list[ImageRow]:
+    def claim(self, limit: int = 1, *, offenders: bool = True) -> list[ImageRow]:
         """Move up to ``limit`` waiting images (oldest first) to ``processing`` and return them
         (not yet in flight: see :meth:`in_flight`). A suspect (in flight with others when the process
         died) is claimed alone, and a batch stops before the next suspect, so that a crash
         while it is processed can be counted against it and nothing else. A frame that already
         crashed the daemon alone waits until no other frame does: a likely poison frame delays
-        nobody (each of its crashes costs a restart)."""
+        nobody (each of its crashes costs a restart); ``offenders=False`` leaves such frames
+        waiting altogether (the daemon's first seconds after a start)."""
         now = _now()
         with self._tx() as db:
-            rows = db.execute("SELECT id, suspect FROM images WHERE state='seen' ORDER BY attempts > 0, id "
-                              "LIMIT ?", (max(1, int(limit)),)).fetchall()
+            rows = db.execute("SELECT id, suspect FROM images WHERE state='seen' AND (? OR attempts = 0) "
+                              "ORDER BY attempts > 0, id LIMIT ?", (int(offenders), max(1, int(limit)))).fetchall()
             if rows and rows[0]["suspect"]:
                 rows = rows[:1]
             else:

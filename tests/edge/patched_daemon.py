@@ -10,6 +10,7 @@ this wrapper patches the daemon's functions, then runs the ordinary command line
 - ``$CAMTRAP_TEST_FULL_FLAG`` (a path): while that file exists, committing a result fails the
   way SQLite fails on a full disk (``database or disk is full``).
 - ``$CAMTRAP_TEST_DISPOSAL_RETRY_S``: how often empties waiting for free space are looked at.
+- ``$CAMTRAP_TEST_OFFENDER_RETRY_AFTER_S``: uptime before a frame with a crash against it is retried.
 
 Usage: ``python tests/edge/patched_daemon.py run --config C``.
 """
@@ -57,6 +58,8 @@ def _complete(self, *args, **kwargs):
 
 edge.daemon.read_image = _read_image
 edge.ledger.Ledger.complete = _complete
+if "CAMTRAP_TEST_OFFENDER_RETRY_AFTER_S" in os.environ:
+    edge.daemon.OFFENDER_RETRY_AFTER_S = float(os.environ["CAMTRAP_TEST_OFFENDER_RETRY_AFTER_S"])
 if "CAMTRAP_TEST_DISPOSAL_RETRY_S" in os.environ:
     edge.daemon.DISPOSAL_RETRY_S = float(os.environ["CAMTRAP_TEST_DISPOSAL_RETRY_S"])
 edge.runner.CascadeRunner.classify_prepared = _classify_prepared

@@ -93,7 +93,7 @@ def test_a_frame_that_crashes_the_decoder_is_quarantined_alone(tmp_path: Path) -
     (suspects, nothing counted); each suspect is then tried alone: only the poison is
     quarantined, after MAX_CRASHES deaths alone, and every good frame is done."""
     dev = Device(tmp_path, policy="keep", program=[str(HERE / "patched_daemon.py")],
-                 env={"CAMTRAP_TEST_CRASH_ON": "POISON*"})
+                 env={"CAMTRAP_TEST_CRASH_ON": "POISON*", "CAMTRAP_TEST_OFFENDER_RETRY_AFTER_S": "1"})
     names = [f"G{k:02d}.JPG" for k in range(9)]
     names.insert(5, "POISON.JPG")  # in the second batch of 4, decoded while the first one runs
     with Ledger(dev.state / "ledger.sqlite3") as led:  # all waiting at the start: full batches
