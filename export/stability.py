@@ -158,7 +158,8 @@ def advice(st: Stability, val_frac: float | None = None) -> str:
         return f"every species lands in its group in at least {STABLE_SHARE:.0%} of {st.n_boot} resamples"
     def why(s: str) -> str:
         thin = st.boxes.get(s, MIN_BOXES) < MIN_BOXES
-        return f"{s} ({st.share[s]:.0%}" + (f", {st.boxes[s]} boxes)" if thin else ")")
+        n = st.boxes.get(s, 0)
+        return f"{s} ({st.share[s]:.0%}" + (f", {n} box{'' if n == 1 else 'es'})" if thin else ")")
 
     names = ", ".join(why(s) for s in st.unstable)
     frac = f" (now {val_frac})" if val_frac is not None else ""
