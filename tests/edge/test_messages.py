@@ -286,6 +286,21 @@ def _det(sp, s, box=(0, 0, 10, 10)):
     return Detection(sp, s, box)
 
 
+def test_one_animal_claimed_by_two_species_is_one_animal_in_the_message():
+    # species 4 at 0.84 and species 7 at 0.27 on nearly the same box: one animal, not two
+    from edge.cascade import decide, plan
+
+    codes = {"Lynx pardinus": "lyn", "Felis silvestris": "fel"}
+    groups = {"Lynx pardinus": "medium", "Felis silvestris": "medium"}
+    glob = [_det("Lynx pardinus", 0.7)]
+    route = plan(glob, groups, ["medium"])
+    frame = decide(glob, {"medium": [_det("Lynx pardinus", 0.84), _det("Felis silvestris", 0.27, (0, 0, 10, 11))]},
+                   route)
+    m = message_from_decision(frame, seq=1, time=100, codes=codes, group_of=groups, model="v1", file="a.jpg")
+    assert (m.species, m.count, m.extra) == ("lyn", 1, ())
+    assert event_decision([frame, frame]).counts == {"Lynx pardinus": 1}
+
+
 def test_message_from_frame_and_event_decisions():
     codes = {"Lynx pardinus": "lyn", "Felis silvestris": "fel"}
     groups = {"Lynx pardinus": "medium", "Felis silvestris": "medium"}
