@@ -10,7 +10,10 @@ Invariants:
 - Never more than ``max_bytes`` are written: a larger Content-Length is refused before reading,
   and a body that runs over is cut off and its part file removed.
 - A sha256 mismatch removes the part file: resuming a corrupt prefix would never succeed.
-- Only http and https URLs are followed (no file:, ftp: or data: tricks from a command).
+- Only http and https URLs are followed (no file:, ftp: or data: tricks from a command), redirects
+  included: a redirect elsewhere is refused, not followed.
+- Whatever a server answers (not HTTP, endless headers, a garbage Content-Length), the caller gets
+  a ``FetchError`` naming the URL, never http.client's own exceptions.
 - ``bytes`` in the result counts what came over the wire in this call, for the update report.
 """
 
@@ -59,6 +62,33 @@ def join_url(base: str, *parts: str) -> str:
     return base.rstrip("/") + "/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects to ftp: as well; a redirect must stay on http(s) like the URL itself."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        try:
+            check_url(newurl)
+        except ValueError as e:
+            raise FetchError(f"{req.full_url}: redirect refused, {e}", retry=False) from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
+def _open(url: str, req: urllib.request.Request, timeout_s: float) -> http.client.HTTPResponse:
+    """``req`` opened, or FetchError naming ``url`` for anything but an HTTP error status (raised as is)."""
+    try:
+        return _OPENER.open(req, timeout=timeout_s)  # scheme checked by the caller and on each redirect
+    except urllib.error.HTTPError:
+        raise
+    except (urllib.error.URLError, OSError) as e:
+        raise FetchError(f"{url}: {getattr(e, 'reason', e)}", retry=True) from None
+    except http.client.HTTPException as e:  # not HTTP, a header line over 64 KiB, over 100 headers
+        raise FetchError(f"{url}: the server's answer is not valid HTTP ({type(e).__name__}: "
+                         f"{str(e)[:80]!r})", retry=True) from None
+
+
 def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str | None = None) -> Fetched:
     """Download ``url`` to ``dest`` (see the module invariants). Raises FetchError."""
     check_url(url)
@@ -73,14 +103,12 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout_s)  # scheme checked above
+        resp = _open(url, req, timeout_s)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # our part is already whole (or longer than the file): start over
             part.unlink(missing_ok=True)
             return fetch(url, dest, max_bytes=max_bytes, timeout_s=timeout_s, sha256=sha256)
         raise FetchError(f"{url}: HTTP {e.code} {e.reason}", retry=e.code >= 500 or e.code == 429) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise FetchError(f"{url}: {getattr(e, 'reason', e)}", retry=True) from None
     with resp:
         start = 0
         if resp.status == 206:
@@ -90,6 +118,8 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str
                 raise FetchError(f"{url}: the server answered a range request with {got_range!r}", retry=False)
             start = have
         length = resp.headers.get("Content-Length")
+        if length is not None and not length.strip().isdigit():
+            raise FetchError(f"{url}: the server sent Content-Length {length[:40]!r}, not a number", retry=True)
         if length is not None and start + int(length) > max_bytes:
             part.unlink(missing_ok=True)
             raise FetchError(f"{url}: {start + int(length)} bytes is more than the {max_bytes}-byte cap", retry=False)
@@ -157,12 +187,12 @@ def read_small(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
     check_url(url)
     req = urllib.request.Request(url, headers={"User-Agent": "camtrap-edge"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # scheme checked above
+        with _open(url, req, timeout_s) as resp:
             data = resp.read(max_bytes + 1)
     except urllib.error.HTTPError as e:
         raise FetchError(f"{url}: HTTP {e.code} {e.reason}", retry=e.code >= 500) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise FetchError(f"{url}: {getattr(e, 'reason', e)}", retry=True) from None
+    except (OSError, http.client.HTTPException) as e:  # the body broke off
+        raise FetchError(f"{url}: transfer broke ({type(e).__name__}: {str(e)[:80]})", retry=True) from None
     if len(data) > max_bytes:
         raise FetchError(f"{url}: more than the {max_bytes}-byte cap", retry=False)
     return data

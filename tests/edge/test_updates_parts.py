@@ -332,3 +332,79 @@ def test_status_says_where_the_last_update_stands(tmp_path):
         _rec("failed", from_version="demo-1", bytes=1234, reason="self-test failed: group2: ..."))
     assert update_line(tmp_path) == ("model update: failed () demo-1 -> v2, 1,234 bytes fetched; "
                                      "self-test failed: group2: ...")
+
+
+# --- a hostile update server (a raw socket on loopback: it need not speak HTTP) ---------------------
+
+class RawServer:
+    """Answers every connection with ``reply`` (bytes), whatever was asked; counts connections."""
+
+    def __init__(self, reply: bytes) -> None:
+        import socket
+        import threading
+
+        self.reply, self.hits = reply, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.hits += 1
+            with conn:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(self.reply)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+HOSTILE_REPLIES = {
+    "not http": b"\x00\xffGARBAGE\r\n\r\n",
+    "header line over 64 KiB": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+    "over 100 headers": b"HTTP/1.1 200 OK\r\n" + b"X: a\r\n" * 200 + b"\r\n",
+    "bad Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_REPLIES))
+def test_a_server_that_answers_garbage_is_a_fetch_error(case, tmp_path):
+    """Whatever a server sends back, the fetcher raises FetchError (the update fails with one line),
+    never http.client's or int()'s own exceptions (a traceback in the daemon's log)."""
+    from edge.updates_fetch import read_small
+
+    srv = RawServer(HOSTILE_REPLIES[case])
+    try:
+        with pytest.raises(FetchError, match=r"127\.0\.0\.1"):
+            fetch(srv.url + "/f", tmp_path / "out", max_bytes=10**6, timeout_s=5)
+        if case != "bad Content-Length":  # read_small reads to the end whatever the length says
+            with pytest.raises(FetchError, match=r"127\.0\.0\.1"):
+                read_small(srv.url + "/m.json", max_bytes=10**6, timeout_s=5)
+    finally:
+        srv.close()
+
+
+def test_a_redirect_to_a_non_http_url_is_not_followed(tmp_path):
+    """A server (or whoever answers in its place) cannot turn an http URL into ftp: or file:."""
+    from edge.updates_fetch import read_small
+
+    target = RawServer(b"220 ftp ready\r\n")
+    srv = RawServer(f"HTTP/1.1 302 Found\r\nLocation: ftp://127.0.0.1:{target.url.rsplit(':', 1)[1]}/x\r\n"
+                    "Content-Length: 0\r\n\r\n".encode())
+    try:
+        with pytest.raises(FetchError, match=r"redirect.*only http") as e:
+            fetch(srv.url + "/f", tmp_path / "out", max_bytes=10**6, timeout_s=3)
+        assert not e.value.retry
+        with pytest.raises(FetchError, match=r"redirect.*only http"):
+            read_small(srv.url + "/m.json", max_bytes=10**6, timeout_s=3)
+        assert target.hits == 0
+    finally:
+        srv.close()
+        target.close()
