@@ -612,6 +612,32 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError(format_errors(source, e)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a config needs it: a key given twice is an error (YAML lets the later one win in
+    silence), and anchors/aliases are refused (a dozen lines of them expand to billions of values,
+    which hung check-config)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} refused (anchors and aliases are not allowed in the config)",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line
+                if key_node.value in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} given twice (first on line {first[key_node.value] + 1}): "
+                        "the later one would silently win", key_node.start_mark)
+                first[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, expand ${ENV}, validate. Raises FileNotFoundError or ConfigError (a ValueError)."""
     p = Path(path)
@@ -622,7 +648,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{p}: cannot read: {e}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader (no python tags), stricter
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -770,7 +796,8 @@ def config_reference_markdown() -> str:
         "     python -m edge.config > docs/config.md -->",
         "",
         "One YAML file, by default `/etc/camtrap-edge/config.yaml`; check it with",
-        "`camtrap-edge check-config FILE`. Unknown keys are errors. Any string may use `${ENV_VAR}` or",
+        "`camtrap-edge check-config FILE`. Unknown keys, keys given twice and YAML anchors/aliases are",
+        "errors. Any string may use `${ENV_VAR}` or",
         "`${ENV_VAR:-default}` (`$$` is a literal `$`); secrets also have `*_env` and `*_file` forms and",
         "are never printed. Relative paths are relative to the config file's folder. See",
         "`systemd/config.example.yaml` for a commented example.",

@@ -269,3 +269,28 @@ def test_an_override_that_breaks_a_rule_between_fields_fails_in_one_line(tmp_pat
     assert not isinstance(e.value, ValidationError)
     assert str(e.value) == ("cascade: background_stop 0.2 is below expert_floor 0.3: the pass would stop on an "
                             "answer it then drops (the config's overrides on the bundle's cascade settings)")
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """YAML itself lets the later key win in silence: a second mqtt: block pasted at the end of a
+    config would replace the first one unseen."""
+    lines = _errors(tmp_path, MINIMAL + "mqtt: {host: a}\nalerts: {species: [lynx]}\nmqtt: {host: b}\n")
+    assert lines == [f"{tmp_path / 'config.yaml'}: line 5: not valid YAML: key 'mqtt' given twice "
+                     "(first on line 3): the later one would silently win"]
+    nested = _errors(tmp_path, "device: {id: a, id: b}\nwatch: {folders: [x]}\n")
+    assert "line 1: not valid YAML: key 'id' given twice" in nested[0]
+
+
+def test_yaml_aliases_are_refused_at_once(tmp_path):
+    """A dozen lines of anchors and aliases expand to billions of values (check-config hung)."""
+    bomb = "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n"
+                   for a, b in zip("abcdefghi", "bcdefghij", strict=True))
+    p = _write(tmp_path, MINIMAL + "a: &a [x, x, x, x, x, x, x, x, x]\n" + bomb)
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert time.monotonic() - t0 < 5
+    assert e.value.lines == [f"{p}: line 4: not valid YAML: alias *a refused (anchors and aliases are not "
+                             "allowed in the config)"]
