@@ -261,7 +261,8 @@ class AlertsSection(Section):
     species: list[str] = Field(
         default_factory=list,
         title="Watch-list species",
-        description="Species names (as in the bundle) or short codes (e.g. lyn) that raise an alert.",
+        description="Species that raise an alert: class names, short codes (e.g. lypa), or scientific or "
+        "vernacular names from the bundle's taxonomy, in any case; a name the model lacks is logged at start.",
     )
     min_score: float = Field(
         default=0.5, ge=0, le=1, title="Alert score", description="Least confidence that raises an alert."

@@ -239,8 +239,10 @@ class Daemon:
         self.model_version = man.bundle_version
         self.codes = dict(man.codes)
         self.group_of = {s: g for g, members in man.groups.items() for s in members}
-        watch = {s.lower() for s in self.cfg.alerts.species}
-        self.watch_species = {s for s in man.global_model.classes if s.lower() in watch or man.code(s) in watch}
+        self.watch_species, unknown = man.pick_classes(self.cfg.alerts.species)
+        for name in unknown:
+            log.warning("alerts.species: %r names no class of model %s (class names, short codes, scientific or "
+                        "vernacular names); it raises no alert", name, man.bundle_version)
         if self.update_host is not None:
             self.update_host.serving = (bundle, engines)
         if self.publisher is not None:

@@ -296,6 +296,19 @@ class Manifest(_Strict):
     def code(self, species: str) -> str:
         return self.codes.get(species, species[:8].lower())
 
+    def pick_classes(self, names: list[str]) -> tuple[set[str], list[str]]:
+        """The global model's classes that ``names`` pick, and the names that pick none. A name is
+        a class name, its short code, or its taxonomy's scientific or vernacular name, in any case
+        (a config written from a species list says "Lynx pardinus", not the class "lynx")."""
+        aliases: dict[str, set[str]] = {}
+        for c in self.global_model.classes:
+            t = self.taxonomy.get(c)
+            for alias in (c, self.code(c), *((t.scientific_name, t.vernacular_name) if t else ())):
+                if alias:
+                    aliases.setdefault(alias.lower(), set()).add(c)
+        picked = {c for n in names for c in aliases.get(n.lower(), ())}
+        return picked, [n for n in names if n.lower() not in aliases]
+
     # --- bytes ---------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """Canonical bytes: what is hashed and signed."""

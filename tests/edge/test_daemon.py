@@ -372,3 +372,14 @@ def test_the_daemon_sets_its_own_umask(device):
     for p in (dev.state / "ledger.sqlite3", dev.state / "records" / "md_results.json", dev.state / "records"):
         assert p.stat().st_mode & 0o007 == 0, (p, oct(p.stat().st_mode))
     assert (dev.state / "ledger.sqlite3").stat().st_mode & 0o777 == 0o640
+
+
+def test_an_alert_species_the_model_lacks_is_named_in_the_log(device):
+    dev = device()
+    cfg = yaml.safe_load(dev.config.read_text())
+    cfg["alerts"]["species"] = ["Lynx pardinus", "dragon"]
+    dev.config.write_text(yaml.safe_dump(cfg))
+    dev.start()
+    assert "alerts.species: 'dragon' names no class of model" in dev.run_log()
+    assert "'Lynx pardinus' names no class" not in dev.run_log()
+    assert dev.terminate() == 0

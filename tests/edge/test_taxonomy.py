@@ -58,3 +58,13 @@ def test_taxon_ids_become_urls():
     assert t.taxon_url.endswith("search_value=180695")
     url = "https://www.checklistbank.org/dataset/COL2023/taxon/QLXL"
     assert Taxon(scientific_name="Canis lupus", vernacular_name="wolf", taxon_id=url).taxon_url == url
+
+
+def test_alert_names_pick_classes_by_any_of_their_names():
+    """alerts.species may say the class, its code, or its scientific or vernacular name; a name
+    that picks nothing is returned so the daemon can say so (it used to be ignored in silence, and
+    "Lynx pardinus" picked nothing in the demo bundle, whose class is "lynx")."""
+    m = read_manifest(DEMO_BUNDLE)
+    picked, unknown = m.pick_classes(["Lynx pardinus", "red deer", "WOOD_MOUSE", m.code("hare"), "dragon"])
+    assert picked == {"lynx", "red_deer", "wood_mouse", "hare"}
+    assert unknown == ["dragon"]
