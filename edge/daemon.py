@@ -11,7 +11,8 @@ Threads and who owns what::
                                publisher (MQTT, removes a row on PUBACK)
 
 Crash safety comes from the ledger: an image is ``processing`` until its result and messages
-commit in one transaction; only then is it disposed of. After a crash, ``recover()`` puts
+commit in one transaction (a batch's results commit together: one fsync per batch,
+``Ledger.complete_many``); only then is it disposed of. After a crash, ``recover()`` puts
 ``processing`` rows back, done-but-not-disposed rows are disposed again (idempotent), and
 events left open are reopened from the results on record. Redoing is harmless: one result per
 image, ever.
@@ -52,7 +53,7 @@ from edge.disposal import DisposalPolicy, apply, lowest_free_mb, plan_disposal
 from edge.events import EventGrouper, make_frame
 from edge.health import STORAGE_ERRORS, StorageHealth, describe
 from edge.imageio import ImageError, LoadedImage, read_image
-from edge.ledger import DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
+from edge.ledger import Completion, DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
 from edge.messages import (
     Topics,
     encode_detection_json,
@@ -481,8 +482,7 @@ class Daemon:
         except STORAGE_ERRORS as e:
             self._strand(ids, "marking frames inferred", e)
             return
-        for it, ans in zip(good, answers, strict=True):
-            self._finish(it, ans)
+        self._finish(good, answers)
         if self.update_host is not None:
             empties = sum(1 for a in answers if a.decision.empty)
             for a in answers:
@@ -506,7 +506,39 @@ class Daemon:
             prepared = self.runner.prepare([it.image.bgr for it in good if it.image is not None])
             return self.runner.classify_prepared(prepared)
 
-    def _finish(self, it: _Item, ans: Classified) -> None:
+    def _finish(self, items: list[_Item], answers: list[Classified]) -> None:
+        """A batch's results: built in frame order (events are assigned here), committed in ONE
+        durable transaction (``Ledger.complete_many``: one fsync per batch, not per frame), and
+        only then recorded, disposed of and their closed events published. A frame the ledger
+        refuses is skipped alone; a storage error strands the whole batch (nothing of it is
+        durable, so nothing of it is disposed of)."""
+        alerting: set[tuple[int, str]] = set()  # alerts of this batch, not on record yet
+        done = [self._result_of(it, ans, alerting) for it, ans in zip(items, answers, strict=True)]
+        try:
+            outcomes = self.ledger.complete_many([c for c, *_ in done])
+        except STORAGE_ERRORS as e:  # disk full, I/O error: the frames are kept and redone later
+            self._strand([it.row.id for it in items], "committing results", e)
+            return
+        self.health.committed()
+        for (c, it, size, closed), out in zip(done, outcomes, strict=True):
+            if isinstance(out, DuplicateResult):
+                log.info("%s already has a result; keeping the first", it.row.path)
+                continue
+            if isinstance(out, LedgerError):
+                log.error("%s: result not recorded: %s", it.row.path, out)
+                continue
+            result = dict(c.result)
+            if result.get("alerted"):
+                self._alerted.add((result["event"], result["alerted"]))  # only once the alert is on record
+            self._record(it.row.path, {"detections": result["detections"], "image_size": size})
+            self._dispose(it.row, result)  # only id and path are used; both are what was claimed
+            for ev in closed:
+                self._close_event(ev)
+
+    def _result_of(self, it: _Item, ans: Classified, alerting: set[tuple[int, str]]
+                   ) -> tuple[Completion, _Item, tuple[int, int], list[int]]:
+        """One frame's result, messages and event (assigned now, in frame order); ``alerting``
+        holds the (event, species) alerts raised earlier in the batch, not on record yet."""
         img = it.image
         assert img is not None
         d = ans.decision
@@ -530,7 +562,7 @@ class Daemon:
         msgs = []
         if not d.empty and self._publishing:
             alert = bool(sp in self.watch_species and score >= self.cfg.alerts.min_score
-                         and (ev, sp) not in self._alerted)
+                         and (ev, sp) not in self._alerted and (ev, sp) not in alerting)
             msg = message_from_decision(d, seq=it.row.id, time=int(frame.t), codes=self.codes,
                                         group_of=self.group_of, model=self.model_version, event=ev,
                                         file=os.path.basename(it.row.path), alert=alert)
@@ -539,25 +571,10 @@ class Daemon:
             if alert and sp is not None:  # sp is a watch-list species here
                 msgs.append(OutMsg("alert", Topics.ALERTS, payload, image_id=it.row.id))
                 result["alerted"] = sp  # so a restart does not alert twice for this event
-        try:
-            self.ledger.complete(it.row.id, result, msgs, event_id=ev, taken_at=frame.t,
-                                 counters={"empty": 1} if d.empty else None)
-        except DuplicateResult:
-            log.info("%s already has a result; keeping the first", it.row.path)
-            return
-        except LedgerError as e:
-            log.error("%s: result not recorded: %s", it.row.path, e)
-            return
-        except STORAGE_ERRORS as e:  # disk full, I/O error: the frame is kept and redone later
-            self._strand([it.row.id], "committing a result", e)
-            return
-        self.health.committed()
-        if result.get("alerted"):
-            self._alerted.add((ev, result["alerted"]))  # only once the alert is on record
-        self._record(it.row.path, {"detections": result["detections"], "image_size": (w, h)})
-        self._dispose(it.row, result)  # only id and path are used; both are what was claimed
-        for closed in assign.closed:
-            self._close_event(closed.id)
+                alerting.add((ev, sp))
+        c = Completion(it.row.id, result, tuple(msgs), event_id=ev, taken_at=frame.t,
+                       counters={"empty": 1} if d.empty else None)
+        return c, it, (w, h), [e.id for e in assign.closed]
 
     def _record(self, path: str, entry: dict) -> None:
         """The MegaDetector record of a frame; kept for a retry when the records cannot be written

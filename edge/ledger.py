@@ -14,7 +14,8 @@ SQLite serialises writers anyway and the device writes a handful of rows per ima
 block) plus ``busy_timeout`` and ``BEGIN IMMEDIATE`` (writers queue instead of failing).
 
 Durability: ``synchronous=FULL`` for the commits that must survive a power cut (a result is
-what allows the image file to be deleted afterwards); ``NORMAL`` for the rest (``see``, acks,
+what allows the image file to be deleted afterwards; ``complete_many`` commits a batch's
+results with one fsync, each image's rows all or nothing); ``NORMAL`` for the rest (``see``, acks,
 counters), which WAL keeps crash-consistent and whose loss after a power cut is harmless: the
 start-up scan sees the file again, an un-acked message is sent again.
 
@@ -50,7 +51,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,19 @@ class OutMsg:
             raise ValueError(f"outbox message qos {self.qos!r} is not 0, 1 or 2")
         if isinstance(self.payload, str):  # be forgiving: store text as UTF-8
             object.__setattr__(self, "payload", self.payload.encode())
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One image's result for ``Ledger.complete_many`` (the arguments of ``complete``)."""
+
+    image_id: int
+    result: Mapping[str, Any]
+    messages: Sequence[OutMsg] = ()
+    event_id: int | None = None
+    taken_at: float | None = None
+    sha256: str | None = None
+    counters: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -478,25 +492,52 @@ class Ledger:
         (messages refused by a full outbox have no seq; see ``enqueue``)."""
         if state != "done":
             raise ValueError(f"complete(): state must be 'done', got {state!r}")
-        blob = json.dumps(result, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        msgs = [m if m.image_id is not None else _with_image(m, image_id) for m in messages]
-        now = _now()
+        c = Completion(image_id, result, tuple(messages), event_id, taken_at, sha256, counters)
         with self._tx(durable=True) as db:
-            row = db.execute("SELECT state, result FROM images WHERE id=?", (image_id,)).fetchone()
-            if row is None:
-                raise LedgerError(f"complete(): no image with id {image_id}")
-            if row["result"] is not None:
-                raise DuplicateResult(f"image {image_id} already has a result (state {row['state']})")
-            if row["state"] not in ("seen", "processing"):
-                raise LedgerError(f"complete(): image {image_id} is {row['state']}, not seen/processing")
-            db.execute("UPDATE images SET state=?, result=?, event_id=coalesce(?, event_id), "
-                       "taken_at=coalesce(?, taken_at), sha256=coalesce(?, sha256), error=NULL, in_flight=NULL, "
-                       "updated=? WHERE id=?", (state, blob, event_id, taken_at, sha256, now, image_id))
-            seqs = self._enqueue(db, msgs, now)
-            for name, n in (counters or {}).items():
-                _bump(db, name, n)
+            seqs = self._complete_in(db, c, _now())
         if seqs:
             self._notify()
+        return seqs
+
+    def complete_many(self, batch: Sequence[Completion]) -> list[list[int] | LedgerError]:
+        """``complete`` for a batch of images in ONE durable transaction (one fsync for the batch,
+        not one per image). Each image's rows are all or nothing (a savepoint each): an image
+        that already has a result, or is in no state to take one, is skipped and its error
+        returned in its place; the others commit. A storage error rolls back the whole batch
+        and is raised (nothing of it is durable, so nothing of it may be disposed of)."""
+        out: list[list[int] | LedgerError] = []
+        now = _now()
+        with self._tx(durable=True) as db:
+            for c in batch:
+                db.execute("SAVEPOINT one")
+                try:
+                    out.append(self._complete_in(db, c, now))
+                except LedgerError as e:  # DuplicateResult included
+                    db.execute("ROLLBACK TO one")
+                    out.append(e)
+                db.execute("RELEASE one")
+        if any(isinstance(x, list) and x for x in out):
+            self._notify()
+        return out
+
+    def _complete_in(self, db: sqlite3.Connection, c: Completion, now: float) -> list[int]:
+        image_id = c.image_id
+        blob = json.dumps(c.result, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        msgs = [m if m.image_id is not None else _with_image(m, image_id) for m in c.messages]
+        state, event_id, taken_at, sha256, counters = "done", c.event_id, c.taken_at, c.sha256, c.counters
+        row = db.execute("SELECT state, result FROM images WHERE id=?", (image_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"complete(): no image with id {image_id}")
+        if row["result"] is not None:
+            raise DuplicateResult(f"image {image_id} already has a result (state {row['state']})")
+        if row["state"] not in ("seen", "processing"):
+            raise LedgerError(f"complete(): image {image_id} is {row['state']}, not seen/processing")
+        db.execute("UPDATE images SET state=?, result=?, event_id=coalesce(?, event_id), "
+                   "taken_at=coalesce(?, taken_at), sha256=coalesce(?, sha256), error=NULL, in_flight=NULL, "
+                   "updated=? WHERE id=?", (state, blob, event_id, taken_at, sha256, now, image_id))
+        seqs = self._enqueue(db, msgs, now)
+        for name, n in (counters or {}).items():
+            _bump(db, name, n)
         return seqs
 
     def quarantine(self, image_id: int, reason: str) -> None:

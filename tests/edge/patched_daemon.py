@@ -7,8 +7,8 @@ this wrapper patches the daemon's functions, then runs the ordinary command line
 - ``$CAMTRAP_TEST_DECODE_MS`` / ``$CAMTRAP_TEST_INFER_MS``: milliseconds added per frame to
   decoding / inference, so the tiny test model runs at the pace of a real one on a Jetson (the
   read-ahead queue then fills up, as in the field).
-- ``$CAMTRAP_TEST_FULL_FLAG`` (a path): while that file exists, committing a result fails the
-  way SQLite fails on a full disk (``database or disk is full``).
+- ``$CAMTRAP_TEST_FULL_FLAG`` (a path): while that file exists, committing a result (alone or a
+  batch's) fails the way SQLite fails on a full disk (``database or disk is full``).
 - ``$CAMTRAP_TEST_DISPOSAL_RETRY_S``: how often empties waiting for free space are looked at.
 - ``$CAMTRAP_TEST_OFFENDER_RETRY_AFTER_S``: uptime before a frame with a crash against it is retried.
 
@@ -34,6 +34,7 @@ _INFER_S = float(os.environ.get("CAMTRAP_TEST_INFER_MS", "0")) / 1000
 _real_read_image = edge.daemon.read_image
 _real_classify_prepared = edge.runner.CascadeRunner.classify_prepared
 _real_complete = edge.ledger.Ledger.complete
+_real_complete_many = edge.ledger.Ledger.complete_many
 _FULL_FLAG = os.environ.get("CAMTRAP_TEST_FULL_FLAG")
 
 
@@ -56,8 +57,15 @@ def _complete(self, *args, **kwargs):
     return _real_complete(self, *args, **kwargs)
 
 
+def _complete_many(self, *args, **kwargs):  # the daemon commits a batch's results at once
+    if _FULL_FLAG and os.path.exists(_FULL_FLAG):
+        raise sqlite3.OperationalError("database or disk is full")
+    return _real_complete_many(self, *args, **kwargs)
+
+
 edge.daemon.read_image = _read_image
 edge.ledger.Ledger.complete = _complete
+edge.ledger.Ledger.complete_many = _complete_many
 if "CAMTRAP_TEST_OFFENDER_RETRY_AFTER_S" in os.environ:
     edge.daemon.OFFENDER_RETRY_AFTER_S = float(os.environ["CAMTRAP_TEST_OFFENDER_RETRY_AFTER_S"])
 if "CAMTRAP_TEST_DISPOSAL_RETRY_S" in os.environ:

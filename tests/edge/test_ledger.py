@@ -117,6 +117,55 @@ def test_complete_writes_result_and_messages_together_once(ledger: Ledger) -> No
     assert ledger.get(iid).result == {"sp": "lyn", "p": 0.93}
 
 
+def test_complete_many_commits_a_batch_with_one_fsync_and_skips_a_refused_image(ledger: Ledger,
+                                                                                  monkeypatch) -> None:
+    from edge.ledger import Completion
+
+    ids = [ledger.see(f"/w/{i}.jpg", 1, 1.0) for i in range(4)]
+    ledger.claim(4)
+    ledger.complete(ids[1], {"first": True})  # already has a result: refused in the batch, alone
+    fulls: list[str] = []
+    real = ledger._db.execute
+
+    class Spy:  # counts the durable commits (synchronous=FULL, i.e. one WAL fsync each)
+        def __getattr__(self, name):
+            return getattr(ledger.__dict__["_real_db"], name)
+
+        def execute(self, sql, *a):
+            if sql == "PRAGMA synchronous=FULL":
+                fulls.append(sql)
+            return real(sql, *a)
+
+    ledger.__dict__["_real_db"] = ledger._db
+    monkeypatch.setattr(ledger, "_db", Spy())
+    out = ledger.complete_many([Completion(i, {"n": i}, (det(f"d{i}"),), counters={"processed": 1}) for i in ids])
+    assert len(fulls) == 1  # the issue measured two full-sync commits per frame
+    assert isinstance(out[1], DuplicateResult) and all(isinstance(out[k], list) and out[k] for k in (0, 2, 3))
+    assert [ledger.get(i).result for i in ids] == [{"n": ids[0]}, {"first": True}, {"n": ids[2]}, {"n": ids[3]}]
+    assert ledger.outbox_depth() == 3 and ledger.counters() == {"processed": 3}  # the refused one left nothing
+
+
+def test_complete_many_is_all_or_nothing_on_a_storage_error(ledger: Ledger, monkeypatch) -> None:
+    from edge.ledger import Completion
+
+    ids = [ledger.see(f"/w/{i}.jpg", 1, 1.0) for i in range(3)]
+    ledger.claim(3)
+    real = ledger._complete_in
+    calls = []
+
+    def failing(db, c, now):
+        calls.append(c.image_id)
+        if len(calls) == 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(db, c, now)
+
+    monkeypatch.setattr(ledger, "_complete_in", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        ledger.complete_many([Completion(i, {"n": i}, (det("x"),)) for i in ids])
+    assert [ledger.get(i).state for i in ids] == ["processing"] * 3  # none durable: none may be disposed of
+    assert ledger.outbox_depth() == 0
+
+
 def test_transitions_are_checked(ledger: Ledger) -> None:
     iid = ledger.see("/w/a.jpg", 1, 1.0)
     with pytest.raises(LedgerError, match="not done"):
