@@ -46,7 +46,9 @@ class UpdatesSection(_Section):
     max_bundle_mb: float = Field(default=2048, gt=0, title="Bundle cap",
                                  description="Largest total download for one update, in MB.")
     timeout_s: float = Field(default=60, gt=0, title="Timeout",
-                             description="Seconds without data before a download attempt gives up (it resumes).")
+                             description="Seconds without data before a download attempt gives up (it "
+                             "resumes); a transfer that brings under 1 KiB in this many seconds is stalled and "
+                             "gives up too.")
     attempts: int = Field(default=5, ge=1, title="Attempts", description="Tries per file (each one resumes).")
     probation: ProbationSection = Field(default_factory=ProbationSection, title="Probation",
                                         description="How a new model proves itself.")

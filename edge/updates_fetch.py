@@ -12,6 +12,9 @@ Invariants:
 - A sha256 mismatch removes the part file: resuming a corrupt prefix would never succeed.
 - Only http and https URLs are followed (no file:, ftp: or data: tricks from a command), redirects
   included: a redirect elsewhere is refused, not followed.
+- A transfer ends: ``timeout_s`` bounds each read, and each ``timeout_s`` window must bring at
+  least ``MIN_BYTES_PER_WINDOW`` (a server dripping a byte every few seconds would otherwise hold
+  the update in 'fetching' for days). A stalled transfer keeps its part file, like a broken one.
 - Whatever a server answers (not HTTP, endless headers, a garbage Content-Length), the caller gets
   a ``FetchError`` naming the URL, never http.client's own exceptions.
 - ``bytes`` in the result counts what came over the wire in this call, for the update report.
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHUNK = 1 << 16
+MIN_BYTES_PER_WINDOW = 1024  # each timeout_s must bring this much, or the transfer is stalled
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -89,6 +93,27 @@ def _open(url: str, req: urllib.request.Request, timeout_s: float) -> http.clien
                          f"{str(e)[:80]!r})", retry=True) from None
 
 
+def _one_line(text: object) -> str:
+    """The first line of a reason (urllib's redirect-loop reason spans two)."""
+    return str(text).strip().splitlines()[0] if str(text).strip() else ""
+
+
+class _Pace:
+    """The stall rule: at least MIN_BYTES_PER_WINDOW in every ``timeout_s`` window."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.url, self.timeout_s = url, timeout_s
+        self.since, self.got = time.monotonic(), 0
+
+    def add(self, n: int, total: int) -> None:
+        self.got += n
+        if time.monotonic() - self.since >= self.timeout_s:
+            if self.got < MIN_BYTES_PER_WINDOW:
+                raise FetchError(f"{self.url}: transfer stalled after {total} bytes (under {MIN_BYTES_PER_WINDOW} "
+                                 f"bytes in {self.timeout_s:g} s); it resumes on the next attempt", retry=True)
+            self.since, self.got = time.monotonic(), 0
+
+
 def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str | None = None) -> Fetched:
     """Download ``url`` to ``dest`` (see the module invariants). Raises FetchError."""
     check_url(url)
@@ -108,7 +133,7 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str
         if e.code == 416 and have:  # our part is already whole (or longer than the file): start over
             part.unlink(missing_ok=True)
             return fetch(url, dest, max_bytes=max_bytes, timeout_s=timeout_s, sha256=sha256)
-        raise FetchError(f"{url}: HTTP {e.code} {e.reason}", retry=e.code >= 500 or e.code == 429) from None
+        raise FetchError(f"{url}: HTTP {e.code} {_one_line(e.reason)}", retry=e.code >= 500 or e.code == 429) from None
     with resp:
         start = 0
         if resp.status == 206:
@@ -128,8 +153,9 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str
             with open(part, "r+b" if start else "wb") as f:
                 f.seek(start)
                 f.truncate()
+                pace = _Pace(url, timeout_s)
                 while True:
-                    block = resp.read(CHUNK)
+                    block = resp.read1(CHUNK)  # what has come, not a full CHUNK: the pace is checked
                     if not block:
                         break
                     got += len(block)
@@ -138,6 +164,7 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str
                         part.unlink(missing_ok=True)
                         raise FetchError(f"{url}: more than the {max_bytes}-byte cap; download stopped", retry=False)
                     f.write(block)
+                    pace.add(len(block), start + got)  # a stall keeps what came (flushed as the file closes)
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, http.client.HTTPException) as e:  # a dropped link: the part file keeps what came
@@ -188,9 +215,17 @@ def read_small(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
     req = urllib.request.Request(url, headers={"User-Agent": "camtrap-edge"})
     try:
         with _open(url, req, timeout_s) as resp:
-            data = resp.read(max_bytes + 1)
+            pace, parts, size = _Pace(url, timeout_s), [], 0
+            while size <= max_bytes:
+                block = resp.read1(CHUNK)
+                if not block:
+                    break
+                parts.append(block)
+                size += len(block)
+                pace.add(len(block), size)
+            data = b"".join(parts)
     except urllib.error.HTTPError as e:
-        raise FetchError(f"{url}: HTTP {e.code} {e.reason}", retry=e.code >= 500) from None
+        raise FetchError(f"{url}: HTTP {e.code} {_one_line(e.reason)}", retry=e.code >= 500) from None
     except (OSError, http.client.HTTPException) as e:  # the body broke off
         raise FetchError(f"{url}: transfer broke ({type(e).__name__}: {str(e)[:80]})", retry=True) from None
     if len(data) > max_bytes:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import threading
 import time
 
 import pytest
@@ -339,11 +341,8 @@ def test_status_says_where_the_last_update_stands(tmp_path):
 class RawServer:
     """Answers every connection with ``reply`` (bytes), whatever was asked; counts connections."""
 
-    def __init__(self, reply: bytes) -> None:
-        import socket
-        import threading
-
-        self.reply, self.hits = reply, 0
+    def __init__(self, reply: bytes, *, drip_s: float = 0.0) -> None:
+        self.reply, self.hits, self.drip_s = reply, 0, drip_s
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -355,12 +354,18 @@ class RawServer:
             except OSError:
                 return
             self.hits += 1
-            with conn:
-                try:
-                    conn.recv(65536)
-                    conn.sendall(self.reply)
-                except OSError:
-                    pass
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn) -> None:  # type: ignore[no-untyped-def]
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(self.reply)
+                while self.drip_s:  # then a byte now and then: alive, but going nowhere
+                    time.sleep(self.drip_s)
+                    conn.sendall(b"x")
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.sock.close()
@@ -408,3 +413,52 @@ def test_a_redirect_to_a_non_http_url_is_not_followed(tmp_path):
     finally:
         srv.close()
         target.close()
+
+
+def test_a_redirect_loop_is_one_line():
+    from edge.updates_fetch import read_small
+
+    srv = RawServer(b"")
+    srv.reply = f"HTTP/1.1 302 Found\r\nLocation: {srv.url}/again\r\nContent-Length: 0\r\n\r\n".encode()
+    try:
+        with pytest.raises(FetchError, match="redirect") as e:
+            read_small(srv.url + "/m.json", max_bytes=10**6, timeout_s=3)
+        assert "\n" not in str(e.value)
+    finally:
+        srv.close()
+
+
+def _raised_within(call, seconds: float) -> BaseException | None:  # type: ignore[no-untyped-def]
+    """What ``call()`` raised, run in a thread: a hang fails the test instead of stalling it."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    return outcome[0]
+
+
+def test_a_server_that_drips_bytes_is_a_stalled_transfer_not_an_endless_one(tmp_path):
+    """updates.timeout_s bounded each read only: a server sending a byte every few seconds held
+    the update in 'fetching' for days (and refused every later command as 'another update
+    running'). Each timeout_s window must now bring at least MIN_BYTES_PER_WINDOW."""
+    from edge.updates_fetch import read_small
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    srv = RawServer(head, drip_s=0.2)
+    try:
+        for call in (lambda: fetch(srv.url + "/f", tmp_path / "out", max_bytes=10**6, timeout_s=1),
+                     lambda: read_small(srv.url + "/m.json", max_bytes=10**6, timeout_s=1)):
+            err = _raised_within(call, 5)
+            assert isinstance(err, FetchError) and "stalled" in str(err) and err.retry, err
+        assert (tmp_path / "out.part").exists()  # what came is kept: the next attempt resumes it
+    finally:
+        srv.close()
