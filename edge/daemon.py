@@ -889,10 +889,11 @@ def _cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def _count(text: str) -> int:
+    """A count of rows, 0 or more; a huge one means all (SQLite's LIMIT takes 64-bit numbers only)."""
     n = int(text)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
-    return n
+    return min(n, 2**62)
 
 
 def add_cli(sub) -> None:

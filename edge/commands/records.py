@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -36,8 +37,11 @@ def media_results_from_ledger(
     p = Path(db_path)
     if not p.is_file():
         raise FileNotFoundError(f"ledger not found: {p}")
-    with Ledger(p) as ledger:
-        rows = ledger.images()
+    try:
+        with Ledger(p) as ledger:
+            rows = ledger.images()
+    except sqlite3.DatabaseError as e:  # another file given as --ledger
+        raise ValueError(f"{p}: not a ledger ({e})") from None
     return media_results(rows, deployment_id=deployment_id, tz=tz, roots=roots)
 
 
@@ -68,13 +72,21 @@ def _export_camtrapdp(args: argparse.Namespace) -> int:
     if lat is None or lon is None:
         raise ValueError("Camtrap DP needs the deployment's latitude and longitude: set device.latitude/"
                          "longitude in the config or pass --latitude/--longitude")  # fmt: skip
+    for name, value, bound in (("latitude", lat, 90), ("longitude", lon, 180)):
+        if not -bound <= value <= bound:  # NaN fails too
+            raise ValueError(f"--{name}: {value:g} is not a {name} (-{bound} to {bound})")
     tzname = args.timezone or (dev.timezone if dev else "UTC")
     if tzname == "UTC":
         tz: Any = timezone.utc
     else:
         import zoneinfo
 
-        tz = zoneinfo.ZoneInfo(tzname)
+        try:
+            tz = zoneinfo.ZoneInfo(tzname)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"--timezone: unknown time zone {tzname!r} (e.g. Europe/Madrid)") from None
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
     roots = [Path(r) for r in args.root] or (list(cfg.watch.folders) if cfg else [])
     bundle = args.bundle or (cfg.bundle.path if cfg and cfg.bundle.path and cfg.bundle.path.exists() else None)
     taxa, bundle_version = bundle_taxa(bundle)

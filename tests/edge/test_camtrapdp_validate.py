@@ -392,3 +392,28 @@ def test_scientific_names_come_from_the_bundle_taxonomy(tmp_path, capsys):
     assert rc == 0 and validate_camtrapdp(pkg) == []
     assert {o["scientificName"] for o in _rows(pkg, "observations")} == {""}
     assert "red_deer, wood_mouse: their scientificName is left empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    (["--timezone", "Mars/Olympus"], "--timezone: unknown time zone 'Mars/Olympus' (e.g. Europe/Madrid)"),
+    (["--latitude", "500"], "--latitude: 500 is not a latitude (-90 to 90)"),
+    (["--longitude", "-181"], "--longitude: -181 is not a longitude (-180 to 180)"),
+    (["--out", "{tmp}/a-file"], "--out: {tmp}/a-file exists and is not a folder"),
+    (["--ledger", "{tmp}/a-file"], "{tmp}/a-file: not a ledger (file is not a database)"),
+])
+def test_export_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys, bad, says):
+    """Each used to end in a traceback (ZoneInfoNotFoundError, FileExistsError, sqlite3.DatabaseError)
+    or, for a latitude of 500, in a package that fails validation."""
+    from edge.cli import main
+    from edge.ledger import Ledger
+
+    (tmp_path / "a-file").write_text("not a folder, not a database\n")
+    with Ledger(tmp_path / "ledger.sqlite3"):
+        pass
+    args = {"--ledger": str(tmp_path / "ledger.sqlite3"), "--out": str(tmp_path / "pkg"),
+            "--latitude": "37", "--longitude": "-6", "--timezone": "UTC"}
+    args[bad[0]] = bad[1].format(tmp=tmp_path)
+    rc = main(["export-camtrapdp", *[x for kv in args.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"camtrap-edge export-camtrapdp: error: {says.format(tmp=tmp_path)}"]

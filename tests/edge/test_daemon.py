@@ -383,3 +383,15 @@ def test_an_alert_species_the_model_lacks_is_named_in_the_log(device):
     assert "alerts.species: 'dragon' names no class of model" in dev.run_log()
     assert "'Lynx pardinus' names no class" not in dev.run_log()
     assert dev.terminate() == 0
+
+
+def test_status_last_with_a_huge_number_lists_everything(tmp_path, capsys):
+    """--last 99999999999999999999 ended in OverflowError (SQLite's LIMIT is 64-bit)."""
+    from edge.cli import main
+    from edge.ledger import Ledger
+
+    dev = Device(tmp_path)
+    with Ledger(dev.state / "ledger.sqlite3") as led:
+        led.see(str(dev.watch / "a.jpg"), 10, 1.0)
+    assert main(["status", "--config", str(dev.config), "--last", "99999999999999999999"]) == 0
+    assert "images: seen 1" in capsys.readouterr().out
