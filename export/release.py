@@ -175,15 +175,25 @@ def serve(folder: Path, host: str, port: int) -> ThreadingHTTPServer:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
+    from export.update import host_port
+
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+    if args.serve:
+        host_port(args.serve, option="--serve")  # before publishing anything
     for b in args.bundle:
         p = publish(Path(b), out, sign_key=Path(args.sign) if args.sign else None,
                     public_keys=[Path(k) for k in args.public_key or []])
         print(f"published {p.version} ({p.manifest_sha256[:12]}): {p.files} files, {p.new_files} new "
               f"({p.new_bytes / 1e6:.2f} of {p.bundle_bytes / 1e6:.2f} MB) in {out}")
     if args.serve:
-        host, _, port = args.serve.rpartition(":")
-        server = serve(out, host or "127.0.0.1", int(port))
+        host, port = host_port(args.serve, option="--serve")
+        host = host or "127.0.0.1"
+        try:
+            server = serve(out, host, port)
+        except OSError as e:  # in use, not ours to bind
+            raise ValueError(f"--serve: cannot listen on {host}:{port} ({e.strerror or e})") from None
         print(f"serving {out} on http://{host or '127.0.0.1'}:{port}/ (Ctrl-C to stop)")
         try:
             server.serve_forever()

@@ -99,7 +99,10 @@ class Fleet:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self.client.connect(host, port, keepalive=30)
+        try:
+            self.client.connect(host, port, keepalive=30)
+        except OSError as e:  # refused, unknown host, unreachable: a line, not a traceback
+            raise ValueError(f"MQTT broker {host}:{port}: cannot connect ({e.strerror or e})") from None
         self.client.loop_start()
         if not self._connected.wait(10):
             self.close()
@@ -212,10 +215,26 @@ def run_update(fleet: Fleet, devices: list[str], *, command: str, args: dict[str
                                          for d in offline or []]
 
 
+def host_port(text: str, *, option: str, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST[:PORT]`` (``[::1]:PORT`` for IPv6) of a command-line ``option``; ValueError naming it."""
+    host, sep, port = text.rpartition(":")
+    if not sep or "]" in port:
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise ValueError(f"{option}: {text!r} has no port (HOST:PORT)")
+        return host.strip("[]"), default_port
+    if not port.isdigit():
+        raise ValueError(f"{option}: {port!r} is not a port number")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{option}: port {port} is not 1-65535")
+    return host.strip("[]"), int(port)
+
+
 def _cmd_update(args: argparse.Namespace) -> int:
-    host, _, port = args.broker.partition(":")
+    host, port = host_port(args.broker, option="--broker", default_port=1883)
     password = Path(args.password_file).read_text().strip() if args.password_file else None
-    fleet = Fleet(host, int(port or 1883), prefix=args.prefix, username=args.username, password=password,
+    fleet = Fleet(host, port, prefix=args.prefix, username=args.username, password=password,
                   ca_file=Path(args.ca_file) if args.ca_file else None)
     try:
         offline: list[str] = []

@@ -50,3 +50,32 @@ def test_a_corrupt_bundle_is_not_published(tmp_path):
     with pytest.raises(ValueError, match="sha256 mismatch"):
         publish(b, tmp_path / "www")
     assert not (tmp_path / "www" / "manifests").exists()
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["update", "--device", "trap-1", "--version", "v", "--sign", "{key}", "--broker", "127.0.0.1:{closed}",
+      "--timeout", "1"], "MQTT broker 127.0.0.1:{closed}: cannot connect ("),
+    (["update", "--device", "trap-1", "--version", "v", "--sign", "{key}", "--broker", "127.0.0.1:99999"],
+     "--broker: port 99999 is not 1-65535"),
+    (["update", "--device", "trap-1", "--version", "v", "--sign", "{key}", "--broker", "127.0.0.1:abc"],
+     "--broker: 'abc' is not a port number"),
+    (["publish", str(DEMO), "--out", "{tmp}/a-file"], "--out: {tmp}/a-file exists and is not a folder"),
+    (["publish", str(DEMO), "--out", "{tmp}/www", "--serve", "127.0.0.1:99999"],
+     "--serve: port 99999 is not 1-65535"),
+])
+def test_workstation_commands_refuse_bad_places_in_one_line(tmp_path, capsys, argv, says):
+    """A broker that is down, a port out of range, an --out that is a file: each ended in a
+    traceback (ConnectionRefusedError, OverflowError, NotADirectoryError)."""
+    import socket
+
+    (tmp_path / "k.key").write_bytes(KEY)
+    (tmp_path / "a-file").write_text("x\n")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    fill = {"key": tmp_path / "k.key", "closed": closed, "tmp": tmp_path}
+    rc = main([a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    [line] = err.strip().splitlines()
+    assert says.format(**fill) in line
