@@ -44,7 +44,7 @@ def iter_images(paths: Iterable[str | Path], recursive: bool = True) -> Iterator
 
 def image_root(paths: Iterable[str | Path]) -> Path:
     """The deepest folder holding every input: a folder argument counts as itself, a file as its folder."""
-    dirs = [str(p.resolve() if p.is_dir() else p.resolve().parent) for p in map(Path, paths)]
+    dirs = [str(p.resolve() if p.is_dir() else p.absolute().parent.resolve()) for p in map(Path, paths)]
     if not dirs:
         raise ValueError("classify: no input paths")
     return Path(os.path.commonpath(dirs))
@@ -52,8 +52,8 @@ def image_root(paths: Iterable[str | Path]) -> Path:
 
 def relative_name(f: Path, root: Path) -> str:
     """``f`` as a forward-slash path under ``root``; one clear error when it lies outside."""
-    try:
-        return f.resolve().relative_to(root).as_posix()
+    try:  # where the file sits, not where a symlink leads (a link to elsewhere keeps its own name)
+        return (f.parent.resolve() / f.name).relative_to(root).as_posix()
     except ValueError:
         raise ValueError(f"{f}: not under the image root {root} (--relative-to)") from None
 

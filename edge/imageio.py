@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -144,6 +145,8 @@ def file_complete(path: str | os.PathLike) -> bool:
     will reject them with a reason; waiting would not help).
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open
+            return False
         with open(path, "rb") as f:
             head = f.read(8)
             size = os.fstat(f.fileno()).st_size
@@ -188,7 +191,12 @@ def read_image(path: str | os.PathLike, max_side: int | None = None,
     refused before decoding, in every format; so is a file larger than such an image could be.
     """
     try:
-        size = os.stat(path).st_size
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO blocks until a writer comes; a device never ends
+            raise ImageError(path, "not a regular file (a pipe, socket or device): refused unopened")
+        size = st.st_size
         if size > max_pixels * MAX_BYTES_PER_PIXEL + FILE_SLACK_BYTES:
             raise ImageError(path, f"file of {size / 1e6:.0f} MB is larger than any image within the "
                              f"{_mp(max_pixels)} MP limit (watch.max_megapixels) could be: refused unread")

@@ -161,3 +161,22 @@ def test_missing_input_is_one_clear_line(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "nope: no such file or folder" in r.stderr
+
+
+def test_a_folder_with_a_symlink_to_elsewhere_is_classified_whole(tmp_path):
+    """One link to a file outside the folder aborted the whole run ("not under the image root"):
+    the link keeps its own name, and a FIFO or device it may lead to is a failure entry."""
+    import os
+
+    frames = tmp_path / "card"
+    shutil.copytree(DEMO_FRAMES, frames)
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.copy(next(DEMO_FRAMES.glob("*.JPG")), outside)
+    (frames / "link.jpg").symlink_to(outside)
+    os.mkfifo(tmp_path / "pipe")
+    (frames / "to-a-pipe.jpg").symlink_to(tmp_path / "pipe")
+    c = classify_paths([frames, frames / "to-a-pipe.jpg"], DEMO_BUNDLE, tmp_path / "r.json")
+    images = {im["file"]: im for im in json.loads((tmp_path / "r.json").read_text())["images"]}
+    assert c["image_root"] == str(frames.resolve())
+    assert "detections" in images["link.jpg"] and "failure" not in images["link.jpg"]
+    assert "not a regular file" in images["to-a-pipe.jpg"]["failure"]

@@ -308,3 +308,34 @@ def test_directory_and_missing_file(tmp_path):
         read_image(tmp_path)
     with pytest.raises(ImageError, match="vanished"):
         read_image(tmp_path / "nope.jpg")
+
+
+@pytest.mark.parametrize("reader", ["read_image", "file_complete"])
+def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path, reader):
+    """Opening a FIFO blocks until someone writes to it: `camtrap-edge classify x.jpg` on one hung
+    forever. Anything but a regular file is refused before it is opened."""
+    import threading
+
+    from edge import imageio
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(getattr(imageio, reader)(fifo))
+        except imageio.ImageError as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(5)
+    if not outcome:  # unblock the reader so the thread ends, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail(f"{reader} blocked on a FIFO")
+    if reader == "read_image":
+        assert isinstance(outcome[0], imageio.ImageError) and "not a regular file" in str(outcome[0])
+    else:
+        assert outcome[0] is False
