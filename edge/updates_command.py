@@ -91,7 +91,7 @@ def parse_command(payload: bytes, *, name: str, device_id: str, public_keys: Ite
     """
     try:
         env = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... 60,000 deep
         raise CommandError(f"cmd/{name}: not JSON; a signed command envelope is required") from None
     if not isinstance(env, dict) or "sig" not in env or "cmd" not in env:
         raise CommandError(f"cmd/{name}: unsigned command refused (expected {{\"v\":1,\"cmd\":...,\"sig\":...}})")

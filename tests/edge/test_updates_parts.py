@@ -40,6 +40,7 @@ def test_a_signed_command_is_accepted_with_its_key_id():
 @pytest.mark.parametrize("payload, why", [
     (b'{"version": "v2"}', "unsigned command refused"),
     (b"not json", "not JSON"),
+    (b"[" * 60_000 + b"]" * 60_000, "not JSON"),  # deeper than json's recursion: RecursionError before
 ])
 def test_unsigned_commands_are_refused(payload, why):
     with pytest.raises(CommandError, match=why):
