@@ -60,7 +60,8 @@ def apply_message(row: Row, kind: str, body: dict[str, Any]) -> None:
     row.state = str(body.get("state") or row.state)
     row.from_version = body.get("from") or row.from_version
     row.to_version = body.get("to") or row.to_version
-    row.bytes = int(body.get("bytes") or 0)
+    n = body.get("bytes")
+    row.bytes = int(n) if isinstance(n, int) and n >= 0 else 0  # the wire may say anything
     row.reason = str(body.get("reason") or "")
     if not row.seen or row.seen[-1] != row.state:
         row.seen.append(row.state)

@@ -137,3 +137,15 @@ def test_the_command_line_updates_all_and_prints_the_table(fleet_of_two, tmp_pat
     assert main(["update", "--broker", broker, "--device", "trap-a", "--version", "demo-1", "--sign", str(key),
                  "--timeout", "30"]) == 1  # refused: not newer
     assert "not newer than the running demo-2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["many", 1e999, [1], {"a": 1}, -5])
+def test_a_hostile_bytes_field_does_not_end_the_follow(bad):
+    """Whoever can publish on a box's update topic could end `camtrap-export update` with a
+    ValueError or OverflowError (int("many"), int(inf)): a bad count reads as 0."""
+    from export.update import Row, apply_message
+
+    row = Row("trap-1")
+    row.nonce = "abcdefabcdef0011"
+    apply_message(row, "update", {"id": row.nonce[:12], "state": "fetching", "bytes": bad})
+    assert row.state == "fetching" and row.bytes == 0
