@@ -15,9 +15,10 @@ while the daemon is down. So :class:`Ingest` combines
   moved in: complete by the same convention, a candidate at once;
 - a file that merely appears (a polling observer only sees creations and modifications, a scan
   finds it, a creation not yet closed): it becomes a candidate once it looks ready: same size
-  and mtime at two looks ``settle`` seconds apart and a JPEG/PNG end marker, or unchanged for
-  ``stale_s`` (then it is passed on anyway so the reader can quarantine it instead of it waiting
-  forever);
+  and mtime at two looks ``settle`` seconds apart and a JPEG/PNG end marker (counted only if
+  size and mtime did not change while it was read: else the version passed on would be a
+  prefix and the writer's close would pass the file on again), or unchanged for ``stale_s``
+  (then it is passed on anyway so the reader can quarantine it instead of it waiting forever);
 - a scan at start-up and every ``reconcile_every`` seconds, which only passes on files whose
   (size, mtime) it has not passed on before.
 
@@ -323,14 +324,15 @@ class Ingest:
             if self._known.get(path) == key:
                 return  # this version was passed on already
         if not item.complete:
-            stable = (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
+            stable = key == (item.size, item.mtime_ns)
             stale = time.time() - st.st_mtime >= self.stale_s or now - item.since >= self.stale_s
-            if not (stale or (stable and st.st_size > 0 and file_complete(path))):
-                if not stable:
-                    log.debug("ingest: %s still changing", show_path(path))
+            if stable and not stale:
+                stable, key = _complete_version(path, key)
+            if not (stale or stable):
+                log.debug("ingest: %s still changing or incomplete", show_path(path))
                 with self._cv:  # look again later (unless an event re-armed it meanwhile)
                     self._pending.setdefault(path, _Pending(due=now + self.settle, complete=False,
-                                                            size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                                            size=key[0], mtime_ns=key[1],
                                                             since=item.since))
                     self._cv.notify_all()
                 return
@@ -453,6 +455,22 @@ def _hidden_or_temp(name: str) -> bool:
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _complete_version(path: str, key: tuple[int, int]) -> tuple[bool, tuple[int, int]]:
+    """Whether the file whose stat gave ``key`` (size, mtime_ns) ends with its end marker, and
+    the version it has now. The marker is read after the stat: a writer that finished in between
+    leaves a complete-looking file whose recorded version is a prefix, and the writer's close
+    would then pass it on a second time (seen under load). So it counts only if the file did not
+    change meanwhile."""
+    if key[0] <= 0 or not file_complete(path):
+        return False, key
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False, key
+    now = (st.st_size, st.st_mtime_ns)
+    return now == key, now
 
 
 def _is_regular(st: os.stat_result) -> bool:

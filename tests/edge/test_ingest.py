@@ -333,3 +333,36 @@ def test_incomplete_file_with_future_mtime_still_passed_on_when_stale(tmp_path, 
     with ingest(sink, watch, stale_s=1.0):
         assert sink.wait(lambda s: len(s.candidates) >= 1)
     assert sink.candidates == [cut] and not sink.complete_at_call[cut]
+
+
+def test_a_file_finished_while_its_end_marker_is_read_is_passed_on_once(tmp_path, jpeg, monkeypatch):
+    """The race behind a flaky run under load: a settled prefix is stat'ed, then the writer
+    finishes before the end marker is read, so the file looked complete under the prefix's
+    (size, mtime), and the writer's close passed it on a second time as a 'new version'."""
+    import edge.ingest as ingest_mod
+
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    p = watch / "IMG_0001.JPG"
+    p.write_bytes(jpeg[:120_000])
+    st = p.stat()
+    sink = Sink()
+    ing = ingest(sink, watch)  # not started: the worker's steps are called by hand
+    real = ingest_mod.file_complete
+
+    def writer_finishes_first(path):
+        with open(path, "ab") as f:
+            f.write(jpeg[120_000:])
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # coarse clocks: make the write visible
+        return real(path)
+
+    monkeypatch.setattr(ingest_mod, "file_complete", writer_finishes_first)
+    ing._pending[str(p)] = ingest_mod._Pending(due=0.0, complete=False, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    ing._look(str(p))  # settled prefix, but it grew during the check: looked at again, not passed on
+    monkeypatch.setattr(ingest_mod, "file_complete", real)
+    assert sink.candidates == [] and str(p) in ing._pending
+    ing._note(str(p), complete=True)  # the writer's close
+    ing._look(str(p))
+    ing._pending[str(p)] = ingest_mod._Pending(due=0.0, complete=False)  # a later scan or event
+    ing._look(str(p))
+    assert sink.candidates == [p] and sink.complete_at_call[p]
