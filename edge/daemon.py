@@ -741,8 +741,15 @@ class Daemon:
     def _tick(self, now: float) -> None:
         if self.health.due(now):
             self._retry_storage()
-        for e in self.events.expire(now):
-            self._close_event(e.id)
+        idle = self.events.idle_cameras(now)
+        if idle:  # frames of a camera that wait (a backlog, a frame held back after a crash) keep its event open
+            try:
+                waiting = self.ledger.waiting_in(idle)
+            except STORAGE_ERRORS as e:
+                self._storage_failed("reading the frames that wait", e)
+                waiting = idle
+            for ev in self.events.expire(now, waiting=waiting):
+                self._close_event(ev.id)
         if self.updates is not None:
             self.updates.observe()  # probation also ends on time, frames or not
         if self._disposal_waiting and now >= self._next_disposal_retry and not self.health.degraded:

@@ -13,13 +13,14 @@ others would mix clocks; traps do not do that in practice.
 Two APIs: :func:`group_events` for a batch (records, evaluation), and :class:`EventGrouper` for
 the daemon, which sees frames one at a time: an event stays open until a later frame of the same
 camera comes more than ``gap_s`` after it, or until nothing has joined it for ``idle_s`` seconds of
-wall time (the caller passes ``now``); then it is closed and its event-level answer can be sent.
+wall time (the caller passes ``now``) and no frame of its camera waits to be processed (the caller
+says which cameras have some); then it is closed and its event-level answer can be sent.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -162,13 +163,21 @@ class EventGrouper:
         self._next_id = max(self._next_id, event_id + 1)
         return ev
 
-    def expire(self, now: float) -> list[Event]:
-        """Close and return the events nothing has joined for ``idle_s`` (call it periodically)."""
+    def idle_cameras(self, now: float) -> set[str]:
+        """Cameras with an event nothing has joined for ``idle_s`` (what :meth:`expire` may close)."""
+        return {cam for cam, evs in self._open.items() if any(now - e.last_added >= self.idle_s for e in evs)}
+
+    def expire(self, now: float, waiting: Container[str] = frozenset()) -> list[Event]:
+        """Close and return the events nothing has joined for ``idle_s`` (call it periodically).
+
+        Idle time is the daemon's wall clock, not the cameras': an event of a camera in
+        ``waiting`` (frames of it found but not yet processed: a backlog, a frame held back after
+        a crash) stays open, since those frames may still join it."""
         out = []
         for cam, evs in list(self._open.items()):
             keep = []
             for e in evs:
-                if now - e.last_added >= self.idle_s:
+                if now - e.last_added >= self.idle_s and cam not in waiting:
                     e.closed = True
                     out.append(e)
                 else:

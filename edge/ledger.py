@@ -601,6 +601,14 @@ class Ledger:
                           "AND event_id NOT IN (SELECT id FROM events) ORDER BY event_id")
         return [int(r["event_id"]) for r in rows]
 
+    def waiting_in(self, folders: Iterable[str]) -> set[str]:
+        """Those of ``folders`` holding an image still to be processed (``seen`` or
+        ``processing``): an event of that camera must not close by idle time while its later
+        frames wait (a backlog, a frame held back after a crash)."""
+        want = set(folders)
+        rows = self._read("SELECT path FROM images WHERE state IN ('seen', 'processing') AND superseded IS NULL")
+        return {d for d in (os.path.dirname(_py_path(r["path"])) for r in rows) if d in want}
+
     def max_event_id(self) -> int:
         row = self._read("SELECT max(m) AS m FROM (SELECT max(event_id) AS m FROM images "
                          "UNION ALL SELECT max(id) FROM events)")

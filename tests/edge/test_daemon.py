@@ -250,6 +250,29 @@ def test_sigkill_mid_burst_loses_nothing(device, mosquitto, kill_after):
     sub.stop()
 
 
+def test_a_frame_held_back_after_a_crash_still_joins_its_burst(device):
+    """The frame alone in the engine at a SIGKILL is retried only after the daemon has been up
+    OFFENDER_RETRY_AFTER_S (10 s); the rest of its burst is done long before, and its event is
+    idle after 2 x gap_s (4 s). The event must wait for the held frame, which is still to be
+    processed: it was closed, and the held frame started a second event (seen as a flaky
+    test_sigkill_mid_burst_loses_nothing[0] under load, when one frame alone was in flight)."""
+    from edge.ledger import Ledger
+
+    dev = device(policy="keep")
+    frames = [drop(dev.watch, f"F{k:03d}.JPG", lynx_frame(k)) for k in range(4)]
+    dev.state.mkdir(parents=True, exist_ok=True)
+    with Ledger(dev.state / "ledger.sqlite3") as led:  # what a SIGKILL leaves: F000 alone in the engine
+        st = frames[0].stat()
+        led.see(frames[0], st.st_size, st.st_mtime)
+        [row] = led.claim(1)
+        led.in_flight([row.id], "inference")
+    dev.start()
+    rows = dev.wait_done(4, timeout=60)
+    assert dev.wait_log("1 were in the decoder/engine", 5)
+    assert len({r["event_id"] for r in rows}) == 1, [(Path(r["path"]).name, r["event_id"]) for r in rows]
+    assert dev.terminate() == 0
+
+
 def test_broker_outage_mid_burst(device, mosquitto):
     sub = Subscriber(mosquitto, "camtrap/trap-t/detections", persistent=True, receive_maximum=1).start()
     dev = device(mosquitto).start()

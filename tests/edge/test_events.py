@@ -114,3 +114,16 @@ def test_reopened_event_keeps_its_id_and_takes_later_frames():
     assert [e.id for e in g.expire(now=100.0)] == [10]  # 7 was closed by the gap, 10 by idle time
     with pytest.raises(ValueError):
         g.reopen(8, [], now=0.0)
+
+
+def test_an_idle_event_stays_open_while_frames_of_its_camera_wait():
+    """Idle time is the daemon's clock: frames of the camera still waiting to be processed (a
+    backlog, a frame held back after a crash) may still join, so the event is not closed."""
+    g = EventGrouper(gap_s=2.0, idle_s=4.0)
+    g.add(Frame("a/2", "a", 101.0), now=0.0)
+    g.add(Frame("b/1", "b", 50.0), now=0.0)
+    assert g.idle_cameras(now=3.0) == set() and g.idle_cameras(now=5.0) == {"a", "b"}
+    assert [e.camera for e in g.expire(now=5.0, waiting={"a"})] == ["b"]
+    late = g.add(Frame("a/1", "a", 100.0), now=12.0)  # the held-back frame, processed late
+    assert not late.new and late.event.id == 1 and len(late.event.frames) == 2
+    assert [e.id for e in g.expire(now=16.0)] == [1]

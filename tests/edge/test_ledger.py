@@ -549,3 +549,17 @@ def test_a_frame_that_crashed_alone_waits_behind_the_others(tmp_path: Path) -> N
         assert [r.id for r in led.claim(4, offenders=False)] == fresh
         assert led.claim(4, offenders=False) == []  # just after a start: not yet
         assert [r.id for r in led.claim(4)] == [bad]
+
+
+def test_waiting_in_names_the_folders_with_frames_still_to_process(ledger: Ledger) -> None:
+    ledger.see("/w/cam1/A.JPG", 100, 1000.0)
+    ledger.see("/w/cam1/sub/B.JPG", 100, 1000.0)
+    ledger.see("/w/cam2/C.JPG", 100, 1000.0)
+    folders = ["/w/cam1", "/w/cam2", "/w/cam3"]
+    assert ledger.waiting_in(folders) == {"/w/cam1", "/w/cam2"}
+    rows = ledger.claim(5)  # processing still waits
+    assert ledger.waiting_in(folders) == {"/w/cam1", "/w/cam2"}
+    for r in rows:
+        if r.path != "/w/cam1/sub/B.JPG":
+            ledger.complete(r.id, {"empty": True}, [])
+    assert ledger.waiting_in(folders) == set() and ledger.waiting_in(["/w/cam1/sub"]) == {"/w/cam1/sub"}
