@@ -41,7 +41,7 @@ from edge.engines import load_engines  # noqa: E402
 from edge.imageio import read_image  # noqa: E402
 from edge.runner import CascadeRunner  # noqa: E402
 from export.calibrate import choose_gate, run_outcomes  # noqa: E402
-from export.evaluate import _split_images  # noqa: E402
+from export.evaluate import split_images  # noqa: E402
 from export.metrics import BACKGROUND  # noqa: E402
 
 DEMO = ROOT / "edge" / "demo" / "bundle"
@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     engines = load_engines(bundle, "onnxruntime", providers=["cpu"], intra_op_threads=args.threads)
 
     # the gate, calibrated on validation frames as `camtrap-export calibrate` does
-    v_imgs, v_truths, _, _ = _split_images(data, "val")
+    v_imgs, v_truths, _, _ = split_images(data, "val")
     gate, _, _ = choose_gate(run_outcomes(bundle, v_imgs, v_truths, BACKGROUND), ceiling=man.cascade.route_threshold)
 
-    imgs, truths, _, _ = _split_images(data, "test")
+    imgs, truths, _, _ = split_images(data, "test")
     empties = [i for i, t in enumerate(truths) if t == BACKGROUND]
     animals = [i for i, t in enumerate(truths) if t != BACKGROUND]
     n_animals = min(len(animals), round(len(empties) * (1 - args.empty) / args.empty))

@@ -137,10 +137,10 @@ def calibrate(bundle_dir: Path, data_yaml: Path, split: str = "val",
               backend: str = "onnxruntime", public_keys: list[Path] | None = None,
               require_signature: bool = False, write: bool = True) -> dict:
     from edge.bundle import load_bundle
-    from export.evaluate import _split_images
+    from export.evaluate import split_images
     from export.metrics import BACKGROUND
 
-    imgs, truths, names, _meta = _split_images(data_yaml, split)  # bad input fails before models load
+    imgs, truths, names, _meta = split_images(data_yaml, split)  # bad input fails before models load
     if not bundle_dir.is_dir():
         raise ValueError(f"{bundle_dir}: calibrate writes into a bundle folder (unpack a .tar first)")
     bundle = load_bundle(bundle_dir, public_keys=public_keys or None, require_signature=require_signature)

@@ -46,7 +46,10 @@ def _truth(label_file: Path, names: list[str]) -> str:
     return names[Counter(ids).most_common(1)[0][0]] if ids else BACKGROUND
 
 
-def _split_images(data_yaml: Path, split: str) -> tuple[list[Path], list[str], list[str], dict]:
+def split_images(data_yaml: Path, split: str) -> tuple[list[Path], list[str], list[str], dict]:
+    """A split's images, each one's true species (or background), the class names and meta.json.
+
+    Shared by evaluate, calibrate and the P2 benchmark, so all score the same frames the same way."""
     if not data_yaml.is_file():
         raise FileNotFoundError(f"{data_yaml}: data.yaml not found (run `camtrap-export prepare` first)")
     d = yaml.safe_load(data_yaml.read_text())
@@ -119,7 +122,7 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     from edge.runner import CascadeRunner
     from export.calibrate import FrameOutcome, gate_outcome
 
-    imgs, truths, names, meta = _split_images(data_yaml, split)  # bad input fails before models load
+    imgs, truths, names, meta = split_images(data_yaml, split)  # bad input fails before models load
     bundle = load_bundle(bundle_path, public_keys=public_keys or None, require_signature=require_signature)
     man = bundle.manifest
     gate = man.cascade.gate_threshold  # applied below from the gate-off run, so both can be reported
