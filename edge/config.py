@@ -248,7 +248,8 @@ class EventsSection(Section):
     clock: Literal["exif", "mtime"] = Field(
         default="exif",
         title="Clock",
-        description="exif: EXIF DateTimeOriginal, else the file mtime; mtime: always the file mtime.",
+        description="exif: EXIF DateTimeOriginal when plausible (not before 2001, not after the file was "
+        "written), else the file mtime; mtime: always the file mtime (for cameras whose clock is not trusted).",
     )
 
 

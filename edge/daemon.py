@@ -52,7 +52,7 @@ from edge.config import Config, load_config
 from edge.disposal import DisposalPolicy, apply, lowest_free_mb, plan_disposal
 from edge.events import EventGrouper, make_frame
 from edge.health import STORAGE_ERRORS, StorageHealth, describe
-from edge.imageio import ImageError, LoadedImage, read_image
+from edge.imageio import ImageError, LoadedImage, read_image, show_path
 from edge.ledger import Completion, DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
 from edge.messages import (
     Topics,
@@ -63,6 +63,7 @@ from edge.messages import (
 from edge.mqtt_commands import CommandRegistry, Request
 from edge.runner import CascadeRunner, Classified, Prepared
 from edge.sdnotify import Notifier, watchdog_interval
+from edge.throttle import ThrottledLog
 from edge.updates import COMMANDS as UPDATE_COMMANDS
 from edge.updates import update_line
 
@@ -138,6 +139,7 @@ class Daemon:
         self.fatal: BaseException | None = None
         self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
         self._camera_tz = ZoneInfo(cfg.device.timezone)
+        self._clock_log = ThrottledLog(log, rate=1 / 300, burst=3)  # a camera with an unset clock: every frame
         self._publishing = cfg.mqtt is not None  # no broker configured: ledger and records only
         # MQTT commands (cmd/<name>); later features register theirs here before start()
         self.commands = CommandRegistry()
@@ -544,10 +546,10 @@ class Daemon:
         d = ans.decision
         scale = img.scale or 1.0
         w, h = img.orig_size
-        taken = img.taken_at
+        taken = img.taken_at if self.cfg.events.clock == "exif" else None  # mtime: the camera clock is not trusted
         if taken is not None and taken.tzinfo is None:  # EXIF has no zone: the camera clock's, from config
             taken = taken.replace(tzinfo=self._camera_tz)
-        frame = make_frame(it.row.path, taken, it.row.mtime)
+        frame = make_frame(it.row.path, taken, it.row.mtime, now=time.time())
         assign = self.events.add(frame, time.monotonic())
         ev = assign.event.id
         sp, score = d.top
@@ -555,8 +557,12 @@ class Daemon:
             "file": it.row.path, "width": w, "height": h, "taken_at": frame.t, "event": ev,
             "model": self.model_version, "bundle": self.bundle.manifest_sha256[:12], **d.to_dict(),
             "max_animal_score": round(ans.max_animal_score, 5),
-            "ms": {k: round(v, 2) for k, v in ans.timings_ms.items()},
+            "ms": {k: round(v, 2) for k, v in ans.timings_ms.items()}, "time_source": frame.source,
         }
+        if frame.issue:  # an implausible camera clock (edge/events.py): the records flag the time
+            result["time_issue"] = frame.issue
+            self._clock_log.log(logging.WARNING, "%s: %s; using the file's %s", show_path(it.row.path),
+                                frame.issue, "mtime" if frame.source == "mtime" else "arrival time")
         for det in result["detections"]:  # back to original-image pixels when decoded reduced
             det["box"] = [round(v / scale, 1) for v in det["box"]]
         msgs = []

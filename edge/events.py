@@ -3,12 +3,24 @@
 A trap fires bursts of 3-10 frames; users want one answer per visit, not ten. Frames belong to
 the same event when they come from the same camera (folder) and each is at most ``gap_s``
 seconds after the previous one, by the camera's own clock (EXIF DateTimeOriginal), or by file
-mtime when the image carries no EXIF time.
+mtime when the image carries no EXIF time or an implausible one (see below).
 
 Times: a naive EXIF time (no OffsetTimeOriginal, the usual case) is read as if it were UTC, so it
 becomes a float on a per-camera scale. That is only compared with other frames of the same
 camera, where the offset cancels out. A camera that writes EXIF on some frames and not on
 others would mix clocks; traps do not do that in practice.
+
+Implausible camera clocks (:func:`frame_time`): a trap whose clock was never set, or lost its
+battery, stamps 1970, 1980 or 2000-01-01; a wrong year setting stamps 2099. Such a time would
+put the frame, its event and its Camtrap DP record years away from the real visit, so an EXIF
+time is used only when it lies in the window a real capture can have:
+- not before ``EARLIEST_PLAUSIBLE`` (2001-01-01: the reset values of unset clocks lie before it);
+- not more than ``CLOCK_SLACK_S`` (one day: time zones, drift) after the file's mtime or after
+  now: a picture is taken before its file is written.
+An EXIF time years *before* the mtime is kept: a card copied without its times (an archive, a
+season's card) is normal. Outside the window the frame takes its mtime (or, when the mtime is
+as implausible, the time it was received), and says so: ``source`` names what was used and
+``issue`` keeps the EXIF value and why it was refused, so nothing is lost.
 
 Two APIs: :func:`group_events` for a batch (records, evaluation), and :class:`EventGrouper` for
 the daemon, which sees frames one at a time: an event stays open until a later frame of the same
@@ -27,34 +39,81 @@ from pathlib import Path
 
 DEFAULT_GAP_S = 5.0
 DEFAULT_IDLE_S = 30.0
+EARLIEST_PLAUSIBLE = datetime(2001, 1, 1, tzinfo=timezone.utc)  # unset clocks: 1970, 1980, 2000-01-01
+CLOCK_SLACK_S = 86_400.0  # how far a capture time may lie after its file's mtime (or now)
 
 
 @dataclass(frozen=True)
 class Frame:
-    """One image as the grouping sees it. ``t`` is seconds on the camera's clock (see module doc)."""
+    """One image as the grouping sees it. ``t`` is seconds on the camera's clock (see module doc);
+    ``issue`` says why an EXIF time was not used (None when it was, or when there was none)."""
 
     path: str
     camera: str
     t: float
-    source: str = "exif"  # "exif" | "mtime"
+    source: str = "exif"  # "exif" | "mtime" | "received"
+    issue: str | None = None
 
 
-def frame_time(taken_at: datetime | None, mtime: float) -> tuple[float, str]:
-    """(seconds, source): EXIF time when present, else the file's mtime (epoch seconds)."""
-    if taken_at is None:
-        return float(mtime), "mtime"
-    if taken_at.tzinfo is None:
-        taken_at = taken_at.replace(tzinfo=timezone.utc)  # camera clock, offset unknown
-    return taken_at.timestamp(), "exif"
+@dataclass(frozen=True)
+class FrameTime:
+    """When a frame was taken: ``t`` epoch seconds, ``source`` what it came from, ``issue`` why
+    the EXIF time was refused (None unless it was)."""
+
+    t: float
+    source: str  # "exif" | "mtime" | "received"
+    issue: str | None = None
+
+
+def _plausible(t: float, mtime: float, now: float | None) -> str | None:
+    """None when ``t`` can be a capture time for a file written at ``mtime``, else why not."""
+    if t < EARLIEST_PLAUSIBLE.timestamp():
+        return f"before {EARLIEST_PLAUSIBLE:%Y-%m-%d} (a camera clock that was never set)"
+    if t > mtime + CLOCK_SLACK_S:
+        return "after the file was written (a camera clock set wrong)"
+    if now is not None and t > now + CLOCK_SLACK_S:
+        return "in the future (a camera clock set wrong)"
+    return None
+
+
+def frame_time(taken_at: datetime | None, mtime: float, now: float | None = None) -> FrameTime:
+    """The frame's time: the EXIF time when present and plausible, else the file's mtime, else
+    (mtime as implausible too) ``now``, the time it was received. Naive EXIF reads as UTC (the
+    caller attaches the camera's zone first when it knows it). See the module doc for the rule."""
+    if taken_at is not None:
+        aware = taken_at if taken_at.tzinfo is not None else taken_at.replace(tzinfo=timezone.utc)
+        try:
+            t = aware.timestamp()
+        except (OverflowError, ValueError, OSError):  # year 1 or 9999 shifted past the range
+            t = float("-inf")
+        why = _plausible(t, mtime, now)
+        if why is None:
+            return FrameTime(t, "exif")
+        issue = f"EXIF time {taken_at.replace(tzinfo=None).isoformat(sep=' ')} ignored: {why}"
+    else:
+        issue = None
+    why_not_mtime = None if now is None else _plausible(mtime, now, now)
+    if why_not_mtime is not None:
+        note = f"file mtime {_utc(mtime)} ignored too: {why_not_mtime}"
+        return FrameTime(float(now), "received", f"{issue}; {note}" if issue else note)
+    return FrameTime(float(mtime), "mtime", issue)
+
+
+def _utc(t: float) -> str:
+    try:
+        return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return f"{t:.0f} s"
 
 
 def make_frame(path: str | os.PathLike, taken_at: datetime | None, mtime: float,
-               camera: str | None = None) -> Frame:
-    """A Frame whose camera is the folder the file sits in unless given."""
-    t, source = frame_time(taken_at, mtime)
+               camera: str | None = None, now: float | None = None) -> Frame:
+    """A Frame whose camera is the folder the file sits in unless given (``now``: see
+    :func:`frame_time`)."""
+    ft = frame_time(taken_at, mtime, now)
     p = os.fspath(path)
-    return Frame(path=p, camera=camera if camera is not None else os.fspath(Path(p).parent), t=t,
-                 source=source)
+    return Frame(path=p, camera=camera if camera is not None else os.fspath(Path(p).parent), t=ft.t,
+                 source=ft.source, issue=ft.issue)
 
 
 def group_events(frames: Iterable[Frame], gap_s: float = DEFAULT_GAP_S) -> list[list[Frame]]:

@@ -16,6 +16,9 @@ Invariants:
 - One capture, one media row: a quarantined row whose file was later replaced at the same path
   (the camera was still writing it) is left out; the replacement is the capture. Earlier files
   at a reused path that were classified are real captures and stay.
+- A media ``timestamp`` that is not the camera's (an implausible EXIF time refused by
+  edge/events.py ``frame_time``) says so in ``mediaComments``, and its deployment gets
+  ``timestampIssues`` true.
 - ``scientificName`` is a scientific name or empty, never a model class name: it comes from the
   bundle manifest's ``taxonomy`` (``ProjectMeta.taxa``); the class name travels in
   ``observationTags`` as ``class:<name>`` so nothing is lost when a class has no taxon.
@@ -85,6 +88,7 @@ class MediaResult:
     event_id: str | None = None
     failure: str | None = None
     classified_at: datetime | None = None
+    timestamp_issue: str | None = None  # the camera's time was refused (edge/events.py frame_time)
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,8 @@ def camtrapdp_media_row(m: MediaResult) -> dict[str, str]:
         comments.append(f"file {m.disposed} on the device after it was classified blank")
     if m.failure:
         comments.append(f"not classified: {m.failure}")
+    if m.timestamp_issue:
+        comments.append(f"timestamp not from the camera: {m.timestamp_issue}")
     return {
         "mediaID": m.media_id,
         "deploymentID": m.deployment_id,
@@ -253,8 +259,11 @@ def camtrapdp_observation_rows(m: MediaResult, meta: ProjectMeta) -> list[dict[s
 
 def camtrapdp_deployment_rows(deployments: Sequence[DeploymentInfo], media: Sequence[MediaResult]) -> list[dict]:
     times: dict[str, list[datetime]] = {}
+    issues: set[str] = set()  # deployments with a media timestamp that is not the camera's
     for m in media:
         times.setdefault(m.deployment_id, []).append(m.timestamp)
+        if m.timestamp_issue:
+            issues.add(m.deployment_id)
     known = {d.deployment_id for d in deployments}
     orphans = sorted(set(times) - known)
     if orphans:
@@ -278,6 +287,7 @@ def camtrapdp_deployment_rows(deployments: Sequence[DeploymentInfo], media: Sequ
             "cameraID": d.camera_id or "",
             "cameraModel": d.camera_model or "",
             "cameraHeight": _num(d.camera_height, 2),
+            "timestampIssues": "true" if d.deployment_id in issues else "",
             "deploymentComments": d.comments or "",
         })  # fmt: skip
     return rows
@@ -445,6 +455,7 @@ def media_result_from_row(row: Any, *, deployment_id: str, tz: Any = timezone.ut
         event_id=None if row.event_id is None else str(row.event_id),
         failure=_scrub(str(failure), os.fsdecode(row.path), rel, root_texts) if failure else None,
         classified_at=datetime.fromtimestamp(row.updated, tz=timezone.utc).astimezone(tz) if row.updated else None,
+        timestamp_issue=_scrub(str(result["time_issue"]), "", rel, root_texts) if result.get("time_issue") else None,
     )
 
 

@@ -161,6 +161,18 @@ def device(tmp_path):
             d.kill()
 
 
+def exported_camtrapdp(dev: Device, out: Path) -> Path:
+    """`camtrap-edge export-camtrapdp` of the device's ledger into ``out``, checked valid."""
+    from test_camtrapdp_validate import validate_camtrapdp
+
+    rc = subprocess.run([sys.executable, "-m", "edge.cli", "export-camtrapdp", "--config", str(dev.config),
+                         "--out", str(out), "--latitude", "37.0", "--longitude", "-6.4"],
+                        capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    assert validate_camtrapdp(out) == []
+    return out
+
+
 def detections(sub: Subscriber) -> list[dict]:
     return [m.json() for m in sub.on("/detections")]
 
@@ -333,8 +345,6 @@ def test_bad_inputs_are_quarantined_and_the_daemon_stays_up(device, tmp_path):
 def test_camtrapdp_export_of_what_the_daemon_did(device, tmp_path):
     """Results, deleted empties (kept as blank observations) and quarantined junk, from the
     daemon's own ledger, validate as Camtrap DP 1.0.2."""
-    from test_camtrapdp_validate import validate_camtrapdp
-
     dev = device(policy="delete").start()
     drop(dev.watch, "IMG_0001.JPG", lynx_frame(0))
     drop(dev.watch, "IMG_0002.JPG", empty_frame(1))
@@ -350,12 +360,7 @@ def test_camtrapdp_export_of_what_the_daemon_did(device, tmp_path):
         st = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", str(dev.config), "--last", last],
                             capture_output=True, text=True)
         assert st.returncode == 0 and sum(line.startswith("  ") for line in st.stdout.splitlines()) == listed, st.stdout
-    out = tmp_path / "pkg"
-    rc = subprocess.run([sys.executable, "-m", "edge.cli", "export-camtrapdp", "--config", str(dev.config),
-                         "--out", str(out), "--latitude", "37.0", "--longitude", "-6.4"],
-                        capture_output=True, text=True)
-    assert rc.returncode == 0, rc.stderr
-    assert validate_camtrapdp(out) == []
+    out = exported_camtrapdp(dev, tmp_path / "pkg")
     obs = (out / "observations.csv").read_text()
     media = (out / "media.csv").read_text()
     assert "IMG_0002.JPG" in media and ",blank," in obs  # the deleted empty still counts as effort
@@ -418,3 +423,65 @@ def test_status_last_with_a_huge_number_lists_everything(tmp_path, capsys):
         led.see(str(dev.watch / "a.jpg"), 10, 1.0)
     assert main(["status", "--config", str(dev.config), "--last", "99999999999999999999"]) == 0
     assert "images: seen 1" in capsys.readouterr().out
+
+
+def _with_exif_time(jpeg: bytes, when: str) -> bytes:
+    """The JPEG re-saved with EXIF DateTimeOriginal ``when`` ('YYYY:MM:DD HH:MM:SS')."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = when
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def test_implausible_camera_clocks_fall_back_to_the_mtime_flagged_in_log_and_records(device, tmp_path):
+    """A trap whose clock was never set (1970, 2000-01-01) or set to 2099: each frame takes its
+    file's mtime, the result and the Camtrap DP package say the time is not the camera's, and the
+    log says it in a few lines, not one a frame. A 2015 frame copied today keeps its EXIF time."""
+    dev = device(policy="keep").start()
+    bad = ["1970:01:01 00:00:00", "2000:01:01 00:03:10", "2099:06:01 12:00:00"] * 3
+    for k, when in enumerate(bad):
+        drop(dev.watch, f"BAD_{k}.JPG", _with_exif_time(empty_frame(k), when))
+    drop(dev.watch, "OLD.JPG", _with_exif_time(empty_frame(0), "2015:06:01 04:30:00"))
+    rows = dev.wait_done(len(bad) + 1, final=("done", "disposed"))
+    assert dev.terminate() == 0
+    by_name = {Path(os.fsdecode(r["path"])).name: r for r in rows}
+    for k, when in enumerate(bad):
+        r = by_name[f"BAD_{k}.JPG"]
+        result = json.loads(r["result"])
+        assert result["time_source"] == "mtime" and when.replace(":", "-", 2) in result["time_issue"]
+        assert r["taken_at"] == pytest.approx(r["mtime"]) and result["taken_at"] == pytest.approx(r["mtime"])
+    old = by_name["OLD.JPG"]
+    assert json.loads(old["result"])["time_source"] == "exif" and "time_issue" not in json.loads(old["result"])
+    lines = [ln for ln in dev.log.read_text().splitlines() if "EXIF time" in ln]
+    assert len(lines) == 3, lines  # throttled: a clock that was never set would write one a frame
+    assert "BAD_" in lines[0] and "using the file's mtime" in lines[0]
+    out = exported_camtrapdp(dev, tmp_path / "pkg")
+    import csv
+
+    with open(out / "media.csv", newline="", encoding="utf-8") as f:
+        media = {r["fileName"]: r for r in csv.DictReader(f)}
+    assert "timestamp not from the camera: EXIF time 1970-01-01 00:00:00 ignored" in media["BAD_0.JPG"]["mediaComments"]
+    assert media["BAD_0.JPG"]["timestamp"][:4] == time.strftime("%Y")
+    assert media["OLD.JPG"]["timestamp"].startswith("2015-06-01") and media["OLD.JPG"]["mediaComments"] == ""
+    with open(out / "deployments.csv", newline="", encoding="utf-8") as f:
+        assert [r["timestampIssues"] for r in csv.DictReader(f)] == ["true"]
+
+
+def test_events_clock_mtime_ignores_the_camera_clock(device):
+    """events.clock: mtime is honoured (it was read from the config and then ignored)."""
+    dev = device(policy="keep")
+    cfg = yaml.safe_load(dev.config.read_text())
+    cfg["events"]["clock"] = "mtime"
+    dev.config.write_text(yaml.safe_dump(cfg))
+    dev.start()
+    drop(dev.watch, "OLD.JPG", _with_exif_time(empty_frame(0), "2015:06:01 04:30:00"))
+    (row,) = dev.wait_done(1, final=("done", "disposed"))
+    assert dev.terminate() == 0
+    result = json.loads(row["result"])
+    assert result["time_source"] == "mtime" and "time_issue" not in result
+    assert row["taken_at"] == pytest.approx(row["mtime"])

@@ -11,6 +11,7 @@ import pytest
 from edge.events import (
     EventGrouper,
     Frame,
+    FrameTime,
     frame_time,
     group_events,
     make_frame,
@@ -70,13 +71,59 @@ def test_cameras_are_separate_and_gap_boundary():
 
 def test_frame_time_exif_else_mtime():
     naive = datetime(2021, 4, 11, 20, 43, 9)
-    assert frame_time(naive, 5.0) == (datetime(2021, 4, 11, 20, 43, 9, tzinfo=timezone.utc).timestamp(), "exif")
+    t = datetime(2021, 4, 11, 20, 43, 9, tzinfo=timezone.utc).timestamp()
+    assert frame_time(naive, t + 60) == FrameTime(t, "exif")
     aware = datetime(2021, 4, 11, 20, 43, 9, tzinfo=timezone(timedelta(hours=1)))
-    assert frame_time(aware, 5.0)[0] == naive.replace(tzinfo=timezone.utc).timestamp() - 3600
-    assert frame_time(None, 1234.5) == (1234.5, "mtime")
-    f = make_frame("/cams/c7/IMG_1.JPG", None, 99.0)
-    assert (f.camera, f.t, f.source) == ("/cams/c7", 99.0, "mtime")
+    assert frame_time(aware, t + 60).t == t - 3600
+    assert frame_time(None, 1234567890.5) == FrameTime(1234567890.5, "mtime")
+    f = make_frame("/cams/c7/IMG_1.JPG", None, 1234567890.0)
+    assert (f.camera, f.t, f.source, f.issue) == ("/cams/c7", 1234567890.0, "mtime", None)
     assert make_frame("/x/y.jpg", None, 1.0, camera="trap-3").camera == "trap-3"
+
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("exif, why", [
+    (datetime(1970, 1, 1), "never set"),  # the epoch of a clock that lost its battery
+    (datetime(1980, 1, 1, 0, 0, 5), "never set"),  # the FAT epoch
+    (datetime(2000, 1, 1, 0, 12), "never set"),  # a common firmware default
+    (datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14))), "never set"),  # before year 1 in UTC
+    (datetime(2099, 12, 31, 23, 59), "written"),  # a year typed wrong
+    (datetime(9999, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=-14))), "written"),  # past year 9999 in UTC
+    (datetime(2026, 12, 2, 12, 0), "written"),  # two days after its file was written
+])  # fmt: skip
+def test_an_implausible_camera_clock_falls_back_to_the_mtime_and_says_why(exif, why):
+    mtime = NOW - 3600
+    ft = frame_time(exif, mtime, NOW)
+    assert (ft.t, ft.source) == (mtime, "mtime")
+    assert ft.issue is not None and why in ft.issue and "EXIF time" in ft.issue
+    assert str(exif.year) in ft.issue  # the camera's value is kept in the note
+    f = make_frame("/cams/c7/IMG_1.JPG", exif, mtime, now=NOW)
+    assert (f.t, f.source, f.issue) == (mtime, "mtime", ft.issue)
+
+
+@pytest.mark.parametrize("exif", [
+    datetime(2015, 6, 1, 4, 30),  # an archive copied today: years before its mtime is fine
+    datetime(2001, 1, 1, 0, 0, 1),  # the first plausible second
+    datetime(2026, 11, 30, 20, 0),  # hours ahead of its mtime: a camera zone set wrong, drift
+])  # fmt: skip
+def test_a_plausible_camera_clock_is_kept(exif):
+    ft = frame_time(exif, NOW - 3600, NOW)
+    assert ft.source == "exif" and ft.issue is None
+    assert ft.t == exif.replace(tzinfo=timezone.utc).timestamp()
+
+
+def test_a_future_clock_is_refused_against_now_even_when_the_mtime_agrees():
+    """The camera wrote the file with the same wrong clock (mtime 2099 too): neither is used,
+    the frame takes the time it was received."""
+    bad = datetime(2099, 1, 1, tzinfo=timezone.utc)
+    ft = frame_time(bad.replace(tzinfo=None), bad.timestamp() + 5, NOW)
+    assert (ft.t, ft.source) == (NOW, "received")
+    assert ft.issue is not None and "future" in ft.issue and "mtime 2099-01-01 00:00:05 UTC ignored" in ft.issue
+    no_exif = frame_time(None, 0.0, NOW)  # no EXIF and a 1970 mtime
+    assert (no_exif.t, no_exif.source) == (NOW, "received") and "never set" in (no_exif.issue or "")
+    assert frame_time(None, 0.0) == FrameTime(0.0, "mtime")  # without now: the batch APIs keep mtime
 
 
 def test_incremental_idle_expiry_and_close_all():
