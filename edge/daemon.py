@@ -554,7 +554,7 @@ class Daemon:
         ev = assign.event.id
         sp, score = d.top
         result = {
-            "file": it.row.path, "width": w, "height": h, "taken_at": frame.t, "event": ev,
+            "file": it.row.path, "width": w, "height": h, "format": img.format, "taken_at": frame.t, "event": ev,
             "model": self.model_version, "bundle": self.bundle.manifest_sha256[:12], **d.to_dict(),
             "max_animal_score": round(ans.max_animal_score, 5),
             "ms": {k: round(v, 2) for k, v in ans.timings_ms.items()}, "time_source": frame.source,

@@ -19,6 +19,8 @@ Invariants:
 - A media ``timestamp`` that is not the camera's (an implausible EXIF time refused by
   edge/events.py ``frame_time``) says so in ``mediaComments``, and its deployment gets
   ``timestampIssues`` true.
+- ``fileMediatype`` is the format read from the file's bytes (the daemon stores it in the
+  result), not its name: a PNG named .jpg is image/png.
 - ``scientificName`` is a scientific name or empty, never a model class name: it comes from the
   bundle manifest's ``taxonomy`` (``ProjectMeta.taxa``); the class name travels in
   ``observationTags`` as ``class:<name>`` so nothing is lost when a class has no taxon.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import mimetypes
 import os
 import re
 import unicodedata
@@ -40,7 +43,7 @@ from typing import Any
 
 from edge.atomic import atomic_write_bytes
 from edge.manifest import Taxon
-from edge.records.common import BoxNorm, normalise_box, species_kind
+from edge.records.common import MEDIA_TYPES, BoxNorm, normalise_box, species_kind
 
 CAMTRAP_DP_VERSION = "1.0.2"
 _BASE_URL = f"https://raw.githubusercontent.com/tdwg/camtrap-dp/{CAMTRAP_DP_VERSION}"
@@ -449,7 +452,7 @@ def media_result_from_row(row: Any, *, deployment_id: str, tz: Any = timezone.ut
         timestamp=when.astimezone(tz),
         file_path=rel,
         file_name=name,
-        media_type="image/png" if str(row.path).lower().endswith(".png") else "image/jpeg",
+        media_type=media_type(result.get("format"), os.fsdecode(row.path)),
         detections=() if failure else _detections_from_result(result),
         disposed=disposed,
         event_id=None if row.event_id is None else str(row.event_id),
@@ -457,6 +460,16 @@ def media_result_from_row(row: Any, *, deployment_id: str, tz: Any = timezone.ut
         classified_at=datetime.fromtimestamp(row.updated, tz=timezone.utc).astimezone(tz) if row.updated else None,
         timestamp_issue=_scrub(str(result["time_issue"]), "", rel, root_texts) if result.get("time_issue") else None,
     )
+
+
+def media_type(fmt: object, path: str) -> str:
+    """The ``fileMediatype`` of an image: from the format the reader sniffed from its bytes
+    (``format`` of a stored result: a PNG named .jpg is image/png), else (unreadable images,
+    results stored before the format was) from the file name's extension, else image/jpeg."""
+    if isinstance(fmt, str) and fmt in MEDIA_TYPES:
+        return MEDIA_TYPES[fmt]
+    guess = mimetypes.guess_type(path, strict=False)[0]
+    return guess if guess and guess.startswith(("image/", "video/", "audio/")) else MEDIA_TYPES["JPEG"]
 
 
 def media_results(rows: Iterable[Any], *, deployment_id: str, tz: Any = timezone.utc,

@@ -11,6 +11,8 @@ Kind = Literal["animal", "human", "vehicle"]
 
 PERSON_CLASSES = frozenset({"person", "human", "homo sapiens", "people"})
 VEHICLE_CLASSES = frozenset({"vehicle", "car", "truck"})
+# edge/imageio.py LoadedImage.format (what the bytes are, whatever the name says) -> IANA media type
+MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png"}
 
 
 def species_kind(species: str) -> Kind:

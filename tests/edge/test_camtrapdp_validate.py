@@ -417,3 +417,33 @@ def test_export_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys, bad, say
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [f"camtrap-edge export-camtrapdp: error: {says.format(tmp=tmp_path)}"]
+
+
+def test_media_type_is_what_the_bytes_are_not_what_the_name_says(tmp_path):
+    """A PNG named .JPG is image/png and a JPEG named .png image/jpeg (the format the reader
+    sniffed, stored in the result); without a stored format (unreadable, older results) the
+    extension decides, and the package stays valid."""
+    from edge.ledger import Ledger
+
+    db = tmp_path / "ledger.sqlite3"
+    t0 = datetime(2025, 6, 1, tzinfo=timezone.utc).timestamp()
+    cases = {  # path, stored format (None: not stored), expected fileMediatype
+        "png_named_jpg": ("/srv/cam/a/IMG_1.JPG", "PNG", "image/png"),
+        "jpeg_named_png": ("/srv/cam/a/shot.png", "JPEG", "image/jpeg"),
+        "old_png": ("/srv/cam/a/old.PNG", None, "image/png"),
+        "old_jpeg": ("/srv/cam/a/old.jpeg", None, "image/jpeg"),
+        "no_extension": ("/srv/cam/a/IMG_7", None, "image/jpeg"),
+        "junk": ("/srv/cam/a/junk.jpg", "quarantine", "image/jpeg"),
+    }
+    with Ledger(db) as led:
+        ids = {k: led.see(p, 100, t0 + i) for i, (k, (p, _f, _m)) in enumerate(cases.items())}
+        led.claim(len(ids))
+        for k, (_p, fmt, _m) in cases.items():
+            if fmt == "quarantine":
+                led.quarantine(ids[k], "not an image")
+            else:
+                led.complete(ids[k], {"empty": True, "detections": [], **({"format": fmt} if fmt else {})})
+    rc, pkg = _export(tmp_path, db)
+    assert rc == 0 and validate_camtrapdp(pkg) == []
+    media = {r["mediaID"]: r["fileMediatype"] for r in _rows(pkg, "media")}
+    assert {k: media[str(ids[k])] for k in cases} == {k: m for k, (_p, _f, m) in cases.items()}

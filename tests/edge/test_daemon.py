@@ -349,7 +349,9 @@ def test_camtrapdp_export_of_what_the_daemon_did(device, tmp_path):
     drop(dev.watch, "IMG_0001.JPG", lynx_frame(0))
     drop(dev.watch, "IMG_0002.JPG", empty_frame(1))
     drop(dev.watch, "IMG_0003.JPG", b"not a jpeg at all")
-    dev.wait_done(3)
+    pixels = cv2.imdecode(np.frombuffer(lynx_frame(1), np.uint8), cv2.IMREAD_COLOR)
+    drop(dev.watch, "IMG_0004.JPG", cv2.imencode(".png", pixels)[1].tobytes())  # a PNG named .JPG
+    dev.wait_done(4)
     assert dev.terminate() == 0
     st = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", str(dev.config)],
                         capture_output=True, text=True)
@@ -366,6 +368,7 @@ def test_camtrapdp_export_of_what_the_daemon_did(device, tmp_path):
     assert "IMG_0002.JPG" in media and ",blank," in obs  # the deleted empty still counts as effort
     assert "Lynx pardinus" in obs
     assert "IMG_0003.JPG" in media  # unreadable, recorded, not dropped
+    assert "IMG_0004.JPG,image/png," in media and "IMG_0001.JPG,image/jpeg," in media  # the bytes, not the name
 
 
 def test_a_clean_stop_answers_the_open_burst(device, mosquitto):
