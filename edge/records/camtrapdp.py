@@ -10,8 +10,9 @@ Invariants:
   ``write_camtrapdp`` touches files, each written atomically (edge/atomic.py).
 - Every value written fits the schema whatever the camera named its files: ``filePath`` and
   ``fileName`` are percent-encoded where the schema or CSV cannot carry a character (control
-  characters such as a newline, bytes that are not UTF-8, '%' itself, a leading '.', '/' or '~',
-  and '..'), so the name is still exact and reversible (``urllib.parse.unquote``).
+  characters such as a newline, bytes that are not UTF-8, '%' itself: edge/records/common.py
+  ``safe_name``, the rule the MegaDetector file shares; plus a leading '.', '/' or '~', and
+  '..'), so the name is still exact and reversible (``urllib.parse.unquote``).
 - No absolute device path leaves the device: comments name files relative to the watch folder.
 - One capture, one media row: a quarantined row whose file was later replaced at the same path
   (the camera was still writing it) is left out; the replacement is the capture. Earlier files
@@ -34,7 +35,6 @@ import json
 import mimetypes
 import os
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,7 +43,7 @@ from typing import Any
 
 from edge.atomic import atomic_write_bytes
 from edge.manifest import Taxon
-from edge.records.common import MEDIA_TYPES, BoxNorm, normalise_box, species_kind
+from edge.records.common import MEDIA_TYPES, BoxNorm, escape_char, normalise_box, safe_name, species_kind
 
 CAMTRAP_DP_VERSION = "1.0.2"
 _BASE_URL = f"https://raw.githubusercontent.com/tdwg/camtrap-dp/{CAMTRAP_DP_VERSION}"
@@ -128,24 +128,6 @@ class ProjectMeta:
 
 
 # --- names the schema can carry ------------------------------------------------------------------
-def _escape_char(ch: str) -> str:
-    """One character as it may appear in a path or name field (percent-encoded if it may not)."""
-    o = ord(ch)
-    if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape: an undecodable byte o - 0xDC00
-        return f"%{o - 0xDC00:02X}"
-    if ch == "%" or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
-        return "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
-    return ch
-
-
-def safe_name(name: str | bytes) -> str:
-    """A file name or path as UTF-8 text every CSV reader and the schema accept, exact and
-    reversible: undecodable bytes, control and line-separator characters and '%' are
-    percent-encoded (RFC 3986 style); everything else is kept as it is."""
-    text = os.fsdecode(name) if isinstance(name, bytes) else name
-    return "".join(_escape_char(c) for c in text)
-
-
 def media_path(path: str | bytes, roots: Sequence[str | os.PathLike[str]] = ()) -> str:
     """A Camtrap DP ``filePath`` for a device file: relative to the first watch folder that holds
     it (else the path without its root), forward slashes, and matching the schema's pattern
@@ -181,7 +163,7 @@ def _scrub(text: str, own_path: str, rel: str, roots: Sequence[str]) -> str:
         if r and r != "/":
             text = text.replace(r.rstrip("/") + "/", "")
     text = _ABS_PATH.sub(lambda m: m.group(1), text)
-    return "".join(_escape_char(c) if c != "%" else c for c in text)
+    return "".join(escape_char(c) if c != "%" else c for c in text)
 
 
 # --- rows ---------------------------------------------------------------------------------------

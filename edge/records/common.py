@@ -1,8 +1,17 @@
-"""What both record formats share: the box convention and which model classes are people or
-vehicles (both formats file those apart from animals). Pure."""
+"""What both record formats share: the box convention, which model classes are people or
+vehicles (both formats file those apart from animals), media types, and how a file name that
+is not text (bytes that are not UTF-8, control characters) is written. Pure.
+
+One naming rule for both formats (:func:`safe_name`): a device file name is written as UTF-8
+text with undecodable bytes, control and line-separator characters and '%' percent-encoded,
+so it is valid JSON and CSV for every strict reader and ``urllib.parse.unquote_to_bytes``
+gives back its exact bytes.
+"""
 
 from __future__ import annotations
 
+import os
+import unicodedata
 from collections.abc import Sequence
 from typing import Literal
 
@@ -38,3 +47,26 @@ def normalise_box(box: Sequence[float], width: int, height: int) -> BoxNorm | No
     if w <= 0 or h <= 0:
         return None
     return (x, y, w, h)
+
+
+def escape_char(ch: str) -> str:
+    """One character as it may appear in a written name (percent-encoded if it may not)."""
+    o = ord(ch)
+    if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape: an undecodable byte o - 0xDC00
+        return f"%{o - 0xDC00:02X}"
+    if ch == "%" or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+        return "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    return ch
+
+
+def safe_name(name: str | bytes) -> str:
+    """A file name or path as UTF-8 text every CSV and JSON reader accepts, exact and
+    reversible: undecodable bytes, control and line-separator characters and '%' are
+    percent-encoded (RFC 3986 style); everything else is kept as it is."""
+    text = os.fsdecode(name) if isinstance(name, bytes) else name
+    return "".join(escape_char(c) for c in text)
+
+
+def has_surrogates(text: str) -> bool:
+    """True when ``text`` holds a lone surrogate (an undecodable byte): not valid UTF-8 / JSON text."""
+    return any(0xD800 <= ord(c) <= 0xDFFF for c in text)

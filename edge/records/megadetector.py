@@ -15,6 +15,12 @@ Invariants:
   50,000 images took 72 ms, and rewriting it every 50 results made each result pay 1.4 ms.
 - Classification category ids only grow: a new bundle never renumbers old results.
 - One file is listed once; a redone image replaces its old entry.
+- Every string is valid UTF-8 text (strict JSON readers refuse lone surrogates): ``file`` is the
+  device name written by edge/records/common.py ``safe_name``, the rule Camtrap DP's
+  ``filePath`` follows (bytes that are not UTF-8, control characters and '%' percent-encoded;
+  ``urllib.parse.unquote_to_bytes`` gives the exact name back); a ``failure`` text escapes
+  such bytes as ``\\xNN``. Entries an older writer stored with lone surrogates are re-encoded
+  by this rule when the file is opened.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any, TypeGuard
 
 from edge.atomic import atomic_write_bytes
 from edge.detection import Detection
-from edge.records.common import normalise_box, species_kind
+from edge.records.common import has_surrogates, normalise_box, safe_name, species_kind
 
 MD_FORMAT_VERSION = "1.6"
 DETECTION_CATEGORIES = {"1": "animal", "2": "person", "3": "vehicle"}
@@ -82,10 +88,11 @@ def md_image_entry(
     ``model_classes`` (model name -> class list) turns each box's per-class score vector into
     the ranked ``classifications`` list; without it, the box's own species alone is listed.
     """
+    file = safe_name(file)
     if failure is not None:
         if detections:
             raise ValueError(f"{file}: an image with a failure cannot have detections")
-        return {"file": file, "failure": str(failure), "detections": None}
+        return {"file": file, "failure": _text(str(failure)), "detections": None}
     ids = {name: str(i) for i, name in enumerate(species)}
     out = []
     for det in detections or ():
@@ -103,6 +110,25 @@ def md_image_entry(
         out.append(d)
     out.sort(key=lambda d: -d["conf"])
     return {"file": file, "detections": out}
+
+
+def _text(text: str) -> str:
+    """A message as valid UTF-8 text: an undecodable byte (lone surrogate) becomes ``\\xNN``."""
+    if not has_surrogates(text):
+        return text
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("unicode_escape").decode("ascii") if 0xD800 <= ord(c) <= 0xDFFF else c
+                   for c in text)
+
+
+def _upgraded(entry: dict) -> dict:
+    """An entry an older writer stored with lone surrogates, in today's encoding (else as it is)."""
+    f, failure = entry.get("file"), entry.get("failure")
+    if isinstance(f, str) and has_surrogates(f):
+        entry = {**entry, "file": safe_name(f)}
+    if isinstance(failure, str) and has_surrogates(failure):
+        entry = {**entry, "failure": _text(failure)}
+    return entry
 
 
 def md_classification_categories(species: Sequence[str]) -> dict[str, str]:
@@ -237,7 +263,10 @@ def validate_md_output(doc: Any) -> list[str]:
         if not isinstance(f, str) or not f:
             errors.append(f"{where}.file: required, a non-empty string")
         else:
-            where = f"images[{i}] ({f})"
+            where = f"images[{i}] ({_text(f)})"
+            if has_surrogates(f):
+                errors.append(f"{where}.file: holds a byte that is not UTF-8 (a lone surrogate): not valid "
+                              "JSON text for strict readers; percent-encode it")
             if f in seen:
                 errors.append(f"{where}: file listed more than once")
             seen.add(f)
@@ -246,6 +275,8 @@ def validate_md_output(doc: Any) -> list[str]:
         if failure is not None:
             if not isinstance(failure, str):
                 errors.append(f"{where}.failure: must be a string or null")
+            elif has_surrogates(failure):
+                errors.append(f"{where}.failure: holds a lone surrogate: not valid JSON text for strict readers")
             if dets is not None:
                 errors.append(f"{where}.detections: must be null or absent when failure is set")
             continue
@@ -375,9 +406,15 @@ class MdBatchWriter:
             doc = json.loads(self.path.read_bytes())
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.path}: not valid JSON ({e}); move it away to start a new file") from None
+        upgraded = 0
+        if isinstance(doc, dict) and isinstance(doc.get("images"), list):
+            images = [_upgraded(im) if isinstance(im, dict) else im for im in doc["images"]]
+            upgraded = sum(a is not b for a, b in zip(images, doc["images"], strict=True))
+            doc["images"] = images
         problems = validate_md_output(doc)
         if problems:
             raise ValueError(f"{self.path}: not a MegaDetector results file: {problems[0]}")
+        self._pending += upgraded  # rewritten in today's encoding by the next flush
         cats = doc.get("classification_categories", {})
         self.species = [cats[k] for k in sorted(cats, key=int)]
         if [int(k) for k in sorted(cats, key=int)] != list(range(len(cats))):
@@ -397,8 +434,9 @@ class MdBatchWriter:
             if "species" in rec:
                 self._extend_species(rec["species"], journal=False)
             elif "image" in rec:
-                self._images.pop(rec["image"]["file"], None)
-                self._images[rec["image"]["file"]] = rec["image"]
+                image = _upgraded(rec["image"])
+                self._images.pop(image["file"], None)
+                self._images[image["file"]] = image
                 self._pending += 1
         if good != len(data):
             self._journal.truncate(good)

@@ -308,3 +308,79 @@ def test_rewrites_grow_with_the_file_so_each_result_costs_the_same(tmp_path, mon
     assert rewrites[:3] == [10, 20, 30] and rewrites[-1] > 1500
     doc = json.loads(path.read_text())
     assert validate_md_output(doc) == [] and len(doc["images"]) == 2000
+
+
+# --- names that are not text -----------------------------------------------------------------
+AWKWARD = {  # raw bytes of a device file name (what the file system holds)
+    "latin1": b"/srv/cam/a/caf\xe9 \xff.jpg",  # not UTF-8: os.fsdecode makes lone surrogates
+    "newline": b"/srv/cam/a/IMG\n0001.JPG",
+    "percent": b"/srv/cam/a/100%25 sure.jpg",
+    "plain": "/srv/cam/a/Ñandú.jpg".encode(),
+}
+
+
+def _strict_json(raw: bytes):
+    """Parse as a strict reader does: UTF-8 text, and no string holding a lone surrogate
+    (Python's json accepts the \\udcff escape; Go, Rust serde, jq and browsers' TextDecoder do not)."""
+    doc = json.loads(raw.decode("utf-8", "strict"))
+
+    def walk(v):
+        if isinstance(v, str):
+            v.encode("utf-8", "strict")  # raises on a lone surrogate
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(k)
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(doc)
+    return doc
+
+
+def test_names_that_are_not_utf8_are_valid_json_and_round_trip(tmp_path):
+    """Every file name a camera can write comes out as strict JSON (the document and the
+    journal) and decodes back to its exact bytes with the rule Camtrap DP's filePath uses."""
+    from urllib.parse import unquote_to_bytes
+
+    from edge.records.camtrapdp import safe_name as camtrapdp_rule
+
+    path = tmp_path / "md.json"
+    with _writer(path, flush_every=1000) as w:
+        for k, raw in AWKWARD.items():
+            if k == "newline":
+                w.add(os.fsdecode(raw), failure=f"{os.fsdecode(AWKWARD['latin1'])}: truncated JPEG")
+            else:
+                w.add(os.fsdecode(raw), [_lynx()], image_size=(1000, 500))
+        journal = _strict_json(b"[" + w.journal_path.read_bytes().strip().replace(b"\n", b",") + b"]")
+        assert len(journal) == len(AWKWARD)  # one line an image
+    doc = _strict_json(path.read_bytes())
+    assert validate_md_output(doc) == []
+    files = [im["file"] for im in doc["images"]]
+    assert [unquote_to_bytes(f) for f in files] == list(AWKWARD.values())
+    assert files == [camtrapdp_rule(os.fsdecode(raw)) for raw in AWKWARD.values()]  # one rule
+    assert files[-1] == "/srv/cam/a/Ñandú.jpg"  # text that is text stays as it is
+    assert doc["images"][1]["failure"] == "/srv/cam/a/caf\\xe9 \\xff.jpg: truncated JPEG"
+    with _writer(path) as w:  # a redone image replaces its entry: the key is the encoded name
+        w.add(os.fsdecode(AWKWARD["latin1"]), [])
+        assert len(w) == len(AWKWARD)
+
+
+def test_a_file_an_older_writer_left_with_lone_surrogates_is_repaired(tmp_path):
+    """Before this rule the writer stored undecodable bytes as lone surrogates (\\udcff in the
+    JSON): the validator names it, and opening the file re-encodes those entries."""
+    bad = os.fsdecode(AWKWARD["latin1"])
+    doc = md_document(md_info("md", None), SPECIES, [{"file": bad, "detections": []},
+                                                      {"file": "ok.jpg", "failure": f"{bad} vanished",
+                                                       "detections": None}])
+    errors = validate_md_output(doc)
+    assert any("file: holds a byte that is not UTF-8" in e for e in errors), errors
+    assert any(".failure: holds a lone surrogate" in e for e in errors), errors
+    path = tmp_path / "md.json"
+    path.write_text(json.dumps(doc))  # what the older writer wrote ("\udce9" escapes)
+    with _writer(path):
+        pass
+    fixed = _strict_json(path.read_bytes())
+    assert validate_md_output(fixed) == []
+    assert [im["file"] for im in fixed["images"]] == ["/srv/cam/a/caf%E9 %FF.jpg", "ok.jpg"]
