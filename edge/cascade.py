@@ -21,9 +21,25 @@ Routes (``Route.reason``):
   the floor are dropped), else the frame is empty. ``plan`` lists the experts in the order of
   the global model's weak scores for their groups; with ``background_stop`` set the runner
   runs them in that order and stops once one reaches it, handing ``decide`` a route whose
-  ``groups`` are the experts that ran (``staged``).
+  ``groups`` are the experts that ran (``staged``). With ``background_max_experts`` = N only the
+  first N of that order run (the rest are likely to see nothing: the global model saw least of
+  their groups).
 - ``gated``: as background, but the global model's best score is below ``gate_threshold``, so
   the all-experts pass is skipped and the frame is empty (the compute lever of METHOD.md).
+
+Burst route reuse (``route_reuse``, off by default): a trap's burst is one visit, so once a
+frame of an event is routed confidently (``route_hint``: the global model's best and every routed
+expert's best at least ``route_reuse``, and nothing seen that lacks an expert), the next frames of
+the event may skip the global model and run only those experts (``reuse_route``: a ``routed``
+route with ``reused`` set; its ``models_run`` has no "global"). What keeps it honest:
+
+- a reused frame whose experts are not all still confident (``reuse_holds``) runs the whole
+  cascade (the animal left, or another took its place);
+- at most ``route_reuse_frames`` frames in a row reuse a route, then one runs the whole cascade
+  and renews it: a second species that walks into the burst beside the first is found there;
+- the memory of routes (``RouteMemory``) is per event and in memory only: a restart or a new
+  bundle starts empty, so a reopened event's next frame runs the whole cascade, and a route
+  naming an expert the bundle lacks is never reused.
 
 One animal, one box: every answer goes through ``one_box_per_animal`` last, whatever the route.
 Boxes that overlap with IoU above ``merge_iou`` (default ``SAME_ANIMAL_IOU``) are one animal,
@@ -40,7 +56,7 @@ score so the disposal policy can refuse to delete a frame any model saw an anima
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -65,6 +81,7 @@ class Route:
     global_best: float  # best global score on the frame (0 when it saw nothing)
     no_expert: tuple[str, ...] = ()  # species above threshold whose group has no expert
     why: str = ""
+    reused: bool = False  # routed on an earlier frame of the event; the global model did not run
 
 
 @dataclass(frozen=True)
@@ -103,7 +120,7 @@ class Decision:
         r = d.get("route") or {}
         route = Route(reason=r.get("reason", "routed"), groups=tuple(r.get("groups", ())),
                       global_best=float(r.get("global_best", 0.0)), no_expert=tuple(r.get("no_expert", ())),
-                      why=r.get("why", ""))
+                      why=r.get("why", ""), reused=bool(r.get("reused", False)))
         return cls(detections=tuple(Detection.from_dict(x) for x in d.get("detections", ())), route=route,
                    models_run=tuple(r.get("models_run", ())), model_best=dict(r.get("model_best", {})),
                    why=r.get("why", ""))
@@ -124,6 +141,7 @@ class Decision:
                 "models_run": list(self.models_run),
                 "model_best": {k: round(v, 5) for k, v in self.model_best.items()},
                 "why": self.why,
+                **({"reused": True} if self.route.reused else {}),
             },
         }
 
@@ -193,6 +211,11 @@ def plan(
         if g in hint:
             hint[g] = max(hint[g], float(d.score))
     order = tuple(sorted(experts, key=lambda g: (-hint[g], list(experts).index(g))))
+    cap = policy.background_max_experts
+    if cap is not None and cap < len(order):
+        return Route("background", order[:cap], best, (),
+                     f"global best {best:.2f} < route {policy.route_threshold:.2f}: the {cap} likeliest of "
+                     f"{len(order)} experts run")
     return Route("background", order, best, (),
                  f"global best {best:.2f} < route {policy.route_threshold:.2f}: every expert runs")
 
@@ -237,8 +260,9 @@ def decide(
     missing = [g for g in route.groups if g not in expert_dets]
     if missing:
         raise ValueError(f"cascade: route {route.reason!r} needs the output of expert(s) {missing}")
-    models_run = (GLOBAL, *route.groups)
-    model_best = {GLOBAL: _best(global_dets), **{g: _best(expert_dets[g]) for g in route.groups}}
+    models_run = route.groups if route.reused else (GLOBAL, *route.groups)
+    model_best = {**({} if route.reused else {GLOBAL: _best(global_dets)}),
+                  **{g: _best(expert_dets[g]) for g in route.groups}}
     strong_global = [d for d in global_dets if d.score >= policy.route_threshold]
 
     def done(dets: list[Detection], why: str) -> Decision:
@@ -277,6 +301,79 @@ def decide(
     if empties:
         notes.append("expert(s) " + ", ".join(empties) + " saw nothing")
     return done(pooled, "; ".join([route.why, *notes]))
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    """What a confidently routed frame tells the later frames of its event (``route_hint``)."""
+
+    groups: tuple[str, ...]  # the experts that answered it
+    score: float  # the weakest of the confidences that made it (global best, each expert's best)
+    run: int = 0  # frames that reused it since a whole cascade made or renewed it
+
+
+def route_hint(decision: Decision, policy: CascadePolicy) -> RouteHint | None:
+    """The route a frame that ran the whole cascade offers its event, or None when it is not
+    confident: routed (not background, gated or no-expert), nothing above the route threshold
+    without an expert (skipping the global model would lose it), and the global model's best
+    and every routed expert's best at least ``route_reuse``."""
+    r = decision.route
+    if policy.route_reuse is None or r.reason != "routed" or r.reused or r.no_expert or not r.groups:
+        return None
+    score = min([r.global_best, *(decision.model_best.get(g, 0.0) for g in r.groups)])
+    return RouteHint(r.groups, score) if score >= policy.route_reuse else None
+
+
+def reuse_route(hint: RouteHint | None, experts: Sequence[str], policy: CascadePolicy) -> Route | None:
+    """The route of a frame that reuses its event's ``hint`` (only its experts run), or None when
+    it must run the whole cascade: reuse off, no hint, ``route_reuse_frames`` used up, or an
+    expert the bundle does not have (a hint from before a bundle swap)."""
+    if (policy.route_reuse is None or hint is None or hint.run >= policy.route_reuse_frames
+            or any(g not in experts for g in hint.groups)):
+        return None
+    return Route("routed", hint.groups, 0.0, (),
+                 f"event route {', '.join(hint.groups)} ({hint.score:.2f}) reused, frame "
+                 f"{hint.run + 1} of at most {policy.route_reuse_frames}: global model skipped", reused=True)
+
+
+def reuse_holds(route: Route, expert_dets: Mapping[str, Sequence[Detection]], policy: CascadePolicy) -> bool:
+    """Whether a reused route's answer stands: every expert it ran is still confident. When not
+    (the animal left, or another came), the frame runs the whole cascade."""
+    floor = policy.route_reuse if policy.route_reuse is not None else 1.0
+    return all(_best(expert_dets.get(g, ())) >= floor for g in route.groups)
+
+
+class RouteMemory:
+    """The confident route of each recent event (pure: the runner feeds it decisions in frame
+    order). Bounded: the ``capacity`` most recently used events are kept, so a daemon that never
+    says an event closed still holds little; forgetting an event only costs its next frame a
+    whole cascade."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._hints: dict[Hashable, RouteHint] = {}
+
+    def hint(self, event: Hashable | None) -> RouteHint | None:
+        return None if event is None else self._hints.get(event)
+
+    def observe(self, event: Hashable | None, decision: Decision, policy: CascadePolicy) -> None:
+        """Record a frame's decision: a reused frame uses one more of its route's run; a frame that
+        ran the whole cascade renews the route, or drops it when it is not confident."""
+        if event is None:
+            return
+        prev = self._hints.pop(event, None)
+        new = (replace(prev, run=prev.run + 1) if decision.route.reused and prev is not None
+               else None if decision.route.reused else route_hint(decision, policy))
+        if new is not None:
+            self._hints[event] = new  # most recently used last
+            while len(self._hints) > self.capacity:
+                del self._hints[next(iter(self._hints))]
+
+    def forget(self, event: Hashable) -> None:
+        self._hints.pop(event, None)
+
+    def __len__(self) -> int:
+        return len(self._hints)
 
 
 @dataclass(frozen=True)

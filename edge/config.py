@@ -202,8 +202,15 @@ def overrides_of(model: type[BaseModel], name: str) -> type[Section]:
 _CascadeOverrides = overrides_of(CascadeSettings, "_CascadeOverrides")
 
 
+def _has_off_state(annotation: Any) -> bool:
+    """Whether a setting's type takes None (its off state, e.g. ``gate_threshold: null``)."""
+    return type(None) in typing.get_args(annotation)
+
+
 class CascadeSection(_CascadeOverrides):  # type: ignore[misc,valid-type]  # fields made from CascadeSettings
-    """Overrides of the bundle's cascade settings (unset = the bundle's value)."""
+    """Overrides of the bundle's cascade settings: a key left out keeps the bundle's value; null
+    turns off a setting that has an off state (gate_threshold, background_stop,
+    background_max_experts, route_reuse) and keeps the bundle's value for one that has none."""
 
     disable_gate: bool = Field(
         default=False,
@@ -222,7 +229,9 @@ class CascadeSection(_CascadeOverrides):  # type: ignore[misc,valid-type]  # fie
         each field's bounds were checked with the config, but a rule between fields (background_stop
         at least expert_floor) can only be checked against the bundle's values, here; it fails as
         one line naming the section, not a pydantic dump."""
-        values = settings.model_dump() | self.model_dump(exclude_none=True, exclude={"disable_gate"})
+        given = self.model_dump(include=self.model_fields_set - {"disable_gate"})  # the keys the file has
+        off = {n for n, f in CascadeSettings.model_fields.items() if _has_off_state(f.annotation)}
+        values = settings.model_dump() | {k: v for k, v in given.items() if v is not None or k in off}
         if self.disable_gate:
             values["gate_threshold"] = None
         try:

@@ -190,6 +190,25 @@ class CascadeSettings(_Strict):
         "score (at least expert_floor); null = every expert runs (the paper's rule).",
     )
 
+    background_max_experts: int | None = Field(
+        default=None, ge=1, title="Background expert cap",
+        description="In the all-experts pass, run at most this many experts: those of the groups the global "
+        "model scored highest below the route threshold (its best score per group; ties in bundle order); "
+        "null = every expert.",
+    )
+    route_reuse: float | None = Field(
+        default=None, ge=0, le=1, title="Burst route reuse",
+        description="Within an event (a burst), once a frame is routed with the global model's best and every "
+        "routed expert's best at least this score, later frames of the event run only those experts, "
+        "skipping the global model; a reused frame whose expert falls below it runs the whole cascade; "
+        "null = off (every frame runs the whole cascade).",
+    )
+    route_reuse_frames: int = Field(
+        default=3, ge=1, le=1000, title="Route reuse run",
+        description="At most this many frames in a row reuse an event's route; the next one runs the whole "
+        "cascade again (and renews the route), so a species entering the burst later is still found.",
+    )
+
     @model_validator(mode="after")
     def _stop_above_floor(self) -> CascadeSettings:
         if self.background_stop is not None and self.background_stop < self.expert_floor:

@@ -10,12 +10,24 @@ once per batch and each model runs only its head, on the rows of the features ro
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from edge.cascade import CascadePolicy, Decision, Route, decide, plan, staged
+from edge.cascade import (
+    CascadePolicy,
+    Decision,
+    Route,
+    RouteHint,
+    RouteMemory,
+    decide,
+    plan,
+    reuse_holds,
+    reuse_route,
+    staged,
+)
 from edge.detection import Detection
 from edge.manifest import Manifest, ModelEntry
 from edge.vision import Letterbox, class_thresholds, decode, letterbox_batch
@@ -76,6 +88,10 @@ def _above(dets: list[Detection], entry: ModelEntry) -> list[Detection]:
     return [d for d in dets if d.score >= entry.threshold(d.species)]
 
 
+def _best(dets: Sequence[Detection]) -> float:
+    return max((float(d.score) for d in dets), default=0.0)
+
+
 class CascadeRunner:
     """The two-stage cascade over a loaded bundle's engines."""
 
@@ -89,6 +105,7 @@ class CascadeRunner:
         # a shared backbone (edge/engines/shared.py): run once per batch, then only the heads
         shared = {id(b): b for e in engines.values() if (b := getattr(e, "backbone", None)) is not None}
         self.backbone = next(iter(shared.values())) if len(shared) == 1 else None
+        self.routes = RouteMemory()  # burst route reuse: each recent event's confident route
 
     @property
     def input_sizes(self) -> list[int]:
@@ -110,69 +127,178 @@ class CascadeRunner:
         """Classify a batch (e.g. a burst); returns one Classified per image, in order."""
         return self.classify_prepared(self.prepare(images))
 
-    def classify_prepared(self, prep: Prepared) -> list[Classified]:
-        """The cascade over a prepared batch: the global model on all, each expert on its share."""
+    def forget(self, event: Hashable) -> None:
+        """An event closed: its route is no longer reused (the memory is bounded anyway)."""
+        self.routes.forget(event)
+
+    def classify_prepared(self, prep: Prepared, events: Sequence[Hashable | None] | None = None
+                          ) -> list[Classified]:
+        """The cascade over a prepared batch: the global model on all, each expert on its share.
+
+        ``events`` (one per image, None = unknown) names each frame's event, in frame order, for
+        burst route reuse (``CascadeSettings.route_reuse``; see edge.cascade): a frame whose event
+        has a confident route runs only that route's experts. Within the batch, an event's frames
+        wait for its earlier frame that runs the whole cascade, so they go in waves (one wave when
+        reuse is off or no event is known)."""
         if prep.n == 0:
             return []
+        evs = list(events) if events is not None else [None] * prep.n
+        if len(evs) != prep.n:
+            raise ValueError(f"classify: {len(evs)} events for {prep.n} images")
         t = time.perf_counter()
         feats = self.backbone.run(prep.inputs[self.backbone.entry.imgsz][0]) if self.backbone else None
-        bb_ms = (time.perf_counter() - t) * 1000.0
+        run = _Run(self, prep, feats, (time.perf_counter() - t) * 1000.0 / prep.n)
+        if self.policy.route_reuse is None or all(e is None for e in evs):
+            return [run.cascade(list(range(prep.n)))[i] for i in range(prep.n)]
+        out: dict[int, Classified] = {}
+        pending = list(range(prep.n))
+        while pending:
+            whole, reused, later = self._wave(pending, evs)
+            wave = run.reuse(reused)
+            wave.update(run.cascade(sorted(whole + [i for i in reused if i not in wave]), keep=True))
+            for i in sorted(wave):
+                self.routes.observe(evs[i], wave[i].decision, self.policy)
+            out.update(wave)
+            pending = later
+        return [out[i] for i in range(prep.n)]
 
-        def features(runner: ModelRunner, idx: list[int] | None = None) -> Mapping[str, np.ndarray] | None:
-            if feats is None or getattr(runner.engine, "backbone", None) is not self.backbone:
-                return None  # a whole model (e.g. an expert whose frozen layers differ)
-            return feats if idx is None else {k: v[idx] for k, v in feats.items()}
+    def _wave(self, pending: list[int], evs: list[Hashable | None]
+              ) -> tuple[list[int], dict[int, Route], list[int]]:
+        """One wave: the frames that run the whole cascade, those that reuse their event's route
+        (with it), and those that wait for an earlier frame of their event in this wave."""
+        whole: list[int] = []
+        reused: dict[int, Route] = {}
+        later: list[int] = []
+        hints: dict[Hashable, RouteHint | None] = {}  # event -> its hint as this wave advances it
+        waiting: set[Hashable] = set()  # events with a frame running the whole cascade in this wave
+        for i in pending:
+            ev = evs[i]
+            if ev is None:
+                whole.append(i)
+                continue
+            if ev in waiting:
+                later.append(i)
+                continue
+            hint = hints[ev] if ev in hints else self.routes.hint(ev)
+            route = reuse_route(hint, list(self.experts), self.policy)
+            if route is None or hint is None:
+                whole.append(i)
+                waiting.add(ev)
+            else:
+                reused[i] = route
+                hints[ev] = replace(hint, run=hint.run + 1)
+        return whole, reused, later
 
-        glob = self.global_runner
-        g_dets = glob.detect_inputs(*prep.inputs[glob.entry.imgsz], features=features(glob))
-        g_ms = (glob.last_ms + (bb_ms if features(glob) is not None else 0.0)) / prep.n  # the backbone counts once
-        routes: list[Route] = [plan(d, self.group_of, list(self.experts), self.policy) for d in g_dets]
-        stop = self.policy.background_stop
+
+class _Run:
+    """One batch's models: the backbone's features (run once), the global model and the experts on
+    the rows each needs, and the expert outputs already computed (a reused route's, kept when its
+    frame falls back to the whole cascade)."""
+
+    def __init__(self, owner: CascadeRunner, prep: Prepared, feats, bb_ms: float) -> None:
+        self.o, self.prep, self.feats, self.bb_ms = owner, prep, feats, bb_ms
+        self.e_dets: list[dict[str, list[Detection]]] = [{} for _ in range(prep.n)]
+        self.e_raw_best = [0.0] * prep.n
+        self.e_ms: dict[str, float] = {}
+
+    def features(self, runner: ModelRunner, idx: list[int]) -> Mapping[str, np.ndarray] | None:
+        if self.feats is None or getattr(runner.engine, "backbone", None) is not self.o.backbone:
+            return None  # a whole model (e.g. an expert whose frozen layers differ)
+        return self.feats if len(idx) == self.prep.n else {k: v[idx] for k, v in self.feats.items()}
+
+    def detect(self, runner: ModelRunner, idx: list[int]) -> list[list[Detection]]:
+        x, lbs = self.prep.inputs[runner.entry.imgsz]
+        f = self.features(runner, idx)
+        return runner.detect_inputs(x if f is not None or len(idx) == self.prep.n else x[idx],
+                                    [lbs[i] for i in idx], features=f)
+
+    def experts(self, wanted: Mapping[str, list[int]]) -> None:
+        """Each expert once, on the rows that want it and have not had it yet."""
+        for g, idx in wanted.items():
+            idx = [i for i in idx if g not in self.e_dets[i]]
+            if not idx:
+                continue
+            runner = self.o.experts[g]
+            outs = self.detect(runner, idx)
+            self.e_ms[runner.entry.name] = runner.last_ms / len(idx)
+            for i, dets in zip(idx, outs, strict=True):
+                self.e_raw_best[i] = max([self.e_raw_best[i], *(d.score for d in dets)])
+                self.e_dets[i][g] = _above(dets, runner.entry)
+
+    def timings(self, i: int, groups: Sequence[str], extra: Mapping[str, float]) -> dict[str, float]:
+        names = [self.o.experts[g].entry.name for g in groups]
+        return {**extra, **{n: self.e_ms[n] for n in names if n in self.e_ms}}
+
+    def reuse(self, routes: Mapping[int, Route]) -> dict[int, Classified]:
+        """The frames reusing their event's route: only its experts; a frame whose experts are no
+        longer confident is left out (it runs the whole cascade next, keeping these outputs)."""
+        wanted: dict[str, list[int]] = defaultdict(list)
+        for i, r in routes.items():
+            for g in r.groups:
+                wanted[g].append(i)
+        self.experts(wanted)
+        out = {}
+        for i, r in routes.items():
+            if not reuse_holds(r, self.e_dets[i], self.o.policy):
+                continue
+            decision = decide((), {g: self.e_dets[i][g] for g in r.groups}, r, self.o.policy)
+            extra = {"backbone": self.bb_ms} if self.feats is not None else {}
+            out[i] = Classified(decision, self.e_raw_best[i], self.timings(i, r.groups, extra), None)
+        return out
+
+    def cascade(self, idx: list[int], keep: bool = False) -> dict[int, Classified]:
+        """The whole cascade on the rows ``idx``: the global model, then the experts of each route."""
+        if not idx:
+            return {}
+        o, policy = self.o, self.o.policy
+        glob = o.global_runner
+        g_dets = dict(zip(idx, self.detect(glob, idx), strict=True))
+        g_ms = glob.last_ms / len(idx) + (self.bb_ms if self.features(glob, idx) is not None else 0.0)
+        routes = {i: plan(g_dets[i], o.group_of, list(o.experts), policy) for i in idx}
+        pre = {i: list(self.e_dets[i]) for i in idx} if keep else {i: [] for i in idx}  # ran before this
+        stop = policy.background_stop
         # experts still to run per image; a staged background pass takes them one round at a time
-        todo = {i: gs for i, r in enumerate(routes) if (gs := [g for g in r.groups if g in self.experts])}
-        one_by_one = {i for i, r in enumerate(routes) if stop is not None and r.reason == "background"}
-        e_dets: list[dict[str, list[Detection]]] = [{} for _ in range(prep.n)]
-        e_raw_best = [0.0] * prep.n
-        e_ms: dict[str, float] = {}
+        todo = {i: gs for i in idx if (gs := [g for g in routes[i].groups if g in o.experts])}
+        one_by_one = {i for i in idx if stop is not None and routes[i].reason == "background"}
+        ran: dict[int, list[str]] = {i: [] for i in idx}
         while todo:
-            wanted: dict[str, list[int]] = {g: [] for g in self.experts}  # images each expert sees this round
+            wanted: dict[str, list[int]] = defaultdict(list)  # images each expert sees this round
             for i, gs in todo.items():
                 for g in gs[:1] if i in one_by_one else gs:
                     wanted[g].append(i)
-            for g, idx in wanted.items():
-                if not idx:
-                    continue
-                runner = self.experts[g]
-                x, lbs = prep.inputs[runner.entry.imgsz]
-                f = features(runner, idx)
-                outs = runner.detect_inputs(x if f is not None else x[idx], [lbs[i] for i in idx], features=f)
-                e_ms[runner.entry.name] = runner.last_ms / len(idx)
-                for i, dets in zip(idx, outs, strict=True):
-                    e_raw_best[i] = max([e_raw_best[i], *(d.score for d in dets)])
-                    e_dets[i][g] = _above(dets, runner.entry)
+                    ran[i].append(g)
+            self.experts(wanted)
             for i in list(todo):
                 if i not in one_by_one:
                     del todo[i]
                     continue
-                ran = list(e_dets[i])
-                best_g = max(ran, key=lambda g: max((d.score for d in e_dets[i][g]), default=0.0))
-                best = max((d.score for d in e_dets[i][best_g]), default=0.0)
+                best_g = max(ran[i], key=lambda g: _best(self.e_dets[i][g]))
+                best = _best(self.e_dets[i][best_g])
                 todo[i] = todo[i][1:]
                 if best >= stop:  # type: ignore[operator]  # one_by_one only when stop is set
-                    routes[i] = staged(routes[i], ran, f"stopped after {len(ran)} of {len(self.experts)} "
+                    routes[i] = staged(routes[i], ran[i], f"stopped after {len(ran[i])} of {len(o.experts)} "
                                        f"experts: {best_g} ({best:.2f}) >= stop {stop:.2f}")
                     del todo[i]
                 elif not todo[i]:
-                    routes[i] = staged(routes[i], ran, f"every expert ran, none reached stop {stop:.2f}")
+                    routes[i] = staged(routes[i], ran[i], f"every expert ran, none reached stop {stop:.2f}")
                     del todo[i]
-        results = []
-        for i, (gd, route) in enumerate(zip(g_dets, routes, strict=True)):
-            decision = decide(gd, e_dets[i], route, self.policy)
-            best = max([e_raw_best[i], *(d.score for d in gd)])
-            timings = {self.manifest.global_model.name: g_ms}
-            timings.update({self.experts[g].entry.name: e_ms[self.experts[g].entry.name]
-                            for g in e_dets[i] if self.experts[g].entry.name in e_ms})
-            alone = _above(gd, self.global_runner.entry)
+        results = {}
+        for i in idx:
+            route = routes[i]
+            decision = decide(g_dets[i], {g: self.e_dets[i][g] for g in route.groups}, route, policy)
+            wasted = [g for g in pre[i] if g not in route.groups]  # a reused route that did not hold
+            if wasted:
+                decision = replace(decision, models_run=(*decision.models_run, *wasted),
+                                   model_best={**decision.model_best,
+                                               **{g: _best(self.e_dets[i][g]) for g in wasted}},
+                                   why=f"{decision.why}; event route {', '.join(wasted)} reused but not "
+                                   "confident: whole cascade")
+            elif pre[i]:
+                decision = replace(decision, why=f"{decision.why}; event route reused but not confident: "
+                                   "whole cascade")
+            best = max([self.e_raw_best[i], *(d.score for d in g_dets[i])])
+            alone = _above(g_dets[i], glob.entry)
             single = max(alone, key=lambda x: x.score).species if alone else None
-            results.append(Classified(decision, best, timings, single))
+            timings = self.timings(i, [*route.groups, *wasted], {o.manifest.global_model.name: g_ms})
+            results[i] = Classified(decision, best, timings, single)
         return results

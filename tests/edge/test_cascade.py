@@ -12,10 +12,15 @@ from edge.cascade import (
     CascadePolicy,
     Decision,
     Route,
+    RouteHint,
+    RouteMemory,
     decide,
     event_decision,
     one_box_per_animal,
     plan,
+    reuse_holds,
+    reuse_route,
+    route_hint,
 )
 from edge.detection import Detection, iou
 from edge.manifest import CascadeSettings
@@ -287,3 +292,75 @@ def test_background_stop_must_not_be_below_the_expert_floor():
     assert CascadeSettings(background_stop=0.5).background_stop == 0.5
     with pytest.raises(ValidationError, match=r"background_stop 0\.2 is below expert_floor 0\.3"):
         CascadeSettings(background_stop=0.2)
+
+
+def test_background_cap_runs_only_the_likeliest_groups():
+    """background_max_experts: the N groups the global model scored highest below the route
+    threshold (best score per group), ties in bundle order; unset, every expert."""
+    dets = [det("deer", 0.1), det("rabbit", 0.2), det("boar", 0.15)]
+    assert plan(dets, GROUPS, EXPERTS).groups == ("micro", "large", "medium")
+    capped = plan(dets, GROUPS, EXPERTS, CascadePolicy(background_max_experts=2))
+    assert capped.reason == "background" and capped.groups == ("micro", "large")
+    assert plan([], GROUPS, EXPERTS, CascadePolicy(background_max_experts=1)).groups == ("medium",)
+    assert plan(dets, GROUPS, EXPERTS, CascadePolicy(background_max_experts=9)).groups == ("micro", "large", "medium")
+    with pytest.raises(ValidationError):
+        CascadeSettings(background_max_experts=0)
+    # decide: the most confident of the experts that ran wins
+    dec = decide(dets, {"micro": [det("rabbit", 0.8, model="micro")], "large": []}, capped)
+    assert dec.top == ("rabbit", 0.8) and dec.models_run == ("global", "micro", "large")
+
+
+REUSE = CascadePolicy(route_reuse=0.6, route_reuse_frames=2)
+
+
+def test_route_hint_only_from_a_confident_whole_cascade_route():
+    _, confident = run([det("lynx", 0.8)], {"medium": [det("lynx", 0.9, model="medium")]}, REUSE)
+    assert route_hint(confident, REUSE) == RouteHint(("medium",), 0.8)
+    assert route_hint(confident, CascadePolicy()) is None  # reuse off
+    _, weak_expert = run([det("lynx", 0.8)], {"medium": [det("lynx", 0.5, model="medium")]}, REUSE)
+    assert route_hint(weak_expert, REUSE) is None
+    _, weak_global = run([det("lynx", 0.4)], {"medium": [det("lynx", 0.9, model="medium")]}, REUSE)
+    assert route_hint(weak_global, REUSE) is None
+    _, with_heron = run([det("lynx", 0.8), det("heron", 0.9, box=(80, 80, 120, 120))],
+                        {"medium": [det("lynx", 0.9, model="medium")]}, REUSE)
+    assert route_hint(with_heron, REUSE) is None  # skipping the global model would lose the heron
+    _, background = run([det("lynx", 0.1)], {"medium": [det("lynx", 0.9, model="medium")]}, REUSE)
+    assert background.route.reason == "background" and route_hint(background, REUSE) is None
+
+
+def test_reuse_route_runs_only_the_hinted_experts_and_no_global():
+    route = reuse_route(RouteHint(("medium",), 0.8), EXPERTS, REUSE)
+    assert route is not None and route.reused and route.reason == "routed" and route.groups == ("medium",)
+    dec = decide((), {"medium": [det("lynx", 0.9, model="medium")]}, route, REUSE)
+    assert dec.models_run == ("medium",) and "global" not in dec.model_best and dec.top == ("lynx", 0.9)
+    assert reuse_holds(route, {"medium": [det("lynx", 0.9)]}, REUSE)
+    assert not reuse_holds(route, {"medium": [det("lynx", 0.5)]}, REUSE)  # no longer confident
+    assert not reuse_holds(route, {"medium": []}, REUSE)
+    assert reuse_route(RouteHint(("medium",), 0.8, run=2), EXPERTS, REUSE) is None  # run used up
+    assert reuse_route(RouteHint(("gone",), 0.8), EXPERTS, REUSE) is None  # an expert the bundle lacks
+    assert reuse_route(RouteHint(("medium",), 0.8), EXPERTS, CascadePolicy()) is None  # off
+    assert reuse_route(None, EXPERTS, REUSE) is None
+
+
+def test_route_memory_counts_reuse_renews_and_forgets():
+    mem = RouteMemory(capacity=2)
+    _, confident = run([det("lynx", 0.8)], {"medium": [det("lynx", 0.9, model="medium")]}, REUSE)
+    _, empty = run([], {}, REUSE)
+    mem.observe("a", confident, REUSE)
+    assert mem.hint("a") == RouteHint(("medium",), 0.8, 0)
+    reused = decide((), {"medium": [det("lynx", 0.9)]}, reuse_route(mem.hint("a"), EXPERTS, REUSE), REUSE)
+    mem.observe("a", reused, REUSE)
+    assert mem.hint("a").run == 1
+    mem.observe("a", confident, REUSE)  # a whole cascade renews it
+    assert mem.hint("a").run == 0
+    mem.observe("a", empty, REUSE)  # a frame without a confident route drops it
+    assert mem.hint("a") is None and mem.hint(None) is None
+    mem.observe(None, confident, REUSE)
+    assert len(mem) == 0
+    for ev in ("x", "y", "z"):  # bounded: the least recently used event goes
+        mem.observe(ev, confident, REUSE)
+    assert mem.hint("x") is None and mem.hint("z") is not None and len(mem) == 2
+    mem.forget("z")
+    assert mem.hint("z") is None
+    mem.observe("q", reused, REUSE)  # a reused frame with no route on record renews nothing
+    assert mem.hint("q") is None

@@ -211,7 +211,7 @@ def test_docs_config_md_is_up_to_date():
 @pytest.mark.parametrize("name", list(CascadeSettings.model_fields))
 def test_every_cascade_setting_is_overridable_from_the_config(tmp_path, name):
     field = CascadeSettings.model_fields[name]
-    value = (not field.default) if field.annotation is bool else 0.42
+    value = (not field.default) if field.annotation is bool else 2 if field.annotation in (int, int | None) else 0.42
     cfg = load_config(_write(tmp_path, MINIMAL + f"cascade: {{{name}: {str(value).lower()}}}\n"))
     bundle = CascadeSettings(gate_threshold=0.05)
     policy = cfg.cascade.apply(bundle)
@@ -228,6 +228,21 @@ def test_bad_cascade_value_is_one_line_naming_the_field(tmp_path, name, bad):
     assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'config.yaml'}: cascade.{name}: "), lines
     with pytest.raises(ValidationError):  # the manifest refuses the same value: one set of bounds
         CascadeSettings.model_validate({name: yaml.safe_load(bad)})
+
+
+@pytest.mark.parametrize("name", [n for n, f in CascadeSettings.model_fields.items()
+                                  if f.default is None])  # the settings that have an off state
+def test_null_in_the_config_turns_off_a_setting_the_bundle_turns_on(tmp_path, name):
+    """An explicit null sets the setting back to off over a bundle that sets it (background_stop
+    could not be unset: null read as 'keep the bundle's'); a key left out keeps the bundle's."""
+    on = {"gate_threshold": 0.05, "background_stop": 0.5, "background_max_experts": 1, "route_reuse": 0.6}[name]
+    bundle = CascadeSettings(**{name: on})
+    assert getattr(load_config(_write(tmp_path, MINIMAL + f"cascade: {{{name}: null}}\n")).cascade.apply(bundle),
+                   name) is None
+    assert getattr(load_config(_write(tmp_path, MINIMAL + "cascade: {}\n")).cascade.apply(bundle), name) == on
+    # a setting with no off state keeps the bundle's value on null
+    kept = load_config(_write(tmp_path, MINIMAL + "cascade: {route_threshold: null}\n")).cascade.apply(bundle)
+    assert kept.route_threshold == bundle.route_threshold
 
 
 def test_disable_gate_overrides_the_bundle_gate(tmp_path):
