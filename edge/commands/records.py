@@ -119,7 +119,7 @@ def _export_camtrapdp(args: argparse.Namespace) -> int:
             classified_by=classified_by,
             taxa=taxa,
         )
-    untaxed = sorted({s for m in media for s, _, _ in m.detections} - set(taxa))
+    untaxed = sorted({s for m in media for s, *_ in m.detections} - set(taxa))
     if untaxed:
         where = f"bundle {bundle} has no taxonomy for" if bundle else "no bundle (--bundle) to name"
         print(f"export-camtrapdp: {where} {', '.join(untaxed)}: their scientificName is left empty "

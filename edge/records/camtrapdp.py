@@ -22,6 +22,9 @@ Invariants:
   ``timestampIssues`` true.
 - ``fileMediatype`` is the format read from the file's bytes (the daemon stores it in the
   result), not its name: a PNG named .jpg is image/png.
+- One observation row per animal (count 1): when the cascade merged boxes of one animal that
+  claimed different species, the kept species is the row and the others (``Detection.also``)
+  stay on it as ``alternative:<class>=<score>`` tags and a comment, never as extra rows.
 - ``scientificName`` is a scientific name or empty, never a model class name: it comes from the
   bundle manifest's ``taxonomy`` (``ProjectMeta.taxa``); the class name travels in
   ``observationTags`` as ``class:<name>`` so nothing is lost when a class has no taxon.
@@ -70,14 +73,21 @@ OBSERVATION_COLUMNS = [
 ]  # fmt: skip
 
 
+Alternatives = tuple[tuple[str, float], ...]  # (model class, score): other species of the same animal
+# (model class, score, bbox_norm or None[, alternatives]): one animal, one box
+MediaDetection = tuple[str, float, BoxNorm | None] | tuple[str, float, BoxNorm | None, Alternatives]
+
+
 @dataclass(frozen=True)
 class MediaResult:
     """One image as the device saw it: where, when, what the cascade found, what became of it.
 
-    ``detections`` are (model class, score, bbox_norm or None). ``disposed`` is None while the
-    file is still where the camera put it, else 'deleted' or 'moved' (the media row stays, so the
-    effort of the deployment stays complete). ``failure`` marks an image that could not be read.
-    ``file_path`` and ``file_name`` are already schema-safe (see :func:`media_path`).
+    ``detections`` are (model class, score, bbox_norm or None), optionally with the other
+    species claimed for the same animal by boxes the cascade merged into it (``Detection.also``).
+    ``disposed`` is None while the file is still where the camera put it, else 'deleted' or
+    'moved' (the media row stays, so the effort of the deployment stays complete). ``failure``
+    marks an image that could not be read. ``file_path`` and ``file_name`` are already
+    schema-safe (see :func:`media_path`).
     """
 
     media_id: str
@@ -86,7 +96,7 @@ class MediaResult:
     file_path: str  # relative to the watch folder, forward slashes
     file_name: str
     media_type: str = "image/jpeg"
-    detections: tuple[tuple[str, float, BoxNorm | None], ...] = ()
+    detections: tuple[MediaDetection, ...] = ()
     disposed: str | None = None
     event_id: str | None = None
     failure: str | None = None
@@ -221,9 +231,10 @@ def camtrapdp_observation_rows(m: MediaResult, meta: ProjectMeta) -> list[dict[s
                  "classificationMethod": "machine", "classifiedBy": meta.classified_by,
                  "classificationTimestamp": when}]  # fmt: skip
     rows = []
-    for k, (species, score, bbox) in enumerate(sorted(m.detections, key=lambda d: -d[1]), start=1):
+    for k, (species, score, bbox, *more) in enumerate(sorted(m.detections, key=lambda d: -d[1]), start=1):
         otype = observation_type(species)
         taxon = meta.taxa.get(species)
+        also: Alternatives = more[0] if more else ()
         row = {
             **base,
             "observationID": f"{m.media_id}_{k}",
@@ -234,12 +245,33 @@ def camtrapdp_observation_rows(m: MediaResult, meta: ProjectMeta) -> list[dict[s
             "classifiedBy": meta.classified_by,
             "classificationTimestamp": when,
             "classificationProbability": _num(min(max(score, 0.0), 1.0)),
-            "observationTags": f"class:{safe_name(species).replace('|', '%7C')}",
+            "observationTags": "|".join([f"class:{_tag(species)}",
+                                         *(f"alternative:{_tag(sp)}={_num(p, 3)}" for sp, p in also)]),
+            "observationComments": _alternatives_comment(also, meta.taxa),
         }
         if bbox is not None and bbox[2] > 0 and bbox[3] > 0:
             row.update(bboxX=_num(bbox[0]), bboxY=_num(bbox[1]), bboxWidth=_num(bbox[2]), bboxHeight=_num(bbox[3]))
         rows.append(row)
     return rows
+
+
+def _tag(name: str) -> str:
+    """A model class name as an observationTags value (pipe-separated list: '|' encoded)."""
+    return safe_name(name).replace("|", "%7C")
+
+
+def _alternatives_comment(also: Alternatives, taxa: Mapping[str, Taxon]) -> str:
+    """The other species the cascade saw in the same animal's box, for a reader of the table:
+    an observation is one animal (a second row would count it twice), so its runner-up
+    classifications travel here and in ``alternative:`` tags rather than as rows."""
+    if not also:
+        return ""
+
+    def name(sp: str) -> str:
+        t = taxa.get(sp)
+        return f"{t.scientific_name} ({safe_name(sp)})" if t is not None and t.scientific_name else safe_name(sp)
+
+    return "same box also classified as " + ", ".join(f"{name(sp)} {p:.2f}" for sp, p in also)
 
 
 def camtrapdp_deployment_rows(deployments: Sequence[DeploymentInfo], media: Sequence[MediaResult]) -> list[dict]:
@@ -391,7 +423,7 @@ def write_camtrapdp(
 
 
 # --- from ledger rows (edge/ledger.py ImageRow; read by edge/commands/records.py) ---------------
-def _detections_from_result(result: Mapping[str, Any]) -> tuple[tuple[str, float, BoxNorm | None], ...]:
+def _detections_from_result(result: Mapping[str, Any]) -> tuple[MediaDetection, ...]:
     """Detections of a stored result (``Decision.to_dict()``: boxes in pixels, so the image size
     must be stored beside them as width/height or image_size for a bbox; else bbox is left out)."""
     size = None
@@ -404,7 +436,8 @@ def _detections_from_result(result: Mapping[str, Any]) -> tuple[tuple[str, float
         bbox = d.get("bbox_norm")
         if bbox is None and size is not None and d.get("box") is not None:
             bbox = normalise_box(d["box"], *size)
-        out.append((str(d["species"]), float(d["score"]), tuple(bbox) if bbox else None))
+        also = tuple((str(sp), float(p)) for sp, p in d.get("also") or ())
+        out.append((str(d["species"]), float(d["score"]), tuple(bbox) if bbox else None, also))
     return tuple(out)
 
 

@@ -447,3 +447,36 @@ def test_media_type_is_what_the_bytes_are_not_what_the_name_says(tmp_path):
     assert rc == 0 and validate_camtrapdp(pkg) == []
     media = {r["mediaID"]: r["fileMediatype"] for r in _rows(pkg, "media")}
     assert {k: media[str(ids[k])] for k in cases} == {k: m for k, (_p, _f, m) in cases.items()}
+
+
+def test_a_merged_animal_keeps_its_other_species_on_its_one_observation(tmp_path):
+    """One animal, one box: the cascade merged a wildcat box into the lynx box (Detection.also).
+    The observation stays one row (count 1: a second row would count the animal twice), and the
+    other species stay on it as alternative: tags and a comment; the package validates."""
+    from edge.ledger import Ledger
+
+    db = tmp_path / "ledger.sqlite3"
+    t0 = datetime(2025, 6, 1, tzinfo=timezone.utc).timestamp()
+    merged = {"empty": False, "width": 1000, "height": 500, "detections": [
+        {"species": "lynx", "score": 0.62, "box": [100, 50, 400, 250], "cls": 0, "model": "felids",
+         "also": [["wildcat", 0.41], ["odd|name", 0.05]]},
+        {"species": "rabbit", "score": 0.5, "box": [600, 300, 700, 400], "cls": 2, "model": "global"}]}
+    with Ledger(db) as led:
+        i = led.see("/srv/cam/a/IMG_1.JPG", 100, t0)
+        led.claim(1)
+        led.complete(i, merged)
+    rc, pkg = _export(tmp_path, db)
+    assert rc == 0 and validate_camtrapdp(pkg) == []
+    lynx, rabbit = _rows(pkg, "observations")
+    assert (lynx["count"], lynx["classificationProbability"]) == ("1", "0.62")
+    assert lynx["observationTags"] == "class:lynx|alternative:wildcat=0.41|alternative:odd%7Cname=0.05"
+    assert lynx["observationComments"] == "same box also classified as wildcat 0.41, odd|name 0.05"
+    assert (rabbit["observationTags"], rabbit["observationComments"]) == ("class:rabbit", "")
+    meta = ProjectMeta(taxa={"lynx": TAXA["Lynx pardinus"], "wildcat": Taxon(scientific_name="Felis silvestris",
+                                                                               vernacular_name="wildcat")})
+    m = MediaResult("1", "trap-07", datetime(2025, 6, 1, tzinfo=timezone.utc), "a.jpg", "a.jpg",
+                    detections=(("lynx", 0.62, None, (("wildcat", 0.41),)),))
+    write_camtrapdp(tmp_path / "pure", [DeploymentInfo("trap-07", 37.0, -6.4)], [m], meta)
+    assert validate_camtrapdp(tmp_path / "pure") == []
+    (obs,) = _rows(tmp_path / "pure", "observations")
+    assert obs["observationComments"] == "same box also classified as Felis silvestris (wildcat) 0.41"
