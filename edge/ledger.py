@@ -59,7 +59,7 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATES = ("seen", "processing", "done", "disposed", "quarantined")
 STAGES = ("decode", "inference")  # where an in-flight frame is
 MAX_CRASHES = 3  # crashes while alone in the decoder/engine before a frame is quarantined
@@ -185,6 +185,17 @@ CREATE TABLE counters (
 ) WITHOUT ROWID;
 """
 
+
+def _add_folders(db: sqlite3.Connection) -> None:
+    """v4: the folder of every image (the rows of old ledgers too), then the waiting index."""
+    db.execute("ALTER TABLE images ADD COLUMN folder TEXT")
+    db.executemany("UPDATE images SET folder=? WHERE id=?",
+                   [(_db_folder(_py_path(r[1])), r[0]) for r in db.execute("SELECT id, path FROM images")])
+    # the frames still to process, by folder: small (only waiting rows), so cheap to keep up to date
+    db.execute("CREATE INDEX images_waiting ON images(folder) "
+               "WHERE state IN ('seen', 'processing') AND superseded IS NULL")
+
+
 # version v -> SQL (or a function of the connection) that upgrades v to v + 1, run inside the
 # opening transaction. Add an entry, bump SCHEMA_VERSION, never edit an old one.
 MIGRATIONS: dict[int, str | Callable[[sqlite3.Connection], None]] = {
@@ -205,7 +216,12 @@ ALTER TABLE images ADD COLUMN in_flight TEXT CHECK (in_flight IS NULL OR in_flig
 ALTER TABLE images ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0;
 UPDATE images SET attempts=0 WHERE state != 'quarantined';
 """,
+    # v4: the folder (camera) of each image, and an index of the folders with frames still to
+    # process: ``waiting_in`` asks it every tick while an event idles, and read every waiting
+    # path before (a 100k-frame backlog meant 100k rows per question)
+    3: _add_folders,
 }
+
 
 
 def _rowid(cur: sqlite3.Cursor) -> int:
@@ -224,6 +240,11 @@ def _db_path(path: str | Path) -> str | bytes:
         return text
     except UnicodeEncodeError:
         return os.fsencode(text)
+
+
+def _db_folder(path: str | Path) -> str | bytes:
+    """The folder an image sits in (its camera, as edge.events groups frames), as stored."""
+    return _db_path(os.path.dirname(os.fspath(path)))
 
 
 def _py_path(value: str | bytes) -> str:
@@ -354,8 +375,8 @@ class Ledger:
         A file of another size or mtime at the path of a finished image is a NEW image (cameras
         reuse names after a card is formatted): the old row is kept as history."""
         key, now = _db_path(path), _now()
-        insert = ("INSERT INTO images (path, size, mtime, sha256, taken_at, created, updated) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?)")
+        insert = ("INSERT INTO images (path, folder, size, mtime, sha256, taken_at, created, updated) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
         with self._tx() as db:
             row = db.execute("SELECT id, state, size, mtime FROM images WHERE path=? AND superseded IS NULL",
                              (key,)).fetchone()
@@ -372,21 +393,27 @@ class Ledger:
                 # a new file at a reused path: retire the old row (pointing at itself until the new
                 # row exists, which keeps the foreign key valid), then insert
                 db.execute("UPDATE images SET superseded=id WHERE id=?", (row["id"],))
-            new_id = _rowid(db.execute(insert, (key, size, mtime, sha256, taken_at, now, now)))
+            new_id = _rowid(db.execute(insert, (key, _db_folder(path), size, mtime, sha256, taken_at, now, now)))
             if row is not None:
                 db.execute("UPDATE images SET superseded=? WHERE id=?", (new_id, row["id"]))
                 log.info("%s: a new file reuses the path of image %d (%s); treated as a new image",
                          path, row["id"], row["state"])
             return new_id
 
-    def claim(self, limit: int = 1, *, offenders: bool = True) -> list[ImageRow]:
+    def claim(self, limit: int = 1, *, offenders: bool = True, stage: str | None = None) -> list[ImageRow]:
         """Move up to ``limit`` waiting images (oldest first) to ``processing`` and return them
         (not yet in flight: see :meth:`in_flight`). A suspect (in flight with others when the process
         died) is claimed alone, and a batch stops before the next suspect, so that a crash
         while it is processed can be counted against it and nothing else. A frame that already
         crashed the daemon alone waits until no other frame does: a likely poison frame delays
         nobody (each of its crashes costs a restart); ``offenders=False`` leaves such frames
-        waiting altogether (the daemon's first seconds after a start)."""
+        waiting altogether (the daemon's first seconds after a start).
+
+        ``stage`` marks the claimed rows in flight in the same transaction (one commit where
+        ``in_flight`` would add a second), except a suspect: it must enter flight only once
+        nothing else is in flight, which the caller waits for before calling ``in_flight``."""
+        if stage is not None and stage not in STAGES:
+            raise ValueError(f"in_flight stage must be one of {STAGES} or None, got {stage!r}")
         now = _now()
         with self._tx() as db:
             rows = db.execute("SELECT id, suspect FROM images WHERE state='seen' AND (? OR attempts = 0) "
@@ -396,8 +423,9 @@ class Ledger:
             else:
                 rows = rows[:next((k for k, r in enumerate(rows) if r["suspect"]), len(rows))]
             ids = [r["id"] for r in rows]
-            db.executemany("UPDATE images SET state='processing', updated=? WHERE id=?",
-                           [(now, i) for i in ids])
+            mark = stage if rows and not rows[0]["suspect"] else None
+            db.executemany("UPDATE images SET state='processing', in_flight=?, updated=? WHERE id=?",
+                           [(mark, now, i) for i in ids])
             out = [_image(db.execute("SELECT * FROM images WHERE id=?", (i,)).fetchone()) for i in ids]
         return out
 
@@ -565,6 +593,19 @@ class Ledger:
             db.execute("UPDATE images SET state='disposed', disposal=?, updated=? WHERE id=?",
                        (how, _now(), image_id))
 
+    def mark_disposed_many(self, done: Sequence[tuple[int, str]], counters: Mapping[str, int] | None = None) -> None:
+        """``mark_disposed`` for a batch's frames (image id, how), with counter increments, in ONE
+        durable transaction (one fsync per batch). A row that is not ``done`` (disposed already:
+        a redo after a crash) is left as it is."""
+        if not done and not counters:
+            return
+        now = _now()
+        with self._tx(durable=True) as db:
+            db.executemany("UPDATE images SET state='disposed', disposal=?, updated=? WHERE id=? AND state='done'",
+                           [(how, now, int(i)) for i, how in done])
+            for name, n in (counters or {}).items():
+                _bump(db, name, n)
+
     def set_event(self, image_id: int, event_id: int) -> None:
         """Attach an image to an event (bursts are grouped after their frames are seen)."""
         with self._tx() as db:
@@ -605,9 +646,10 @@ class Ledger:
         """Those of ``folders`` holding an image still to be processed (``seen`` or
         ``processing``): an event of that camera must not close by idle time while its later
         frames wait (a backlog, a frame held back after a crash)."""
-        want = set(folders)
-        rows = self._read("SELECT path FROM images WHERE state IN ('seen', 'processing') AND superseded IS NULL")
-        return {d for d in (os.path.dirname(_py_path(r["path"])) for r in rows) if d in want}
+        sql = ("SELECT 1 FROM images WHERE folder=? AND state IN ('seen', 'processing') AND superseded IS NULL "
+               "LIMIT 1")  # the partial index images_waiting: one lookup per folder, whatever the backlog
+        with self._lock:
+            return {f for f in set(folders) if self._db.execute(sql, (_db_path(f),)).fetchone() is not None}
 
     def max_event_id(self) -> int:
         row = self._read("SELECT max(m) AS m FROM (SELECT max(event_id) AS m FROM images "

@@ -7,12 +7,15 @@ image by image. Format document: ``megadetector-output-format.md`` (agentmorris/
 Invariants:
 - The mapping functions are pure (hand-made inputs in, dicts out); only ``MdBatchWriter`` does
   file work.
-- ``MdBatchWriter`` keeps a JSON-lines journal (one fsync per result) and rewrites the JSON
-  atomically (edge/atomic.py) every few results, so the JSON on disk is valid after any crash
-  and the journal replays what the last rewrite missed. A result is durable when ``add`` returns.
-  The rewrite interval grows with the file (at least ``flush_every`` results, at least
-  ``REWRITE_SHARE`` of the images held), so the cost per result stays constant: a rewrite of
-  50,000 images took 72 ms, and rewriting it every 50 results made each result pay 1.4 ms.
+- ``MdBatchWriter`` keeps a JSON-lines journal and rewrites the JSON atomically
+  (edge/atomic.py) every few results, so the JSON on disk is valid after any crash and the
+  journal replays what the last rewrite missed. A result is durable when ``add``/``add_many``
+  returns. Cost: one fsync per call (``add_many``: a whole batch, one write and one fsync;
+  the daemon calls it once per batch), or, when the rewrite is due, the rewrite's two (file and
+  folder) instead of the journal's. The rewrite interval grows with the file (at least
+  ``flush_every`` results, at least ``REWRITE_SHARE`` of the images held), so the cost per
+  result stays constant: a rewrite of 50,000 images took 72 ms, and rewriting it every 50
+  results made each result pay 1.4 ms.
 - Classification category ids only grow: a new bundle never renumbers old results.
 - One file is listed once; a redone image replaces its old entry.
 - Every string is valid UTF-8 text (strict JSON readers refuse lone surrogates): ``file`` is the
@@ -31,6 +34,7 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -340,10 +344,21 @@ def validate_md_output(doc: Any) -> list[str]:
 REWRITE_SHARE = 0.1  # rewrite the JSON after at least this share of its images arrived anew
 
 
+@dataclass(frozen=True)
+class MdResult:
+    """One image's result for ``MdBatchWriter.add_many`` (the arguments of ``add``)."""
+
+    file: str
+    detections: Sequence[Detection] | None = None
+    image_size: tuple[int, int] | None = None
+    failure: str | None = None
+
+
 class MdBatchWriter:
     """Appends results to a MegaDetector batch JSON that stays valid through any crash.
 
-    Each ``add`` is one fsynced line in ``<path>.journal``; every ``flush_every`` results, or
+    Each ``add`` is one fsynced line in ``<path>.journal`` (``add_many``: a batch's lines, one
+    fsync); every ``flush_every`` results, or
     every ``REWRITE_SHARE`` x the images held if that is more (and on ``flush``/``close``), the
     whole JSON is rewritten atomically and the journal emptied.
     Opening an existing file resumes it: its images are kept, the journal is replayed, and a
@@ -443,10 +458,11 @@ class MdBatchWriter:
             os.fsync(self._journal.fileno())
 
     # -- writing ----------------------------------------------------------------------------
-    def _append_journal(self, rec: dict) -> None:
-        """One line, whole or not at all: a failed write (a full disk) is cut back, so the next
-        line does not join a torn one (written unbuffered, so nothing half-sent stays queued)."""
-        data = memoryview(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+    def _append_journal(self, *recs: dict) -> None:
+        """Lines, all whole or none at all, with ONE fsync: a failed write (a full disk) is cut
+        back, so the next line does not join a torn one (written unbuffered, so nothing
+        half-sent stays queued)."""
+        data = memoryview(b"".join(json.dumps(rec, separators=(",", ":")).encode() + b"\n" for rec in recs))
         fd = self._journal.fileno()
         end = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -474,23 +490,43 @@ class MdBatchWriter:
         failure: str | None = None,
     ) -> dict:
         """Record one image's result (durable when this returns); returns the entry written."""
+        return self.add_many([MdResult(file, detections, image_size, failure)])[0]
+
+    def add_many(self, results: Sequence[MdResult]) -> list[dict]:
+        """Record a batch of images' results with ONE fsync (durable when this returns, all or
+        none); returns the entries written. What the daemon calls once per batch."""
         with self._lock:
-            self._extend_species(d.species for d in detections or ())
-            entry = md_image_entry(file, detections, self.species, image_size=image_size, failure=failure,
-                                   model_classes=self.model_classes)  # fmt: skip
-            self.add_entry(entry)
-            return entry
+            known = len(self.species)
+            self.species.extend(s for s in dict.fromkeys(d.species for r in results for d in r.detections or ())
+                                if s not in self.species)
+            try:
+                entries = [md_image_entry(r.file, r.detections, self.species, image_size=r.image_size,
+                                          failure=r.failure, model_classes=self.model_classes) for r in results]
+                lines = ([{"species": list(self.species)}] if len(self.species) > known else [])
+                self._write(lines + [{"image": e} for e in entries], entries)
+            except BaseException:  # nothing of it on disk: the ids it would have added are not taken
+                del self.species[known:]
+                raise
+            return entries
 
     def add_entry(self, entry: Mapping) -> None:
         """Record a ready-made ``images[]`` entry (its class ids must be this writer's)."""
         entry = dict(entry)
         with self._lock:
-            self._append_journal({"image": entry})
+            self._write([{"image": entry}], [entry])
+
+    def _write(self, lines: list[dict], entries: list[dict]) -> None:
+        """Journal ``lines`` (one fsync) and hold ``entries``; when a rewrite is due, the rewrite
+        alone makes them durable (the journal line would be emptied at once)."""
+        due = self._pending + len(entries) >= max(self.flush_every, REWRITE_SHARE * (len(self._images) + len(entries)))
+        if not due:
+            self._append_journal(*lines)
+        for entry in entries:
             self._images.pop(entry["file"], None)  # re-added at the end: newest result last
             self._images[entry["file"]] = entry
-            self._pending += 1
-            if self._pending >= max(self.flush_every, REWRITE_SHARE * len(self._images)):
-                self.flush()
+        self._pending += len(entries)
+        if due:  # a failure leaves them held for the next rewrite; the caller retries (a redo replaces)
+            self.flush()
 
     def document(self) -> dict:
         info = md_info(self.detector, self.classifier, **self._info_args)  # type: ignore[arg-type]
@@ -501,9 +537,9 @@ class MdBatchWriter:
         with self._lock:
             data = json.dumps(self.document(), separators=(",", ":")).encode() + b"\n"
             atomic_write_bytes(self.path, data)
+            # not fsynced: a power cut that undoes the truncation replays lines the JSON already
+            # holds (a redo replaces, harmlessly), and the next journal fsync makes it durable
             self._journal.truncate(0)
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
             self._pending = 0
 
     def close(self) -> None:

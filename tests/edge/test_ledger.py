@@ -563,3 +563,69 @@ def test_waiting_in_names_the_folders_with_frames_still_to_process(ledger: Ledge
         if r.path != "/w/cam1/sub/B.JPG":
             ledger.complete(r.id, {"empty": True}, [])
     assert ledger.waiting_in(folders) == set() and ledger.waiting_in(["/w/cam1/sub"]) == {"/w/cam1/sub"}
+
+
+def test_v3_ledger_is_migrated_and_waiting_frames_keep_their_folder(tmp_path: Path) -> None:
+    """v4 stores each image's folder for ``waiting_in``: a v3 ledger's waiting rows (a backlog
+    left by the old version, a Latin-1 name among them) still hold their camera's events open."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for stmt in ledger_mod._split_sql(ledger_mod._SCHEMA_V1):
+        db.execute(stmt)
+    for v in (1, 2):
+        for stmt in ledger_mod._split_sql(ledger_mod.MIGRATIONS[v]):  # type: ignore[arg-type]
+            db.execute(stmt)
+    latin = os.fsencode("/w/c\udce9m/a.jpg")  # not UTF-8: stored as a BLOB
+    db.execute("INSERT INTO images (path, size, mtime, state, created, updated) VALUES "
+               "('/w/cam1/a.jpg', 1, 1, 'seen', 0, 0), ('/w/cam2/b.jpg', 1, 1, 'processing', 0, 0), "
+               "(?, 1, 1, 'seen', 0, 0)",
+               (latin,))
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    with Ledger(path) as led:
+        assert led.waiting_in(["/w/cam1", "/w/cam2", "/w/c\udce9m", "/w/cam3"]) == {"/w/cam1", "/w/cam2",
+                                                                                      "/w/c\udce9m"}
+
+
+def test_waiting_in_is_one_index_lookup_per_folder(ledger: Ledger) -> None:
+    """It read every waiting path (a 100k-frame backlog: 100k rows) each tick an event idled.
+    Now the partial index of waiting rows answers each folder, whatever the backlog."""
+    for k in range(2000):
+        ledger.see(f"/w/cam1/{k:05d}.jpg", 1, 1.0)
+    plan = " ".join(r[-1] for r in ledger._read(
+        "EXPLAIN QUERY PLAN SELECT 1 FROM images WHERE folder=? AND state IN ('seen', 'processing') "
+        "AND superseded IS NULL LIMIT 1", ("/w/cam1",)))
+    assert "USING INDEX images_waiting" in plan, plan
+    t = time.perf_counter()
+    for _ in range(100):
+        assert ledger.waiting_in(["/w/cam1", "/w/cam2"]) == {"/w/cam1"}
+    assert time.perf_counter() - t < 1.0  # 100 questions; reading 2,000 paths each took longer
+    for r in ledger.claim(2000):
+        ledger.complete(r.id, {"empty": True})
+    assert ledger.waiting_in(["/w/cam1"]) == set()
+
+
+def test_claim_can_mark_the_batch_in_flight_but_never_a_suspect(ledger: Ledger) -> None:
+    """One transaction for claim + in_flight('decode'); a suspect enters flight only once
+    nothing else is in flight, so the caller marks it itself."""
+    ids = [ledger.see(f"/w/{k}.jpg", 1, 1.0) for k in range(4)]
+    rows = ledger.claim(2, stage="decode")
+    assert [r.in_flight for r in rows] == ["decode", "decode"]
+    assert all(ledger.get(i).in_flight == "decode" for i in ids[:2])  # type: ignore[union-attr]
+    ledger.recover()  # two in flight together: both suspects
+    [alone] = ledger.claim(4, stage="decode")
+    assert alone.suspect and alone.in_flight is None and ledger.get(alone.id).in_flight is None  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="stage"):
+        ledger.claim(1, stage="engine")
+
+
+def test_mark_disposed_many_records_a_batch_and_its_counters_at_once(ledger: Ledger) -> None:
+    ids = [ledger.see(f"/w/{k}.jpg", 1, 1.0) for k in range(3)]
+    for r in ledger.claim(3):
+        ledger.complete(r.id, {"empty": True})
+    ledger.mark_disposed_many([(ids[0], "deleted"), (ids[1], "kept")], {"discarded": 1})
+    ledger.mark_disposed_many([(ids[0], "kept")])  # disposed already (a redo): left as it was
+    assert [(r.state, r.disposal) for r in ledger.images()] == [("disposed", "deleted"), ("disposed", "kept"),
+                                                                 ("done", None)]
+    assert ledger.counters()["discarded"] == 1

@@ -384,3 +384,40 @@ def test_a_file_an_older_writer_left_with_lone_surrogates_is_repaired(tmp_path):
     fixed = _strict_json(path.read_bytes())
     assert validate_md_output(fixed) == []
     assert [im["file"] for im in fixed["images"]] == ["/srv/cam/a/caf%E9 %FF.jpg", "ok.jpg"]
+
+
+def test_a_batch_costs_one_fsync_and_a_failed_batch_leaves_nothing(tmp_path, monkeypatch):
+    """The daemon records a batch at once: one journal write and ONE fsync (it was one per
+    image), or, when the rewrite is due, the rewrite's own (the file and its folder) alone. A
+    batch that cannot be written leaves neither a line nor a new class id behind."""
+    import edge.atomic
+    import edge.records.megadetector as md
+
+    path = tmp_path / "md.json"
+    w = _writer(path, flush_every=10)
+    syncs: list[int] = []
+    real_fsync = os.fsync
+    for mod in (md.os, edge.atomic.os):
+        monkeypatch.setattr(mod, "fsync", lambda fd: syncs.append(fd) or real_fsync(fd))
+    batch = [md.MdResult(f"b{i}.jpg", [_lynx()] if i % 2 else [], (1000, 500)) for i in range(4)]
+    entries = w.add_many(batch)
+    assert len(syncs) == 1 and [e["file"] for e in entries] == [f"b{i}.jpg" for i in range(4)]
+    assert w.journal_path.read_text().count("\n") == 4
+    syncs.clear()
+    w.add_many([md.MdResult(f"c{i}.jpg", []) for i in range(6)])  # the 10th result: the rewrite is due
+    assert len(syncs) == 2 and w.journal_path.stat().st_size == 0  # the JSON and its folder; no journal line
+    assert len(json.loads(path.read_text())["images"]) == 10
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    real_write = os.write
+    monkeypatch.setattr(md.os, "write", full)
+    with pytest.raises(OSError):
+        w.add_many([md.MdResult("d.jpg", [Detection("badger", 0.6, (0, 0, 5, 5), model="x")], (10, 10))])
+    monkeypatch.setattr(md.os, "write", real_write)
+    assert "badger" not in w.species and len(w) == 10  # not taken: the next batch's ids stay dense
+    w.add_many([md.MdResult("e.jpg", [Detection("genet", 0.6, (0, 0, 5, 5), model="x")], (10, 10))])
+    w.close()
+    doc = json.loads(path.read_text())
+    assert validate_md_output(doc) == [] and doc["classification_categories"][str(len(SPECIES))] == "genet"
