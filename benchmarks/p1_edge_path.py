@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 
 from edge.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine  # noqa: E402
 from edge.imageio import read_image  # noqa: E402
-from edge.manifest import ModelEntry  # noqa: E402
 from edge.runner import ModelRunner  # noqa: E402
 from edge.vision import decode, letterbox_batch  # noqa: E402
 
@@ -69,24 +68,58 @@ def compare(runner: ModelRunner, images: list[np.ndarray], rounds: int, extra=No
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def allocations(runner: ModelRunner, images: list[np.ndarray], sizes: tuple[int, ...] = (1, 8),
+                loops: int = 10) -> list[tuple[int, str, float, float]]:
+    """tracemalloc over a loop of batches (not a timing): per stage and batch size, the memory each
+    call allocates at its peak beyond what was live before (every numpy buffer counts; ONNX
+    Runtime's own arena does not), per image, and what is still held after the loop (a leak)."""
+    import tracemalloc
+
+    rows = []
+    e = runner.entry
+    for n in sizes:
+        batch = (images * n)[:n]
+        x, lbs = letterbox_batch(batch, e.imgsz)
+        raw = runner.engine.infer(x)
+        stages = {"letterbox": lambda b=batch: letterbox_batch(b, e.imgsz),
+                  "engine": lambda x=x: runner.engine.infer(x),
+                  "decode": lambda raw=raw, lbs=lbs: [decode(raw[i], e.layout, e.classes, lb, conf=runner.conf,
+                                                             iou=e.iou_threshold) for i, lb in enumerate(lbs)]}
+        for name, fn in stages.items():
+            fn()
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            for _ in range(loops):
+                fn()
+            cur, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            rows.append((n, name, (peak - base) / n, (cur - base) / loops))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    ap.add_argument("--allow-spinning", action="store_true",
+                    help="spinning thread pools (ONNX Runtime's own default; the engine's default is off)")
     args = ap.parse_args(argv)
     import onnxruntime
     import torch
     import ultralytics
     from ultralytics import YOLO
 
+    from benchmarks.random_yolo import export_random_yolov8n
     from edge.bundle import load_bundle
-    from export.onnx import export_onnx
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = OnnxRuntimeConfig(providers=["cpu"], intra_op_threads=args.threads)
+    cfg = OnnxRuntimeConfig(providers=["cpu"], intra_op_threads=args.threads, allow_spinning=args.allow_spinning)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime "
           f"{onnxruntime.__version__}, ultralytics {ultralytics.__version__}, torch {torch.__version__}; "
-          f"median per call over {args.rounds} rounds, the paths alternating call by call, batch 1")
+          f"median per call over {args.rounds} rounds, the paths alternating call by call, batch 1; engine "
+          f"intra_op_threads {cfg.intra_op_threads}, allow_spinning {cfg.allow_spinning}; load average "
+          f"{os.getloadavg()[0]:.1f}")
     rows = []
 
     bundle = load_bundle(DEMO / "bundle")
@@ -99,20 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     real_paths = sorted(REAL.glob("*.JPG"))
     real = [cv2.imread(str(p)) for p in real_paths]
     with tempfile.TemporaryDirectory() as tmp:
-        pt = Path(tmp) / "yolov8n-random.pt"
-        model = YOLO("yolov8n.yaml")  # built from the package's yaml, random weights: no download
-        model.save(str(pt))
         for size in (160, 640):
-            ex = export_onnx(pt, Path(tmp) / f"y{size}.onnx", imgsz=size)
-            entry = ModelEntry(name=f"y{size}", role="global", file=ex.onnx_path.name, sha256="0" * 64,
-                               classes=ex.classes, imgsz=size, layout=ex.layout)
-            runner = ModelRunner(entry, OnnxRuntimeEngine(ex.onnx_path, entry, cfg))
-            yolo = YOLO(str(pt))
+            y = export_random_yolov8n(Path(tmp), size)  # ultralytics' yolov8n.yaml, random weights: no download
+            entry = y.entry
+            runner = ModelRunner(entry, OnnxRuntimeEngine(y.onnx, entry, cfg))
+            yolo = YOLO(str(y.pt))
             extra = ("ultralytics", lambda im, s=size, y=yolo: y.predict(im, imgsz=s, conf=0.05, iou=0.45,
                                                                          device="cpu", verbose=False))
+            frames = [read_image(p, max_side=size).bgr for p in real_paths]
             rows.append((f"yolov8n (random weights), {size} px, real 2048x1440 frames",
-                         compare(runner, [read_image(p, max_side=size).bgr for p in real_paths], args.rounds,
-                                 extra, originals=real)))
+                         compare(runner, frames, args.rounds, extra, originals=real)))
+            if size == 640:
+                allocs = allocations(runner, frames)
 
     print("| graph | bare session.run (ms) | edge path (ms) | edge / bare [<= 1.05x] | letterbox + decode "
           "(ms) | (bare + those) / bare | ultralytics predict (ms) | ultralytics / edge [>= 2x] |")
@@ -126,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     print("Edge path: letterbox + engine + decode/NMS on the frame as the daemon's reader hands it "
           "(real frames read reduced to the input size, benchmarks/decode.py times that read); "
           "ultralytics predict gets the full decoded 2048x1440 frame and letterboxes it itself.")
+    print("\nAllocations in the hot path (tracemalloc, yolov8n 640 px, real frames; not timed): what one call "
+          "allocates at its peak beyond what was live before, per image, and what stays allocated per call")
+    print("| batch | stage | peak per image (KB) | held after the call (KB) |")
+    print("|---:|---|---:|---:|")
+    for n, name, per_image, held in allocs:
+        print(f"| {n} | {name} | {per_image / 1024:.0f} | {held / 1024:.1f} |")
+    print("The letterbox's inherent buffers are the uint8 canvas and the float32 input: "
+          f"{640 * 640 * 15 / 1024:.0f} KB per image at 640 px.")
     return 0
 
 

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--bundle", type=Path, help="bundle folder (default: the demo bundle)")
     ap.add_argument("--batch", type=int, default=4, help="engine.max_batch")
+    ap.add_argument("--engine", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more engine settings, e.g. allow_spinning=true intra_op_threads=1 (benchmarks/threads.py)")
     args = ap.parse_args(argv)
     import yaml
 
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"device": {"id": "p4"}, "watch": {"folders": [str(watch)], "settle_s": 0.3},
            "bundle": {"path": str(bundle), "public_keys_dir": str(DEMO_KEYS),
                       "require_signature": args.bundle is None},
-           "engine": {"type": "onnxruntime", "max_batch": args.batch},
+           "engine": {"type": "onnxruntime", "max_batch": args.batch,
+                      **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.engine)}},
            "events": {"gap_s": 3.0, "clock": "mtime"}, "disposal": {"policy": "keep", "audit_rate": 0.0},
            "paths": {"state_dir": str(state)}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon.close()
         shutil.rmtree(work, ignore_errors=True)
     print(f"{args.frames} frames in one burst, {bundle.name if args.bundle else 'demo bundle'} on ONNX Runtime CPU, "
-          f"max_batch {args.batch}, {os.cpu_count()} cores")
+          f"max_batch {args.batch}, {os.cpu_count()} cores, engine {cfg['engine']}")
     print("| measure | value |")
     print("|---|---:|")
     print(f"| burst wall time (arrival -> last result) | {wall:.1f} s ({1000 * wall / args.frames:.1f} ms/frame) |")

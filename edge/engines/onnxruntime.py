@@ -58,9 +58,19 @@ class OnnxRuntimeConfig(EngineConfig):
     )
     intra_op_threads: int = Field(
         default=0, ge=0, le=256, title="Threads per operator",
-        description="0 lets ONNX Runtime choose (one per core); every session of the bundle gets this "
-        "setting. On a 2-4 core CPU box 1 was as fast or faster in BENCHMARKS.md (the sessions run one after "
-        "the other, and it leaves cores to the reader thread)",
+        description="the size of each session's intra-op thread pool; 0 lets ONNX Runtime choose (one per "
+        "physical core). Every session of the bundle (whole models, a shared backbone, heads) gets this "
+        "setting. Measured in BENCHMARKS.md (benchmarks/threads.py): with spinning off, 0 and 1 were within "
+        "noise of each other on 2 cores; 1 leaves the other cores to the reader thread",
+    )
+    allow_spinning: bool = Field(
+        default=False, title="Spinning thread pools",
+        description="let idle pool threads busy-wait for the next operator instead of sleeping (ONNX "
+        "Runtime's session.intra_op.allow_spinning and session.inter_op.allow_spinning; its own default is "
+        "on). Off by default: a bundle has one pool per session (4+ in a cascade) run one after the other, "
+        "and spinning pools took the cores the working session and the reader thread needed (the cascade "
+        "1.4-1.9x slower on 2 cores in BENCHMARKS.md). On may shave a little latency off a lone model on an "
+        "otherwise idle many-core CPU. No effect on TensorRT or the GPU providers' kernels",
     )
     fp16: bool = Field(default=True, title="FP16 in the TensorRT provider", description="only for tensorrt")
 
@@ -99,8 +109,24 @@ def choose_providers(config: OnnxRuntimeConfig, available: Sequence[str]) -> tup
     return chosen, missing
 
 
+def thread_pool_entries(config: OnnxRuntimeConfig) -> dict[str, str]:
+    """The session config entries of the thread-pool policy, alike for every session of a bundle.
+
+    Why spinning is a policy and not a detail: each InferenceSession owns its pools, and a pool's
+    threads spin after each run waiting for more work. A cascade runs 4+ sessions one after the
+    other, so on a small CPU the pools that just finished spin on the cores the next session and
+    the daemon's reader thread need (benchmarks/threads.py measures it). The inter-op pool exists
+    only in parallel execution mode; it gets the same setting so the policy holds if that changes.
+    ONNX Runtime's process-wide global pools are not used: the Python API can size them
+    (``set_global_thread_pool_sizes``) but not stop them spinning, and once set they are the only
+    pools any session of the process may use.
+    """
+    spin = "1" if config.allow_spinning else "0"
+    return {"session.intra_op.allow_spinning": spin, "session.inter_op.allow_spinning": spin}
+
+
 def make_session(path: Path, config: OnnxRuntimeConfig, name: str) -> tuple[Any, list, list[str]]:
-    """An InferenceSession of ``path`` with the config's providers and threads, and the providers
+    """An InferenceSession of ``path`` with the config's providers and thread-pool policy, and the providers
     asked for and really used (ONNX Runtime falls back on its own when a GPU provider fails).
     Every session of a bundle (whole models, a shared backbone, heads) is made here, alike."""
     import onnxruntime as ort
@@ -109,6 +135,8 @@ def make_session(path: Path, config: OnnxRuntimeConfig, name: str) -> tuple[Any,
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if config.intra_op_threads:
         opts.intra_op_num_threads = config.intra_op_threads
+    for key, value in thread_pool_entries(config).items():
+        opts.add_session_config_entry(key, value)
     providers, missing = choose_providers(config, ort.get_available_providers())
     for p in missing:
         log.warning("%s: this onnxruntime build lacks %s; skipping it", name, p)

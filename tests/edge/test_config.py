@@ -66,7 +66,7 @@ def test_minimal_config_derives_paths_from_state_dir(tmp_path):
          "the expected tags: 'onnxruntime', 'tensorrt'"),
         ("engine: {type: tensorrt, precision: fp8}", "engine.precision: Input should be 'fp32', 'fp16' or 'int8'"),
         ("engine: {precision: fp16}", "engine.precision: unknown key (allowed: type, max_batch, cache_dir, "
-         "warmup_runs, providers, intra_op_threads, fp16)"),
+         "warmup_runs, providers, intra_op_threads, allow_spinning, fp16)"),
         ("engine: {providers: [CUDA]}", "engine.providers[0]: Input should be 'auto', 'cpu', 'cuda' or 'tensorrt'"),
         ("engine: {type: tensorrt, max_batch: 65}", "engine.max_batch: Input should be less than or equal to 64"),
         ("disposal: {audit_rate: 1.5}", "disposal.audit_rate: Input should be less than or equal to 1"),

@@ -104,6 +104,30 @@ def test_missing_providers_fall_back_to_cpu(tmp_path, caplog):
         assert eng.infer(_batch(1)).shape == (1, 6, 16)
 
 
+def _spinning(session) -> tuple[str, str]:
+    opts = session.get_session_options()
+    return (opts.get_session_config_entry("session.intra_op.allow_spinning"),
+            opts.get_session_config_entry("session.inter_op.allow_spinning"))
+
+
+def test_every_session_of_a_bundle_gets_one_thread_pool_policy(bundle_dir, tmp_path):
+    """Spinning pools off by default (one pool per session; spinning ones took the cores the working
+    session and the reader needed: BENCHMARKS.md), on when asked, alike for every session."""
+    engines = load_engines(load_bundle(bundle_dir), "onnxruntime", intra_op_threads=1)
+    try:
+        assert len(engines) == 3
+        for eng in engines.values():
+            assert _spinning(eng._session) == ("0", "0")
+            assert eng._session.get_session_options().intra_op_num_threads == 1
+    finally:
+        for eng in engines.values():
+            eng.close()
+    e = _entry(tmp_path / "g.onnx", yolo_like(2), ["a", "b"])
+    with create_engine("onnxruntime", tmp_path / "g.onnx", e, allow_spinning=True) as eng:
+        assert _spinning(eng._session) == ("1", "1")
+        assert eng._session.get_session_options().intra_op_num_threads == 0  # ONNX Runtime's own choice
+
+
 def test_model_that_does_not_match_the_manifest_is_refused(tmp_path):
     e = _entry(tmp_path / "g.onnx", yolo_like(2, imgsz=32), ["a", "b"])  # manifest says 64
     with pytest.raises(ValueError, match=r"g\.onnx: model 'global' input .* does not match"):
