@@ -58,19 +58,22 @@ class OnnxRuntimeConfig(EngineConfig):
     )
     intra_op_threads: int = Field(
         default=0, ge=0, le=256, title="Threads per operator",
-        description="the size of each session's intra-op thread pool; 0 lets ONNX Runtime choose (one per "
-        "physical core). Every session of the bundle (whole models, a shared backbone, heads) gets this "
-        "setting. Measured in BENCHMARKS.md (benchmarks/threads.py): with spinning off, 0 and 1 were within "
-        "noise of each other on 2 cores; 1 leaves the other cores to the reader thread",
+        description="the size of each session's intra-op thread pool, alike for every session of the bundle "
+        "(whole models, a shared backbone, heads). 0 lets ONNX Runtime choose: one thread per physical core, "
+        "pinned to it. Measured on 2 cores (BENCHMARKS.md, benchmarks/threads.py): a 640 px model alone ran "
+        "1.5-1.7x faster with 0 than with 1; the demo's 160 px cascade in a 1,000-frame burst ran about 10% "
+        "faster with 1 (small models gain little from threads, and 1 leaves a core to the reader). So: 0 for "
+        "models of 640 px or more, 1 for small models on a 2-4 core CPU",
     )
     allow_spinning: bool = Field(
         default=False, title="Spinning thread pools",
         description="let idle pool threads busy-wait for the next operator instead of sleeping (ONNX "
         "Runtime's session.intra_op.allow_spinning and session.inter_op.allow_spinning; its own default is "
-        "on). Off by default: a bundle has one pool per session (4+ in a cascade) run one after the other, "
-        "and spinning pools took the cores the working session and the reader thread needed (the cascade "
-        "1.4-1.9x slower on 2 cores in BENCHMARKS.md). On may shave a little latency off a lone model on an "
-        "otherwise idle many-core CPU. No effect on TensorRT or the GPU providers' kernels",
+        "on). Off by default: a bundle has one pool per session (4+ in a cascade), run one after the other, "
+        "and the pools that just finished spun on the cores the next session and the reader thread needed "
+        "(the cascade 1.4-2x slower on 2 cores with the reader running, BENCHMARKS.md). On may shave a little "
+        "off a lone small model's latency on an otherwise idle CPU. Irrelevant with intra_op_threads 1 (no "
+        "pool threads) and for the TensorRT backend",
     )
     fp16: bool = Field(default=True, title="FP16 in the TensorRT provider", description="only for tensorrt")
 
