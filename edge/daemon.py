@@ -51,9 +51,10 @@ from edge.cascade import Decision, event_decision
 from edge.config import Config, load_config
 from edge.disposal import DisposalPolicy, apply, lowest_free_mb, plan_disposal
 from edge.events import EventGrouper, make_frame
+from edge.gone import gone_summary, is_gone, sweep_gone
 from edge.health import STORAGE_ERRORS, StorageHealth, describe
 from edge.imageio import ImageError, LoadedImage, read_image, show_path
-from edge.ledger import Completion, DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
+from edge.ledger import GONE, Completion, DuplicateResult, ImageRow, Ledger, LedgerError, OutMsg
 from edge.messages import (
     Topics,
     encode_detection_json,
@@ -140,6 +141,7 @@ class Daemon:
         self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
         self._camera_tz = ZoneInfo(cfg.device.timezone)
         self._clock_log = ThrottledLog(log, rate=1 / 300, burst=3)  # a camera with an unset clock: every frame
+        self._gone_log = ThrottledLog(log, rate=1 / 60, burst=5)  # a folder emptied under the daemon
         self._publishing = cfg.mqtt is not None  # no broker configured: ledger and records only
         # MQTT commands (cmd/<name>); later features register theirs here before start()
         self.commands = CommandRegistry()
@@ -202,6 +204,8 @@ class Daemon:
                 model_classes={m.name: m.classes for m in man.models}, flush_every=cfg.records.md_flush_every))
             if self.md_writer is None:
                 return
+        if not self._sweep_gone():
+            return  # stopped while waiting for storage
         first_event = self.ledger.max_event_id() + 1
         self.events = EventGrouper(gap_s=cfg.events.gap_s, idle_s=max(cfg.events.gap_s * 2, 1.0),
                                    first_id=first_event)
@@ -457,7 +461,9 @@ class Daemon:
     def _process(self, items: list[_Item], prepared: Prepared) -> None:
         good = []
         for it in items:
-            if it.error is not None:
+            if it.error is not None and is_gone(it.row.path):
+                self._gone(it.row)
+            elif it.error is not None:
                 try:
                     self.ledger.quarantine(it.row.id, it.error)
                 except STORAGE_ERRORS as e:
@@ -581,6 +587,28 @@ class Daemon:
         c = Completion(it.row.id, result, tuple(msgs), event_id=ev, taken_at=frame.t,
                        counters={"empty": 1} if d.empty else None)
         return c, it, (w, h), [e.id for e in assign.closed]
+
+    def _sweep_gone(self) -> bool:
+        """Frames deleted while the daemon was down: recorded as gone, said in one line
+        (edge/gone.py); False when stopped while waiting for storage."""
+        gone = self._wait_for_storage("recording frames that are gone", lambda: sweep_gone(self.ledger))
+        if gone is None:
+            return False
+        if gone:
+            log.warning("%s", gone_summary(gone, "while the daemon was down"))
+        for path in gone:
+            self._record(path, {"failure": GONE})
+        return True
+
+    def _gone(self, row: ImageRow) -> None:
+        """A frame whose file went away between its arrival and its turn: gone, not quarantined."""
+        try:
+            self.ledger.mark_gone([row.id])
+        except STORAGE_ERRORS as e:
+            self._strand([row.id], "recording a frame that is gone", e)
+            return
+        self._gone_log.log(logging.WARNING, "%s: %s; recorded as gone, not quarantined", show_path(row.path), GONE)
+        self._record(row.path, {"failure": GONE})
 
     def _record(self, path: str, entry: dict) -> None:
         """The MegaDetector record of a frame; kept for a retry when the records cannot be written
@@ -771,6 +799,7 @@ class Daemon:
         counts = {"processed": states.get("done", 0) + states.get("disposed", 0),
                   "empty": c.get("empty", 0), "discarded": c.get("discarded", 0),
                   "quarantined": states.get("quarantined", 0),
+                  "gone": states.get("gone", 0),
                   "dropped": sum(v for k, v in c.items() if k.startswith("dropped_")),
                   "rejected": c.get("rejected", 0)}
         ms = sum(self._infer_ms) / len(self._infer_ms) if self._infer_ms else None

@@ -314,7 +314,7 @@ def run_demo(*, frames_dir: Path | None = None, broker: str | None = None, keep:
         while time.monotonic() < deadline and not crashed:
             pump()
             states = daemon.ledger.state_counts()
-            finished = sum(states.get(k, 0) for k in ("done", "disposed", "quarantined"))
+            finished = sum(states.get(k, 0) for k in ("done", "disposed", "quarantined", "gone"))
             open_events = daemon.events.open_events
             if finished >= len(frames) and daemon.ledger.outbox_depth() == 0 and not open_events:
                 done = True
@@ -323,7 +323,7 @@ def run_demo(*, frames_dir: Path | None = None, broker: str | None = None, keep:
         rows = [r for r in daemon.ledger.images() if Path(r.path).parent == watch]
         animals = sum(1 for r in rows if r.result and not r.result.get("empty"))
         empties = sum(1 for r in rows if r.result and r.result.get("empty"))
-        failed = sum(1 for r in rows if r.state == "quarantined")
+        failed = sum(1 for r in rows if r.state in ("quarantined", "gone"))
         outbox = daemon.ledger.outbox_depth()
         say("stopping the daemon")
         daemon.stop()

@@ -25,6 +25,13 @@ State machine of an image::
       ^                 |   \\--quarantine--> quarantined
       +-recover/release-+        (also seen --quarantine--> quarantined)
       +------------------requeue--------------------------------------/
+    seen/processing --mark_gone--> gone --see (the file is back)--> seen
+
+``gone``: the file was deleted or moved away before it was processed (while the daemon was
+down, or between its arrival and its turn). Not a decode failure: nothing was read, so nothing
+is quarantined, and a file that comes back at the path is processed as if it had never left.
+The quarantined count is ``state_counts()`` alone (rows, not a counter), so a frame quarantined,
+requeued and quarantined again counts once; status and telemetry read that one source.
 
 Crash attribution (who is to blame when the process dies): a row is ``in_flight`` (with the
 stage, ``decode`` or ``inference``) only while it is inside the decoder or the engine; rows
@@ -59,8 +66,9 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
-STATES = ("seen", "processing", "done", "disposed", "quarantined")
+SCHEMA_VERSION = 5
+STATES = ("seen", "processing", "done", "disposed", "quarantined", "gone")
+GONE = "gone before processing (deleted or moved away before the device read it)"  # the row's error
 STAGES = ("decode", "inference")  # where an in-flight frame is
 MAX_CRASHES = 3  # crashes while alone in the decoder/engine before a frame is quarantined
 KINDS = ("detection", "alert", "telemetry", "status")
@@ -196,6 +204,25 @@ def _add_folders(db: sqlite3.Connection) -> None:
                "WHERE state IN ('seen', 'processing') AND superseded IS NULL")
 
 
+def _add_gone(db: sqlite3.Connection) -> None:
+    """Widen the images.state CHECK to allow 'gone'. SQLite cannot ALTER a CHECK; widening one
+    changes no stored row, so the documented writable_schema edit (sqlite.org/lang_altertable.html,
+    "other kinds of table schema changes") is safe and needs no table rebuild."""
+    old = "CHECK (state IN ('seen', 'processing', 'done', 'disposed', 'quarantined'))"
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='images'").fetchone()[0]
+    if old not in sql:
+        raise LedgerError("ledger schema 4 without the expected images.state CHECK; cannot upgrade it")
+    version = db.execute("PRAGMA schema_version").fetchone()[0]
+    db.execute("PRAGMA writable_schema=ON")
+    try:
+        db.execute("UPDATE sqlite_master SET sql=? WHERE type='table' AND name='images'",
+                   (sql.replace(old, old[:-2] + ", 'gone'))"),))
+        db.execute(f"PRAGMA schema_version={int(version) + 1}")
+    finally:
+        db.execute("PRAGMA writable_schema=OFF")
+    db.execute("DELETE FROM counters WHERE name='quarantined'")
+
+
 # version v -> SQL (or a function of the connection) that upgrades v to v + 1, run inside the
 # opening transaction. Add an entry, bump SCHEMA_VERSION, never edit an old one.
 MIGRATIONS: dict[int, str | Callable[[sqlite3.Connection], None]] = {
@@ -220,6 +247,9 @@ UPDATE images SET attempts=0 WHERE state != 'quarantined';
     # process: ``waiting_in`` asks it every tick while an event idles, and read every waiting
     # path before (a 100k-frame backlog meant 100k rows per question)
     3: _add_folders,
+    # v5: the 'gone' state (see the module docstring); the 'quarantined' counter goes (it counted
+    # quarantine events, so a requeued frame quarantined again counted twice: rows are the count)
+    4: _add_gone,
 }
 
 
@@ -382,6 +412,11 @@ class Ledger:
                              (key,)).fetchone()
             if row is not None:
                 same = row["size"] == size and row["mtime"] == mtime
+                if row["state"] == "gone":  # the file is back: process it as if it had never left
+                    db.execute("UPDATE images SET state='seen', size=?, mtime=?, taken_at=coalesce(?, taken_at), "
+                               "sha256=?, error=NULL, updated=? WHERE id=?",
+                               (size, mtime, taken_at, sha256, now, row["id"]))
+                    return int(row["id"])
                 if row["state"] == "seen":
                     if not same:  # still being written, or replaced before we got to it
                         db.execute("UPDATE images SET size=?, mtime=?, taken_at=coalesce(?, taken_at), "
@@ -461,7 +496,6 @@ class Ledger:
                     db.execute("UPDATE images SET state='quarantined', attempts=?, in_flight=NULL, error=?, "
                                "updated=? WHERE id=?", (crashes, why, now, row["id"]))
                     poison = 1
-                    _bump(db, "quarantined")
                     log.error("quarantined %s: %s", _py_path(row["path"]), why)
                 else:
                     db.execute("UPDATE images SET attempts=?, suspect=1 WHERE id=?", (crashes, row["id"]))
@@ -569,7 +603,8 @@ class Ledger:
         return seqs
 
     def quarantine(self, image_id: int, reason: str) -> None:
-        """Give up on an image (unreadable, hostile, repeatedly crashing); counted in telemetry."""
+        """Give up on an image (unreadable, hostile, repeatedly crashing); counted in telemetry
+        (from the rows: :meth:`state_counts`)."""
         with self._tx(durable=True) as db:
             row = db.execute("SELECT state FROM images WHERE id=?", (image_id,)).fetchone()
             if row is None:
@@ -580,7 +615,17 @@ class Ledger:
                 raise LedgerError(f"quarantine(): image {image_id} is already {row['state']}")
             db.execute("UPDATE images SET state='quarantined', error=?, in_flight=NULL, updated=? WHERE id=?",
                        (reason, _now(), image_id))
-            _bump(db, "quarantined")
+
+    def mark_gone(self, image_ids: Iterable[int], reason: str = GONE) -> list[int]:
+        """Record images whose file was deleted or moved away before they were processed (waiting
+        or claimed, not yet done); returns the ids that changed (others had moved on meanwhile)."""
+        now, changed = _now(), []
+        with self._tx(durable=True) as db:
+            for i in image_ids:
+                if db.execute("UPDATE images SET state='gone', error=?, in_flight=NULL, suspect=0, updated=? "
+                              "WHERE id=? AND state IN ('seen', 'processing')", (reason, now, int(i))).rowcount:
+                    changed.append(int(i))
+        return changed
 
     def mark_disposed(self, image_id: int, how: str) -> None:
         """Record that a done image's file was kept/moved/deleted (call it AFTER doing it)."""

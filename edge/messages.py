@@ -587,7 +587,7 @@ def status_payload(state: str, *, time: int, model: str | None, boot_id: str, ve
     return _compact(d)
 
 
-TELEMETRY_COUNTS = ("processed", "empty", "discarded", "quarantined", "dropped")
+TELEMETRY_COUNTS = ("processed", "empty", "discarded", "quarantined", "gone", "dropped", "rejected")
 
 
 def telemetry_payload(*, time: int, counts: Mapping[str, int], queue: int, outbox: int,

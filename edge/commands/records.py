@@ -125,10 +125,12 @@ def _export_camtrapdp(args: argparse.Namespace) -> int:
         print(f"export-camtrapdp: {where} {', '.join(untaxed)}: their scientificName is left empty "
               "(the class name is in observationTags)", file=sys.stderr)
     path = write_camtrapdp(out, [dep], media, meta)
-    blanks = sum(1 for m in media if not m.detections and not m.failure)
+    blanks = sum(1 for m in media if not m.detections and not m.failure and not m.gone)
     disposed = sum(1 for m in media if m.disposed)
+    gone = sum(1 for m in media if m.gone)
     print(f"{path}: {len(media)} media ({blanks} blank, {disposed} disposed on the device, "
-          f"{sum(1 for m in media if m.failure)} unreadable)")  # fmt: skip
+          f"{sum(1 for m in media if m.failure)} unreadable"
+          + (f", {gone} gone before processing" if gone else "") + ")")  # fmt: skip
     return 0
 
 

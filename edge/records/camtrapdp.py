@@ -45,6 +45,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edge.atomic import atomic_write_bytes
+from edge.ledger import GONE
 from edge.manifest import Taxon
 from edge.records.common import MEDIA_TYPES, BoxNorm, escape_char, normalise_box, safe_name, species_kind
 
@@ -102,6 +103,7 @@ class MediaResult:
     failure: str | None = None
     classified_at: datetime | None = None
     timestamp_issue: str | None = None  # the camera's time was refused (edge/events.py frame_time)
+    gone: bool = False  # the file went away before the device read it: not classified, not unreadable
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,9 @@ def camtrapdp_media_row(m: MediaResult) -> dict[str, str]:
     comments = []
     if m.disposed:
         comments.append(f"file {m.disposed} on the device after it was classified blank")
-    if m.failure:
+    if m.gone:
+        comments.append(f"not classified: {GONE}")
+    elif m.failure:
         comments.append(f"not classified: {m.failure}")
     if m.timestamp_issue:
         comments.append(f"timestamp not from the camera: {m.timestamp_issue}")
@@ -223,9 +227,10 @@ def camtrapdp_observation_rows(m: MediaResult, meta: ProjectMeta) -> list[dict[s
         "observationLevel": "media",
     }
     when = _ts(m.classified_at) if m.classified_at else ""
-    if m.failure:
+    if m.gone or m.failure:
+        why = f"not classified: {GONE}" if m.gone else f"image could not be read: {m.failure}"
         return [{**base, "observationID": f"{m.media_id}_0", "observationType": "unclassified",
-                 "observationComments": f"image could not be read: {m.failure}"}]  # fmt: skip
+                 "observationComments": why}]  # fmt: skip
     if not m.detections:
         return [{**base, "observationID": f"{m.media_id}_0", "observationType": "blank",
                  "classificationMethod": "machine", "classifiedBy": meta.classified_by,
@@ -444,14 +449,16 @@ def _detections_from_result(result: Mapping[str, Any]) -> tuple[MediaDetection, 
 def media_result_from_row(row: Any, *, deployment_id: str, tz: Any = timezone.utc,
                           roots: Sequence[str | os.PathLike[str]] = ()) -> MediaResult | None:
     """One ledger ``ImageRow`` -> MediaResult; None for images that are not a capture to report:
-    not classified yet (seen, processing: not effort yet), or quarantined and since replaced by a
-    new file at the same path (the same capture, rewritten: the replacement row reports it).
-    Quarantined images become unclassified media."""
-    if row.state not in ("done", "disposed", "quarantined"):
+    not classified yet (seen, processing: not effort yet), or quarantined (or gone) and since
+    replaced by a new file at the same path (the same capture, rewritten: the replacement row
+    reports it). Quarantined images become unclassified media with the reason; images whose file
+    went away before they were read (``gone``) unclassified media that say so."""
+    if row.state not in ("done", "disposed", "quarantined", "gone"):
         return None
-    if row.state == "quarantined" and getattr(row, "superseded", None) is not None:
+    if row.state in ("quarantined", "gone") and getattr(row, "superseded", None) is not None:
         return None
     result = row.result or {}
+    gone = row.state == "gone"
     failure = (row.error or "quarantined") if row.state == "quarantined" else result.get("failure")
     disposed = None
     if row.state == "disposed" and row.disposal and row.disposal != "kept":
@@ -468,10 +475,11 @@ def media_result_from_row(row: Any, *, deployment_id: str, tz: Any = timezone.ut
         file_path=rel,
         file_name=name,
         media_type=media_type(result.get("format"), os.fsdecode(row.path)),
-        detections=() if failure else _detections_from_result(result),
+        detections=() if failure or gone else _detections_from_result(result),
         disposed=disposed,
         event_id=None if row.event_id is None else str(row.event_id),
         failure=_scrub(str(failure), os.fsdecode(row.path), rel, root_texts) if failure else None,
+        gone=gone,
         classified_at=datetime.fromtimestamp(row.updated, tz=timezone.utc).astimezone(tz) if row.updated else None,
         timestamp_issue=_scrub(str(result["time_issue"]), "", rel, root_texts) if result.get("time_issue") else None,
     )

@@ -488,3 +488,59 @@ def test_events_clock_mtime_ignores_the_camera_clock(device):
     result = json.loads(row["result"])
     assert result["time_source"] == "mtime" and "time_issue" not in result
     assert row["taken_at"] == pytest.approx(row["mtime"])
+
+
+def test_frames_deleted_while_the_daemon_was_down_are_gone_in_one_line(device, tmp_path):
+    """A ranger empties the card while the daemon is stopped: the frames the ledger still lists
+    as waiting are recorded as gone (not quarantined as unreadable), said in one summary line,
+    counted apart in status and telemetry, and exported as not classified because gone."""
+    from edge.ledger import Ledger
+
+    dev = device(policy="keep")
+    dev.state.mkdir(parents=True, exist_ok=True)
+    names = [f"IMG_{k:04d}.JPG" for k in range(12)]
+    with Ledger(dev.state / "ledger.sqlite3") as led:  # seen by an earlier run, never processed
+        for k, name in enumerate(names):
+            led.see(dev.watch / name, 1000, 1.7e9 + k)
+    drop(dev.watch, "STILL_HERE.JPG", empty_frame(0))
+    dev.start()
+    rows = dev.wait_done(len(names) + 1, final=("done", "disposed", "gone", "quarantined"))
+    assert dev.wait_log('"gone":12', 15)  # the first telemetry counts them apart
+    assert dev.terminate() == 0
+    state = {Path(os.fsdecode(r["path"])).name: r["state"] for r in rows}
+    assert {state[n] for n in names} == {"gone"} and state["STILL_HERE.JPG"] in ("done", "disposed")
+    log = dev.log.read_text()
+    summary = [ln for ln in log.splitlines() if "IMG_00" in ln]
+    assert len(summary) == 1, summary  # one line, not one a frame
+    assert "12 frame(s) deleted or moved away while the daemon was down" in summary[0]
+    assert "IMG_0000.JPG, IMG_0001.JPG, IMG_0002.JPG and 9 more" in summary[0]
+    assert "quarantined" not in log.split("ready")[-1].split("telemetry")[0]
+    st = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", str(dev.config)],
+                        capture_output=True, text=True)
+    assert st.returncode == 0, st.stderr
+    assert "quarantined 0, gone 12" in st.stdout
+    out = exported_camtrapdp(dev, tmp_path / "pkg")
+    media = (out / "media.csv").read_text()
+    assert media.count("not classified: gone before processing") == 12
+    assert "could not be read" not in (out / "observations.csv").read_text()
+
+
+def test_status_counts_a_frame_quarantined_twice_once(device):
+    """A quarantined frame requeued and quarantined again is one quarantined frame in status,
+    as in telemetry (status used a counter of quarantine events)."""
+    dev = device(policy="keep").start()
+    drop(dev.watch, "JUNK.JPG", b"not a jpeg at all")
+    dev.wait_done(1)
+    rq = subprocess.run([sys.executable, "-m", "edge.cli", "requeue", "--config", str(dev.config), "--quarantined"],
+                        capture_output=True, text=True)
+    assert rq.returncode == 0, rq.stderr
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and dev.run_log().count("quarantined ") < 2:
+        time.sleep(0.1)
+    assert dev.run_log().count("quarantined ") == 2, dev.run_log()  # quarantined again
+    assert dev.terminate() == 0
+    st = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", str(dev.config)],
+                        capture_output=True, text=True)
+    assert st.returncode == 0, st.stderr
+    assert "quarantined 1" in st.stdout
+    assert "quarantined 2" not in st.stdout, st.stdout
