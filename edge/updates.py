@@ -55,6 +55,10 @@ COMMANDS = ("update", "rollback", "models")
 MANIFEST_CAP = 4 << 20
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# how loud each state is in the journal: an update that did not go through is a problem to see
+# (a rollback WARNING: the old model serves; a failure ERROR: the update is lost), not routine INFO
+# (a refusal has its own WARNING line, with the command's name: see handle and _refuse)
+LOG_LEVEL = {"failed": logging.ERROR, "rolling_back": logging.WARNING, "rolled_back": logging.WARNING}
 SAVE_EVERY_S = 30.0  # probation counters reach the disk at least this often
 
 
@@ -133,8 +137,8 @@ class Updater:
         with self._lock:
             self._rec = self.state.save(rec)
             self._last_save = time.monotonic()
-        log.info("update %s: %s%s%s", rec.to_version or "?", rec.state, f" ({rec.step})" if rec.step else "",
-                 f": {rec.reason}" if rec.reason else "")
+        log.log(LOG_LEVEL.get(rec.state, logging.INFO), "update %s: %s%s%s", rec.to_version or "?", rec.state,
+                f" ({rec.step})" if rec.step else "", f": {rec.reason}" if rec.reason else "")
         try:
             self.host.publish(rec)
         except Exception:  # a full outbox must not stop an update

@@ -34,6 +34,8 @@ from pathlib import Path
 
 CHUNK = 1 << 16
 MIN_BYTES_PER_WINDOW = 1024  # each timeout_s must bring this much, or the transfer is stalled
+RESUMES = "it resumes on the next attempt"  # a file: its part file keeps what came
+REFETCHED = "it is fetched again, whole, by the next update command"  # a manifest or signature: nothing kept
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -99,10 +101,12 @@ def _one_line(text: object) -> str:
 
 
 class _Pace:
-    """The stall rule: at least MIN_BYTES_PER_WINDOW in every ``timeout_s`` window."""
+    """The stall rule: at least MIN_BYTES_PER_WINDOW in every ``timeout_s`` window. ``then`` ends
+    the message with what happens next, which differs: a file resumes from its part file, a
+    small document (:func:`read_small`) is read into memory and fetched again whole."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        self.url, self.timeout_s = url, timeout_s
+    def __init__(self, url: str, timeout_s: float, then: str = RESUMES) -> None:
+        self.url, self.timeout_s, self.then = url, timeout_s, then
         self.since, self.got = time.monotonic(), 0
 
     def add(self, n: int, total: int) -> None:
@@ -110,7 +114,7 @@ class _Pace:
         if time.monotonic() - self.since >= self.timeout_s:
             if self.got < MIN_BYTES_PER_WINDOW:
                 raise FetchError(f"{self.url}: transfer stalled after {total} bytes (under {MIN_BYTES_PER_WINDOW} "
-                                 f"bytes in {self.timeout_s:g} s); it resumes on the next attempt", retry=True)
+                                 f"bytes in {self.timeout_s:g} s); {self.then}", retry=True)
             self.since, self.got = time.monotonic(), 0
 
 
@@ -168,11 +172,11 @@ def fetch(url: str, dest: Path, *, max_bytes: int, timeout_s: float, sha256: str
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, http.client.HTTPException) as e:  # a dropped link: the part file keeps what came
-            raise FetchError(f"{url}: transfer broke after {start + got} bytes ({e}); it resumes on the next "
-                             "attempt", retry=True) from None
+            raise FetchError(f"{url}: transfer broke after {start + got} bytes ({e}); {RESUMES}", retry=True) \
+                from None
         if length is not None and got < int(length):
-            raise FetchError(f"{url}: transfer broke after {start + got} of {start + int(length)} bytes; it "
-                             "resumes on the next attempt", retry=True)
+            raise FetchError(f"{url}: transfer broke after {start + got} of {start + int(length)} bytes; {RESUMES}",
+                             retry=True)
     if sha256 is not None:
         digest = _sha256(part)
         if digest != sha256:
@@ -215,7 +219,7 @@ def read_small(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
     req = urllib.request.Request(url, headers={"User-Agent": "camtrap-edge"})
     try:
         with _open(url, req, timeout_s) as resp:
-            pace, parts, size = _Pace(url, timeout_s), [], 0
+            pace, parts, size = _Pace(url, timeout_s, REFETCHED), [], 0
             while size <= max_bytes:
                 block = resp.read1(CHUNK)
                 if not block:
@@ -227,7 +231,8 @@ def read_small(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
     except urllib.error.HTTPError as e:
         raise FetchError(f"{url}: HTTP {e.code} {_one_line(e.reason)}", retry=e.code >= 500) from None
     except (OSError, http.client.HTTPException) as e:  # the body broke off
-        raise FetchError(f"{url}: transfer broke ({type(e).__name__}: {str(e)[:80]})", retry=True) from None
+        raise FetchError(f"{url}: transfer broke ({type(e).__name__}: {str(e)[:80]}); {REFETCHED}", retry=True) \
+            from None
     if len(data) > max_bytes:
         raise FetchError(f"{url}: more than the {max_bytes}-byte cap", retry=False)
     return data

@@ -338,3 +338,32 @@ def test_a_restart_before_the_switch_resumes_the_update(box):
     assert upd.record.state == "probation", upd.record.reason
     assert upd.record.bytes == 0 or upd.record.bytes == rec.bytes  # the file was held: nothing fetched again
     assert box.current_version == "demo-2"
+
+
+def test_an_update_that_did_not_go_through_is_logged_as_a_problem_with_its_reason(box, caplog):
+    """A failed update is an ERROR and a rollback a WARNING, each with the reason (all of them
+    were INFO, lost among routine lines); the routine steps stay INFO."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="camtrap.updates")
+    box.publish("demo-2", replace={"group2": b"this is not an ONNX model" * 100})
+    box.update("demo-2")
+    _failed(box, "engine build failed")
+    box.publish("demo-3", replace={"group2": relabel_onnx(G2, "x")})
+    box.update("demo-3")
+    box.upd.observe(frames=1, errors=1)
+    box.upd.observe(frames=1, errors=1)
+    assert box.upd.record.state == "rolled_back"
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "camtrap.updates"]
+    by_state = {}
+    for level, msg in lines:
+        for state in ("fetching", "failed", "rolling_back", "rolled_back"):
+            if msg.startswith("update ") and f": {state}" in msg:
+                by_state.setdefault(state, set()).add(level)
+    assert by_state["failed"] == {logging.ERROR}
+    assert by_state["rolling_back"] == by_state["rolled_back"] == {logging.WARNING}
+    assert by_state["fetching"] == {logging.INFO}
+    assert any(level == logging.ERROR and "update demo-2: failed" in msg and "engine build failed" in msg
+               for level, msg in lines), lines
+    assert any(level == logging.WARNING and "update demo-3: rolled_back" in msg and "2 inference errors" in msg
+               for level, msg in lines), lines

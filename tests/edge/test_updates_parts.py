@@ -456,10 +456,13 @@ def test_a_server_that_drips_bytes_is_a_stalled_transfer_not_an_endless_one(tmp_
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
     srv = RawServer(head, drip_s=0.2)
     try:
-        for call in (lambda: fetch(srv.url + "/f", tmp_path / "out", max_bytes=10**6, timeout_s=1),
-                     lambda: read_small(srv.url + "/m.json", max_bytes=10**6, timeout_s=1)):
+        for call, then in ((lambda: fetch(srv.url + "/f", tmp_path / "out", max_bytes=10**6, timeout_s=1),
+                            "it resumes on the next attempt"),
+                           (lambda: read_small(srv.url + "/m.json", max_bytes=10**6, timeout_s=1),
+                            "fetched again, whole, by the next update command")):  # a manifest keeps nothing
             err = _raised_within(call, 5)
             assert isinstance(err, FetchError) and "stalled" in str(err) and err.retry, err
+            assert str(err).endswith(then), err
         assert (tmp_path / "out.part").exists()  # what came is kept: the next attempt resumes it
     finally:
         srv.close()
