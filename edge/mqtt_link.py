@@ -11,6 +11,15 @@ one line that says why the attempt failed.
   certificate (unknown CA, wrong host name, expired), a client certificate required or refused,
   a plain port spoken to in TLS, not authorised, or refused by the broker with its reason code.
   The publisher logs it once per outage and again when the kind changes.
+- ``TakeoverWatch``: two clients with the same client id (two boxes given the same
+  ``device.id``, or a second daemon on one box) take the session from each other in a loop:
+  each connects, the broker drops the other. The broker says little (MQTT 5 may send
+  DISCONNECT "Session taken over", 142; Mosquitto's drop reaches paho as "Unspecified error"),
+  so the pattern is what tells: ``TAKEOVER_STREAK`` accepted connections in a row that the
+  broker dropped (142, or without a reason) before the link held (``short_s``: the
+  publisher passes its reconnect_max_s, the other client's longest wait). Then one line names
+  the likely cause, at most once every ``say_every_s`` (with the drops since); a reason the
+  broker gave that is not a takeover, or a link that held, ends the streak.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import errno
 import random
 import re
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -120,3 +131,55 @@ def describe_failure(error: BaseException | str | None, *, port: int, tls: bool,
         return Failure("reset", f"the broker dropped the connection{hint}: {text}")
     name = type(error).__name__ if isinstance(error, BaseException) else "error"
     return Failure(f"other-{name}", f"{name}: {text}")
+
+
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
+UNSPECIFIED = 128  # what paho reports for a connection the broker closed without a reason
+TAKEOVER_STREAK = 3  # accepted connections dropped in a row before the pattern is named
+TAKEOVER_SAY_EVERY_S = 600.0
+
+
+class TakeoverWatch:
+    """Is another client with our client id taking the session from us? (pure given ``clock``)"""
+
+    def __init__(self, client_id: str, short_s: float, *, streak: int = TAKEOVER_STREAK,
+                 say_every_s: float = TAKEOVER_SAY_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client_id, self.short_s, self.streak, self.say_every_s = client_id, short_s, streak, say_every_s
+        self._clock = clock
+        self._up: float | None = None
+        self.drops = 0  # in the current streak
+        self._lived: list[float] = []
+        self._said_at: float | None = None
+        self._unsaid = 0  # drops since the last line
+
+    @property
+    def suspected(self) -> bool:
+        """The pattern holds now: the caller may quiet its per-connection lines."""
+        return self.drops >= self.streak
+
+    def connected(self) -> None:
+        self._up = self._clock()
+
+    def lost(self, reason: int | None) -> str | None:
+        """The broker dropped a connection it had accepted (``reason``: the DISCONNECT reason
+        code, None or 128 when it gave none). Returns the line to log, or None."""
+        now = self._clock()
+        lived = now - self._up if self._up is not None else float("inf")
+        self._up = None
+        if reason not in (None, UNSPECIFIED, SESSION_TAKEN_OVER) or lived >= self.short_s:
+            self.drops, self._lived = 0, []  # the broker said why, or the link held: not this
+            return None
+        self.drops += 1
+        self._lived.append(lived)
+        self._unsaid += 1
+        if self.drops < self.streak and reason != SESSION_TAKEN_OVER:
+            return None
+        if self._said_at is not None and now - self._said_at < self.say_every_s:
+            return None
+        self._said_at, n = now, self._unsaid
+        self._unsaid = 0
+        how = "said the session was taken over" if reason == SESSION_TAKEN_OVER else \
+            f"dropped this client {n} time(s) within {max(self._lived[-self.streak:]):.0f} s of connecting"
+        return (f"the MQTT broker {how}: another client is probably connected with the same client id "
+                f"{self.client_id!r} (two boxes with the same device.id, or a second daemon on this box); "
+                "give each box its own device.id (or mqtt.client_id)")

@@ -46,7 +46,7 @@ from .ledger import Ledger, OutMsg
 from .messages import status_payload
 from .mqtt_commands import MAX_PACKET, RECEIVE_MAX, CommandRegistry, CommandWorker
 from .mqtt_config import MqttConfig
-from .mqtt_link import Backoff, describe_failure
+from .mqtt_link import Backoff, TakeoverWatch, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ class Publisher:
         self._net_thread: threading.Thread | None = None
         self._closing = threading.Event()  # the network thread ends once the DISCONNECT is out
         self._backoff = Backoff(config.reconnect_min_s, config.reconnect_max_s, config.reconnect_jitter, rng)
+        # a second client with our client id waits at most reconnect_max_s before it takes the
+        # session back: a link dropped sooner (twice that, for margin) did not hold
+        self._takeover = TakeoverWatch(config.client_id_for(device_id), short_s=2 * config.reconnect_max_s)
         # one connection attempt, seen from the network thread
         self._attempt_connack: ReasonCode | None = None
         self._attempt_sock_error: str | None = None
@@ -329,15 +332,17 @@ class Publisher:
             self._attempt_connack = reason  # reported by _failed once the broker closes the link
             self.stats["refused"] += 1
             return
+        quiet = logging.DEBUG if self._takeover.suspected else logging.INFO  # said by the takeover line
         if self._outage_kind is not None:
-            log.info("MQTT broker %s:%d reachable again after %.0f s", self.cfg.host, self.cfg.port,
-                     time.monotonic() - self._outage_since)
+            log.log(quiet, "MQTT broker %s:%d reachable again after %.0f s", self.cfg.host, self.cfg.port,
+                    time.monotonic() - self._outage_since)
         self._outage_kind = None
         self._up_since = time.monotonic()
+        self._takeover.connected()
         self.last_error = None
         self.stats["connects"] += 1
-        log.info("connected to MQTT broker %s:%d as %s", self.cfg.host, self.cfg.port,
-                 self.cfg.client_id_for(self.device_id))
+        log.log(quiet, "connected to MQTT broker %s:%d as %s", self.cfg.host, self.cfg.port,
+                self.cfg.client_id_for(self.device_id))
         # availability first; paho resends unacknowledged outbox packets right after this returns
         client.publish(self.status_topic, self._status_payload(self._state), qos=self.cfg.qos.status, retain=True)
         if self.commands is not None:
@@ -355,7 +360,11 @@ class Publisher:
             self.stats["disconnects"] += 1
             self._outage_kind = "lost"
             self._outage_since = time.monotonic()
-            log.warning("lost the MQTT broker (%s); %d message(s) wait in the outbox", reason, self._depth())
+            takeover = self._takeover.lost(getattr(reason, "value", None))
+            if takeover:
+                log.error("%s", takeover)
+            log.log(logging.DEBUG if self._takeover.suspected else logging.WARNING,
+                    "lost the MQTT broker (%s); %d message(s) wait in the outbox", reason, self._depth())
         self._wake.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,

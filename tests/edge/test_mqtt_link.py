@@ -19,7 +19,7 @@ from test_publish import config
 
 from edge.ledger import Ledger
 from edge.mqtt_config import MqttConfig
-from edge.mqtt_link import Backoff, describe_failure
+from edge.mqtt_link import TAKEOVER_STREAK, Backoff, TakeoverWatch, describe_failure
 from edge.publish import Publisher
 
 DEVICE = "cam1"
@@ -217,3 +217,86 @@ def test_back_within_the_cap_after_a_long_outage(mosquitto: Mosquitto,
     assert pub.wait_connected(cap + 5)
     took = time.monotonic() - back
     assert took <= cap + 2, f"reconnected {took:.1f} s after the broker returned (cap {cap} s)"
+
+
+# -- two clients, one client id ----------------------------------------------------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_session_taken_over_again_and_again_is_named_once_in_a_while() -> None:
+    """The pattern, not one drop: connections the broker drops (without a reason, or 142) before
+    the link held, several in a row; then one line, again only after say_every_s with the count."""
+    clock = _Clock()
+    w = TakeoverWatch("camtrap-trap-07", short_s=60.0, say_every_s=600.0, clock=clock)
+    said = []
+    for _ in range(TAKEOVER_STREAK + 4):
+        w.connected()
+        clock.t += 20.0  # the other box reconnects within its backoff and takes the session
+        said.append(w.lost(128))
+    assert [x is not None for x in said] == [False] * (TAKEOVER_STREAK - 1) + [True] + [False] * 4
+    line = said[TAKEOVER_STREAK - 1]
+    assert "same client id 'camtrap-trap-07'" in line and "device.id" in line and "within 20 s" in line
+    assert w.suspected
+    clock.t += 600.0
+    w.connected()
+    clock.t += 5.0
+    again = w.lost(None)
+    assert again is not None and "5 time(s)" in again  # the drops held back since the last line
+
+
+@pytest.mark.parametrize("lived, reason", [(120.0, 128), (5.0, 149), (5.0, 135)])
+def test_a_link_that_held_or_a_drop_with_another_reason_is_not_a_takeover(lived: float, reason: int) -> None:
+    """A broker restart after a good while, 'packet too large', 'not authorised': each ends the
+    streak, so a mix of ordinary outages never adds up to the claim."""
+    clock = _Clock()
+    w = TakeoverWatch("c", short_s=60.0, clock=clock)
+    for k in range(3 * TAKEOVER_STREAK):
+        w.connected()
+        quick = k % TAKEOVER_STREAK != TAKEOVER_STREAK - 1
+        clock.t += 5.0 if quick else lived
+        assert w.lost(128 if quick else reason) is None, k
+    assert not w.suspected
+
+
+def test_the_broker_saying_session_taken_over_is_named_at_once() -> None:
+    clock = _Clock()
+    w = TakeoverWatch("c", short_s=60.0, clock=clock)
+    w.connected()
+    clock.t += 1.0
+    line = w.lost(142)
+    assert line is not None and "session was taken over" in line
+
+
+def test_two_boxes_with_one_device_id_are_told_apart_on_a_real_broker(mosquitto: Mosquitto, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Two publishers with the same device id (two boxes given the same device.id): Mosquitto
+    drops each as the other connects, again and again. Each says the likely cause in one ERROR
+    line, and the per-connection lines go quiet once it has (they were a WARNING a cycle
+    saying 'Unspecified error')."""
+    caplog.set_level(logging.DEBUG, logger="edge.publish")
+    pubs = []
+    try:
+        for k in range(2):
+            led = Ledger(tmp_path / f"l{k}.db")
+            p = Publisher(config(mosquitto), led, DEVICE)
+            p.start()
+            pubs.append((p, led))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sum(p.stats["disconnects"] for p, _ in pubs) < 6 * TAKEOVER_STREAK:
+            time.sleep(0.1)
+    finally:
+        for p, led in pubs:
+            p.stop(timeout=1)
+            led.close()
+    records = [r for r in caplog.records if r.name == "edge.publish"]
+    takeover = [r for r in records if "same client id" in r.getMessage()]
+    assert 1 <= len(takeover) <= 2 and all(r.levelno == logging.ERROR for r in takeover), takeover
+    assert f"'camtrap-{DEVICE}'" in takeover[0].getMessage()
+    loud_lost = [r for r in records if "lost the MQTT broker" in r.getMessage() and r.levelno >= logging.WARNING]
+    assert len(loud_lost) <= 2 * TAKEOVER_STREAK, len(loud_lost)  # then quiet: the ERROR line said it
+    assert sum(p.stats["disconnects"] for p, _ in pubs) >= 6 * TAKEOVER_STREAK
