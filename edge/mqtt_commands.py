@@ -26,18 +26,25 @@ Invariants (tests/edge/test_mqtt_commands.py tests each):
   outbox's place in paho's window.
 - Every line about a command is escaped (``printable``) and rate limited (``ThrottledLog``): a
   name or payload cannot forge a log line, and 10,000 commands do not write 10,000 lines.
+- A retained message is never a command (commands are signed, expire and are single use; a
+  retained one would come back at every reconnect and run again): it is refused, said once
+  per message (topic and payload) however often the broker hands it back, and counted. The box
+  does not clear it at the broker (an empty retained publish on the command topic): that needs
+  publish rights on command topics, which a box's ACL should not grant, and the empty message
+  would reach every subscriber as a command of its own; the line says how to clear it.
 - A handler should return within a second or so (it holds up the next command, never the
   outbox); long work (an update) starts its own thread and reports on its own topic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,6 +61,7 @@ RATE, BURST = 10.0, 20  # handler runs per second, and at once
 MAX_REPLIES_INFLIGHT = 8
 REPLY_WAIT_S = 1.0  # how long the worker waits for a reply slot before dropping the reply
 SLOW_S = 2.0  # a handler slower than this is logged
+RETAINED_REMEMBERED = 256  # retained messages already refused (said once each)
 
 
 @dataclass(frozen=True)
@@ -157,10 +165,16 @@ class CommandWorker:
         self.stats: Counter[str] = Counter()
         self._log_received = ThrottledLog(log, rate=1.0, burst=10)
         self._log_refused = ThrottledLog(log, rate=0.2, burst=5)
+        self._retained_seen: OrderedDict[tuple[str, bytes], None] = OrderedDict()  # paho's network thread only
 
     # -- paho's network thread: never blocks, never raises ------------------------------------
-    def submit(self, topic: str, payload: bytes, properties: Any = None) -> None:
+    def submit(self, topic: str, payload: bytes, properties: Any = None, *, retained: bool = False) -> None:
+        """Take a message from paho (``retained``: the broker's retain flag, set on a message it
+        kept and hands to every new subscription)."""
         try:
+            if retained:
+                self._refuse_retained(topic, payload)
+                return
             name = self.topics.command_name(topic)
             if len(payload) > MAX_PACKET:
                 self.stats["refused_size"] += 1
@@ -183,6 +197,20 @@ class CommandWorker:
         except Exception:  # nothing from the wire may end paho's network loop
             self.stats["errors"] += 1
             self._log_refused.log(logging.ERROR, "could not take a command from %s", printable(topic))
+
+    def _refuse_retained(self, topic: str, payload: bytes) -> None:
+        """A retained message: refused; said the first time the broker hands this one over."""
+        self.stats["refused_retained"] += 1
+        key = (topic, hashlib.sha256(payload).digest())
+        if key in self._retained_seen:
+            self._retained_seen.move_to_end(key)
+            return
+        self._retained_seen[key] = None
+        if len(self._retained_seen) > RETAINED_REMEMBERED:
+            self._retained_seen.popitem(last=False)
+        self._log_refused.log(logging.WARNING, "ignored a retained message on %s: a command is never retained "
+                              "(commands expire and are single use); clear it at the broker with: "
+                              "mosquitto_pub -t '%s' -r -n", printable(topic), printable(topic, 200))
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:

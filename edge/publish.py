@@ -383,7 +383,8 @@ class Publisher:
         if self._worker is None:
             return
         try:
-            self._worker.submit(msg.topic, bytes(msg.payload), getattr(msg, "properties", None))
+            self._worker.submit(msg.topic, bytes(msg.payload), getattr(msg, "properties", None),
+                                retained=bool(msg.retain))
         except Exception:  # msg.topic may not decode; nothing from the wire may end the network loop
             self.stats["bad_messages"] += 1
 

@@ -480,6 +480,52 @@ def test_commands_reply_on_response_topic_or_reply_topic(mosquitto: Mosquitto, l
     sub.stop()
 
 
+def test_a_retained_command_is_refused_once_not_at_every_reconnect(mosquitto: Mosquitto, ledger: Ledger,
+                                                                   stop_later: Callable[[Publisher], Publisher],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Retained messages on cmd/* come back with every subscription: they were refused (or, for
+    an unsigned command such as ping, run) again at each reconnect. Now never run, said once per
+    message with how to clear it, counted each time; a live command still runs."""
+    caplog.set_level(logging.INFO, logger="edge.mqtt_commands")
+    calls: list[str] = []
+    registry = CommandRegistry()
+    registry.register("ping", lambda r: (calls.append(r.name), {"pong": 1})[1])
+    ctl = _controller(mosquitto)
+    for name, body in (("ping", b"{}"), ("update", b'{"stale": "signed command, long expired"}')):
+        ctl.publish(PREFIX + "cmd/" + name, body, qos=1, retain=True).wait_for_publish(5)
+    pub = stop_later(Publisher(config(mosquitto), ledger, DEVICE, commands=registry))
+    pub.start()
+    assert pub.wait_connected(10) and pub.wait_commands_ready(10)
+    for _ in range(3):  # three reconnects: a client with our id takes the session, then leaves
+        thief = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"camtrap-{DEVICE}",
+                            protocol=mqtt.MQTTv5)
+        thief.connect(mosquitto.host, mosquitto.port)
+        thief.disconnect()
+        deadline = time.monotonic() + 10
+        before = pub.stats["connects"]
+        while pub.stats["connects"] == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pub.wait_commands_ready(10)
+    worker = pub._worker
+    assert worker is not None
+    deadline = time.monotonic() + 10
+    while worker.stats["refused_retained"] < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.stats["refused_retained"] == 8  # 2 messages x 4 subscriptions, each refused
+    _request(ctl, "ping")  # a live command: runs
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert calls == ["ping"]  # the live one only, never the retained one
+    lines = [r.getMessage() for r in caplog.records if "retained" in r.getMessage()]
+    assert len(lines) == 2, lines  # once per message, not once per reconnect
+    assert all("mosquitto_pub -t 'camtrap/cam1/cmd/" in x and "-r -n" in x for x in lines), lines
+    for name in ("ping", "update"):  # clean up as the line says
+        ctl.publish(PREFIX + "cmd/" + name, b"", qos=1, retain=True).wait_for_publish(5)
+    ctl.loop_stop()
+    ctl.disconnect()
+
+
 # -- config ---------------------------------------------------------------------------------------
 def test_config_defaults_and_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = MqttConfig()
