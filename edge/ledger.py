@@ -71,6 +71,10 @@ STATES = ("seen", "processing", "done", "disposed", "quarantined", "gone")
 GONE = "gone before processing (deleted or moved away before the device read it)"  # the row's error
 STAGES = ("decode", "inference")  # where an in-flight frame is
 MAX_CRASHES = 3  # crashes while alone in the decoder/engine before a frame is quarantined
+# the most process deaths one poison frame can cost: one in flight with others (all become
+# suspects, no crash counted), then MAX_CRASHES alone; systemd's start limit is sized from it
+# (systemd/camtrap-edge.service, tests/edge/test_systemd.py)
+DEATHS_PER_POISON_FRAME = 1 + MAX_CRASHES
 KINDS = ("detection", "alert", "telemetry", "status")
 # When the outbox is full, rows are dropped in this order (oldest first within a kind);
 # alerts are never dropped.

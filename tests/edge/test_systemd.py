@@ -65,6 +65,40 @@ def _analyze(*args: str) -> subprocess.CompletedProcess:
 
 
 # --- the unit --------------------------------------------------------------------------------
+TOLERATED_POISON_FRAMES = 3  # in one start-limit interval (docs/systemd.md)
+
+
+def _seconds(value: str) -> float:
+    """A systemd time span as seconds: '600', '10s', '30min', '1min 30s'."""
+    units = {"": 1, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+    total = 0.0
+    for num, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value):
+        total += float(num) * units[unit]
+    return total
+
+
+def test_the_start_limit_follows_from_crash_attribution():
+    """A poison frame costs up to DEATHS_PER_POISON_FRAME deaths before it is quarantined and the
+    box carries on: the start limit must let TOLERATED_POISON_FRAMES of them through in one
+    interval (StartLimitBurst=5 stopped the box in the middle of the second), yet still stop a
+    crash loop no frame explains within the interval (a burst the window cannot fill at
+    RestartSec would never trip)."""
+    from edge.daemon import OFFENDER_RETRY_AFTER_S
+    from edge.ledger import DEATHS_PER_POISON_FRAME, MAX_CRASHES
+
+    d = _directives(UNIT)
+    burst = int(d[("Unit", "StartLimitBurst")][-1])
+    interval = _seconds(d[("Unit", "StartLimitIntervalSec")][-1])
+    restart = _seconds(d[("Service", "RestartSec")][-1])
+    assert DEATHS_PER_POISON_FRAME == 1 + MAX_CRASHES
+    assert burst >= 1 + TOLERATED_POISON_FRAMES * DEATHS_PER_POISON_FRAME, burst  # the first start + every restart
+    assert burst * restart < interval / 2, (burst, restart, interval)  # an endless loop trips the limit in time
+    # the poison frames' restarts fit in the window: each takes at least its RestartSecs and the
+    # hold before a frame with a crash against it (its last MAX_CRASHES - 1 deaths) is tried again
+    per_frame = DEATHS_PER_POISON_FRAME * restart + (MAX_CRASHES - 1) * OFFENDER_RETRY_AFTER_S
+    assert TOLERATED_POISON_FRAMES * per_frame <= interval, per_frame
+
+
 def test_unit_has_the_required_directives():
     d = _directives(UNIT)
     svc = lambda k: d.get(("Service", k), [])  # noqa: E731
