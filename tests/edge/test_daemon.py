@@ -525,6 +525,31 @@ def test_frames_deleted_while_the_daemon_was_down_are_gone_in_one_line(device, t
     assert "could not be read" not in (out / "observations.csv").read_text()
 
 
+def test_a_frame_deleted_while_it_waits_its_turn_is_gone_not_quarantined(device):
+    """The daemon is up, decoding slowly (a Jetson's pace, a backlog): files seen but not yet
+    read are deleted. They end gone, each said in a (throttled) line, never quarantined."""
+    here = Path(__file__).parent
+    dev = device(policy="keep", program=[str(here / "patched_daemon.py")], env={"CAMTRAP_TEST_DECODE_MS": "400"})
+    dev.start()
+    names = [f"IMG_{k:04d}.JPG" for k in range(8)]
+    for k, name in enumerate(names):
+        drop(dev.watch, name, empty_frame(k))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(dev.rows()) < len(names):
+        time.sleep(0.02)
+    for name in names[4:]:  # the first batch (4) is in the decoder: the rest wait their turn
+        (dev.watch / name).unlink()
+    rows = dev.wait_done(len(names), final=("done", "disposed", "gone", "quarantined"))
+    assert dev.terminate() == 0
+    state = {Path(os.fsdecode(r["path"])).name: r["state"] for r in rows}
+    assert "quarantined" not in state.values(), state
+    assert {state[n] for n in names[:4]} <= {"done", "disposed"}
+    gone = [n for n in names[4:] if state[n] == "gone"]
+    assert gone, state  # the read-ahead may have taken one before the delete; the rest are gone
+    lines = [ln for ln in dev.run_log().splitlines() if "gone before processing" in ln]
+    assert len(lines) == len(gone) and all("recorded as gone, not quarantined" in ln for ln in lines), lines
+
+
 def test_status_counts_a_frame_quarantined_twice_once(device):
     """A quarantined frame requeued and quarantined again is one quarantined frame in status,
     as in telemetry (status used a counter of quarantine events)."""
