@@ -2,26 +2,60 @@
 
 Threads and who owns what::
 
-    ingest (watchdog)  --see()-->  ledger  <--claim()--  reader thread (decode, overlaps inference)
-                                     ^                        | bounded queue of decoded batches
-                                     |                        v
-                      complete() + outbox rows  <--  processing loop (cascade, events, disposal,
-                                     |                telemetry, sd_notify watchdog pings)
-                                     v
-                               publisher (MQTT, removes a row on PUBACK)
+    ingest (watchdog) --see()--> ledger <--claim()+in_flight('decode'), one transaction--
+                                   |      reader thread: decode (reduced JPEG), letterbox
+                                   |            | bounded queue: READ_AHEAD decoded batches
+                                   |            v
+                                   |      inference loop: model swaps, events (frame order),
+                                   |        in_flight('inference'), the cascade, in_flight(None),
+                                   |        probation; watchdog pings while the writer keeps up
+                                   |            | bounded queue: WRITE_AHEAD classified batches
+                                   |            v     (no pixels; the model that served travels along)
+       complete_many(): a batch's  <--- writer thread: results + messages, MegaDetector records,
+       results + outbox rows, one       disposal, event answers, storage retries, telemetry
+       durable transaction              (one fsync each for records, results, disposals per batch)
+                                   |
+                                   v
+                      publisher (MQTT, removes a row on PUBACK)
+
+Who owns what: the reader owns decoding; the inference loop owns the runner (and its event
+route memory, edge/cascade.py) and the EventGrouper, so events are assigned in frame order
+before the cascade runs (burst route reuse needs each frame's event); the writer owns the
+records, disposal, the alerts on record and event answers. The inference loop only classifies:
+on a Jetson the writer's fsyncs and file operations overlap the next batch's inference.
+
+Invariants:
+- Nothing is disposed of before its result is durable: the writer commits a batch's results
+  (``Ledger.complete_many``, one fsync) and only then disposes of them (their disposals recorded
+  in one more durable transaction; the file operations are safe to redo). Records are journalled
+  just before the commit (one fsync), so a committed result always has its record; a crash
+  between leaves records of frames that are redone, and a redo replaces its record.
+- One result per image, in frame order: one writer, one FIFO queue, the ledger's trigger.
+- Each result names the model that classified it (``model``, ``bundle``): the serving model's
+  ``_Serving`` is taken when the batch is classified and travels with it, so a swap between two
+  batches cannot relabel results still waiting for the writer.
+- Crash attribution is unchanged (edge/ledger.py): a frame is ``in_flight`` only inside the
+  decoder or the engine; a batch waiting for the writer is out of flight.
+- Backpressure, not memory: when the writer's queue is full the inference loop waits, and the
+  reader stops at its read-ahead.
+- A clean stop (SIGTERM) writes what was classified (the writer drains its queue, up to
+  ``WRITER_DRAIN_S``), answers the open bursts and puts decoded-but-unclassified frames back.
+- The reader or the writer failing stops the daemon with an error, so systemd restarts it; a
+  live inference loop over a dead writer would keep pinging the watchdog while nothing is
+  written; and one whose writer has made no progress for a watchdog interval (stuck in a write)
+  stops pinging, so the watchdog restarts the service.
 
 Crash safety comes from the ledger: an image is ``processing`` until its result and messages
-commit in one transaction (a batch's results commit together: one fsync per batch,
-``Ledger.complete_many``); only then is it disposed of. After a crash, ``recover()`` puts
-``processing`` rows back, done-but-not-disposed rows are disposed again (idempotent), and
-events left open are reopened from the results on record. Redoing is harmless: one result per
-image, ever.
+commit in one transaction; only then is it disposed of. After a crash (SIGKILL at any moment,
+the queues full or not), ``recover()`` puts ``processing`` rows back, done-but-not-disposed rows
+are disposed again (idempotent), and events left open are reopened from the results on record.
+Redoing is harmless: one result per image, ever.
 
 A full or failing state disk is not a crash: a failed ledger/records write puts the daemon in a
 ``degraded`` state (edge/health.py) with the reason in the log (once), in sd_notify STATUS and in
 the retained MQTT status (sent directly: the outbox is what cannot be written). Meanwhile it
 claims nothing and deletes nothing; frames whose result could not be committed are put back to
-``seen`` by the first retry that can write (backoff), files it could not record are found again
+``seen`` by the writer's first retry that can write (backoff), files it could not record are found again
 by a scan, and pending disposals, records and event answers are written then. It starts on a full
 disk and waits the same way.
 
@@ -41,16 +75,18 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from edge import __version__
 from edge.cascade import Decision, event_decision
 from edge.config import Config, load_config
+from edge.detection import Detection
 from edge.disposal import DisposalPolicy, apply, lowest_free_mb, plan_disposal
-from edge.events import EventGrouper, make_frame
+from edge.events import EventGrouper, Frame, make_frame
 from edge.gone import gone_summary, is_gone, sweep_gone
 from edge.health import STORAGE_ERRORS, StorageHealth, describe
 from edge.imageio import ImageError, LoadedImage, read_image, show_path
@@ -62,6 +98,7 @@ from edge.messages import (
     telemetry_payload,
 )
 from edge.mqtt_commands import CommandRegistry, Request
+from edge.records.megadetector import MdResult
 from edge.runner import CascadeRunner, Classified, Prepared
 from edge.sdnotify import Notifier, watchdog_interval
 from edge.throttle import ThrottledLog
@@ -81,6 +118,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("camtrap.daemon")
 
 READ_AHEAD = 2  # decoded batches waiting for inference; bounds memory (a burst of 4K frames is ~100 MB)
+# classified batches waiting for the writer (no pixels: a few kB each); when it is full the
+# inference thread waits (backpressure), and what it holds is redone after a crash
+WRITE_AHEAD = 4
+WRITER_DRAIN_S = 30.0  # a clean stop waits this long for the writer to finish what was classified (unit: 60 s)
 UMASK = 0o027  # files 0640, folders 0750 (the unit's UMask=0027): the ledger holds device paths and results
 DISPOSAL_RETRY_S = 30.0  # how often frames waiting for free space are looked at again
 # a frame that crashed the daemon while alone in the decoder/engine is tried again only after the
@@ -91,9 +132,51 @@ OFFENDER_RETRY_AFTER_S = 10.0
 
 @dataclass
 class _Item:
+    """A claimed frame, decoded (or why not): reader -> inference thread."""
+
     row: ImageRow
     image: LoadedImage | None
     error: str | None
+
+
+@dataclass(frozen=True)
+class _Serving:
+    """What a result and its messages say of the model that produced them. Taken when a batch is
+    classified and carried with it to the writer, so a model swap while results wait in the
+    writer's queue cannot label them with the new model."""
+
+    version: str
+    bundle: str  # the manifest's sha256, 12 hex digits
+    codes: dict[str, str]
+    group_of: dict[str, str]
+    watch_species: frozenset[str]
+
+
+@dataclass
+class _Frame:
+    """A classified frame for the writer: what its result needs, not its pixels."""
+
+    row: ImageRow
+    size: tuple[int, int]  # original (width, height)
+    scale: float  # decoded pixels per original pixel
+    format: str
+    frame: Frame  # its time and camera (edge/events.py)
+    event: int
+    answer: Classified
+
+
+@dataclass
+class _Job:
+    """One unit of the writer's work, done in the order queued: frames that could not be read
+    (quarantined), a classified batch (results), then events to close (after those results)."""
+
+    serving: _Serving
+    frames: list[_Frame] = field(default_factory=list)
+    failed: list[_Item] = field(default_factory=list)
+    closed: list[int] = field(default_factory=list)
+
+
+_END = object()  # the writer's last job: everything classified before it is written
 
 
 def cpu_temperature() -> float | None:
@@ -116,8 +199,10 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._batches: queue.Queue[tuple[list[_Item], Prepared]] = queue.Queue(maxsize=READ_AHEAD)
-        # batches handed to the processing loop and not finished: a suspect frame is decoded and
-        # run only when this is 0, so it is alone in flight (see edge/ledger.py, crash attribution)
+        self._writes: queue.Queue[_Job | object] = queue.Queue(maxsize=WRITE_AHEAD)
+        # batches handed to the inference loop and not out of the engine yet: a suspect frame is
+        # decoded and run only when this is 0, so it is alone in flight (edge/ledger.py, crash
+        # attribution); frames waiting for the writer are out of flight
         self._outstanding = 0
         self._idle = threading.Condition()
         self._up_since = time.monotonic()  # reset when READY
@@ -130,13 +215,16 @@ class Daemon:
         self._next_disposal_retry = 0.0
         self.health = StorageHealth()
         self._stranded: set[int] = set()  # claimed, result not committed: back to 'seen' on recovery
-        self._md_backlog: list[tuple[str, dict]] = []  # records not yet written (path, add() kwargs)
+        self._md_backlog: list[MdResult] = []  # records not yet written
         self._unclosed: set[int] = set()  # events whose answer could not be recorded
         self._held = threading.Lock()  # guards the three above
         self.publisher: Publisher | None = None
         self.ingest: Ingest | None = None
         self.md_writer: MdBatchWriter | None = None
         self._reader: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
+        self._writer_seen = time.monotonic()  # the writer's last sign of progress (idle counts)
+        self._loop: threading.Thread | None = None  # the thread in run()
         self.fatal: BaseException | None = None
         self._max_pixels = int(cfg.watch.max_megapixels * 1_000_000)
         self._camera_tz = ZoneInfo(cfg.device.timezone)
@@ -224,8 +312,10 @@ class Daemon:
                              recursive=cfg.watch.recursive, polling=cfg.watch.polling,
                              reconcile_every=cfg.watch.reconcile_every_s, settle=cfg.watch.settle_s,
                              on_reject=self._on_reject, poll_interval=cfg.watch.poll_interval_s)
-        self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
+        self._reader = self._essential("reader", self._read_forever)
+        self._writer = self._essential("writer", self._write_forever)
         self._up_since = time.monotonic()
+        self._writer.start()
         self._reader.start()
         self.ingest.start()
         if self.updates is not None:
@@ -239,14 +329,16 @@ class Daemon:
 
     def use_model(self, bundle: Bundle, engines: dict) -> None:
         """Serve ``bundle`` with ``engines`` from the next batch on (start-up, and a model update's
-        swap, which the processing loop performs between two batches)."""
+        swap, which the inference loop performs between two batches). Batches classified before
+        carry the old model's ``_Serving`` to the writer; the new runner starts with no event
+        routes to reuse (edge/cascade.py, route reuse)."""
         man = bundle.manifest
         self.bundle, self.engines = bundle, engines
         self.runner = CascadeRunner(man, engines, self.cfg.cascade.apply(man.cascade))
         self.model_version = man.bundle_version
-        self.codes = dict(man.codes)
-        self.group_of = {s: g for g, members in man.groups.items() for s in members}
-        self.watch_species, unknown = man.pick_classes(self.cfg.alerts.species)
+        watch, unknown = man.pick_classes(self.cfg.alerts.species)
+        self._serving = _Serving(man.bundle_version, bundle.manifest_sha256[:12], dict(man.codes),
+                                 {s: g for g, members in man.groups.items() for s in members}, frozenset(watch))
         for name in unknown:
             log.warning("alerts.species: %r names no class of model %s (class names, short codes, scientific or "
                         "vernacular names); it raises no alert", name, man.bundle_version)
@@ -326,7 +418,7 @@ class Daemon:
             frames = [make_frame(r["file"], None, float(r["taken_at"])) for r in results
                       if "file" in r and "taken_at" in r]
             if not frames:
-                self._close_event(ev)
+                self._close_event(ev, self._serving)
                 continue
             self.events.reopen(ev, frames, now)
             self._alerted.update((ev, r["alerted"]) for r in results if r.get("alerted"))
@@ -358,26 +450,31 @@ class Daemon:
         except STORAGE_ERRORS as e:
             self._storage_failed("counting a refused file", e)
 
-    def _read_loop(self) -> None:
-        """Claim waiting images and decode them ahead of inference. If this thread fails, the
+    def _essential(self, name: str, body: Callable[[], None]) -> threading.Thread:
+        """A thread the daemon cannot live without (the reader, the writer). If it fails, the
         whole daemon stops with an error (systemd restarts it and the ledger says what to redo):
-        a live processing loop over a dead reader would ping the watchdog while doing nothing."""
-        try:
-            self._read_forever()
-        except Exception as e:
-            log.exception("reader thread failed; stopping so that the service restarts")
-            self.fatal = e
-            self.stop()
+        a live inference loop over a dead reader or writer would ping the watchdog while nothing
+        gets done."""
+        def guarded() -> None:
+            try:
+                body()
+            except Exception as e:
+                log.exception("%s thread failed; stopping so that the service restarts", name)
+                self.fatal = e
+                self.stop()
+
+        return threading.Thread(target=guarded, name=name, daemon=True)
 
     def _read_forever(self) -> None:
+        """Claim waiting images and decode them ahead of inference."""
         batch = max(1, self.cfg.engine.max_batch)
         while not self._stop.is_set():
             if self.health.degraded:  # claim nothing until the ledger can record results again
                 self._stop.wait(0.5)
                 continue
             offenders = time.monotonic() - self._up_since >= OFFENDER_RETRY_AFTER_S
-            try:
-                rows = self.ledger.claim(batch, offenders=offenders)
+            try:  # claimed and marked in flight (in the decoder) in one transaction, unless a suspect
+                rows = self.ledger.claim(batch, offenders=offenders, stage="decode")
             except STORAGE_ERRORS as e:
                 self._storage_failed("claiming frames", e)
                 continue
@@ -386,14 +483,14 @@ class Daemon:
                 self._wake.clear()
                 continue
             alone = any(r.suspect for r in rows)  # claim() hands a suspect out on its own
-            if alone:
-                self._wait_idle()
             ids = [r.id for r in rows]
-            try:
-                self.ledger.in_flight(ids, "decode")
-            except STORAGE_ERRORS as e:
-                self._strand(ids, "marking frames in flight", e)
-                continue
+            if alone:  # it enters flight once nothing else is in the decoder or the engine
+                self._wait_idle()
+                try:
+                    self.ledger.in_flight(ids, "decode")
+                except STORAGE_ERRORS as e:
+                    self._strand(ids, "marking frames in flight", e)
+                    continue
             items = []
             for row in rows:
                 try:
@@ -422,7 +519,7 @@ class Daemon:
                 self._wait_idle()  # nothing else enters flight until the suspect is through
 
     def _wait_idle(self) -> None:
-        """Block until every batch handed to the processing loop is finished (or stopping)."""
+        """Block until every batch handed to the inference loop is out of the engine (or stopping)."""
         with self._idle:
             while self._outstanding and not self._stop.is_set():
                 self._idle.wait(0.5)
@@ -432,17 +529,24 @@ class Daemon:
             self._outstanding -= 1
             self._idle.notify_all()
 
-    # -- processing -------------------------------------------------------------------------
+    # -- the inference loop -------------------------------------------------------------------
     def run(self) -> None:
+        """The inference loop: model swaps, events, the cascade, then the batch to the writer;
+        watchdog pings while the writer keeps up (a loop that only waits on a stuck writer, or
+        runs over a dead one, must not tell systemd that all is well)."""
         interval = watchdog_interval()
         ping_every = interval / 3 if interval else 10.0
+        stall_s = interval or 60.0  # a writer without progress this long: no more pings
+        self._loop = threading.current_thread()
         if self.update_host is not None:
-            self.update_host.loop_thread = threading.current_thread()
+            self.update_host.loop_thread = self._loop
         while not self._stop.is_set():
+            if self._writer is not None and not self._writer.is_alive():
+                break  # it set self.fatal and stopped the daemon; systemd restarts it
             if self.update_host is not None:
                 self.update_host.run_pending()  # a model swap, between two batches
             now = time.monotonic()
-            if now - self._last_ping >= ping_every:
+            if now - self._last_ping >= ping_every and now - self._writer_seen < stall_s:
                 self.notifier.watchdog()  # from the loop that does the work, not a timer
                 self._last_ping = now
             try:
@@ -459,38 +563,37 @@ class Daemon:
             self._tick(time.monotonic())
 
     def _process(self, items: list[_Item], prepared: Prepared) -> None:
-        good = []
-        for it in items:
-            if it.error is not None and is_gone(it.row.path):
-                self._gone(it.row)
-            elif it.error is not None:
-                try:
-                    self.ledger.quarantine(it.row.id, it.error)
-                except STORAGE_ERRORS as e:
-                    self._strand([it.row.id], "quarantining a frame", e)
-                    continue
-                log.warning("quarantined %s", it.error)
-                self._record(it.row.path, {"failure": it.error[:300]})
-            else:
-                good.append(it)
+        """One decoded batch: events assigned (frame order), the cascade, out of flight, then
+        everything else is the writer's (frames that could not be read included)."""
+        failed = [it for it in items if it.error is not None]
+        good = [it for it in items if it.error is None]
         if not good:
+            self._to_writer(_Job(self._serving, failed=failed))
             return
         ids = [it.row.id for it in good]
         try:
             self.ledger.in_flight(ids, "inference")  # a crash from here on is counted against these
         except STORAGE_ERRORS as e:
             self._strand(ids, "marking frames in flight", e)
+            self._to_writer(_Job(self._serving, failed=failed))
             return
+        frames, closed = self._assign_events(good)
         t = time.perf_counter()
-        answers = self._classify(good, prepared)
+        answers, serving = self._classify(good, prepared, [ev for _, ev in frames])
         ms = (time.perf_counter() - t) * 1000.0 / len(good)
         self._infer_ms.append(ms)
         try:
             self.ledger.in_flight(ids, None)
         except STORAGE_ERRORS as e:
             self._strand(ids, "marking frames inferred", e)
+            self._to_writer(_Job(serving, failed=failed, closed=closed))
             return
-        self._finish(good, answers)
+        done = []
+        for it, (frame, ev), ans in zip(good, frames, answers, strict=True):
+            img = it.image
+            assert img is not None
+            done.append(_Frame(it.row, img.orig_size, img.scale or 1.0, img.format, frame, ev, ans))
+        self._to_writer(_Job(serving, frames=done, failed=failed, closed=closed))
         if self.update_host is not None:
             empties = sum(1 for a in answers if a.decision.empty)
             for a in answers:
@@ -498,95 +601,154 @@ class Daemon:
             if self.updates is not None:
                 self.updates.observe(frames=len(answers), empty=empties, ms_total=ms * len(answers))
 
-    def _classify(self, good: list[_Item], prepared: Prepared) -> list[Classified]:
-        """The cascade on a batch. A new model on probation that fails counts an error (enough of
-        them roll it back, here on this thread) and the batch is run again on what serves then,
-        so no frame is lost to a bad update."""
+    def _assign_events(self, good: list[_Item]) -> tuple[list[tuple[Frame, int]], list[int]]:
+        """Each frame's time and event, in frame order, before the cascade runs (so the runner can
+        reuse an event's confident route); and the events these frames closed (by the gap)."""
+        out: list[tuple[Frame, int]] = []
+        closed: list[int] = []
+        for it in good:
+            img = it.image
+            assert img is not None
+            taken = img.taken_at if self.cfg.events.clock == "exif" else None  # mtime: the camera clock is not trusted
+            if taken is not None and taken.tzinfo is None:  # EXIF has no zone: the camera clock's, from config
+                taken = taken.replace(tzinfo=self._camera_tz)
+            frame = make_frame(it.row.path, taken, it.row.mtime, now=time.time())
+            if frame.issue:  # an implausible camera clock (edge/events.py): the result flags the time
+                self._clock_log.log(logging.WARNING, "%s: %s; using the file's %s", show_path(it.row.path),
+                                    frame.issue, "mtime" if frame.source == "mtime" else "arrival time")
+            assign = self.events.add(frame, time.monotonic())
+            out.append((frame, assign.event.id))
+            closed.extend(e.id for e in assign.closed)
+        for ev in closed:
+            self.runner.forget(ev)
+        return out, closed
+
+    def _classify(self, good: list[_Item], prepared: Prepared, events: list[int]
+                  ) -> tuple[list[Classified], _Serving]:
+        """The cascade on a batch, and what served it. A new model on probation that fails counts
+        an error (enough of them roll it back, here on this thread) and the batch is run again on
+        what serves then, so no frame is lost to a bad update."""
         if set(self.runner.input_sizes) - set(prepared.inputs):  # read ahead for the model before a swap
             prepared = self.runner.prepare([it.image.bgr for it in good if it.image is not None])
         try:
-            return self.runner.classify_prepared(prepared)
+            return self.runner.classify_prepared(prepared, events=events), self._serving
         except Exception:
             if self.updates is None or not self.updates.on_probation:
                 raise
             log.exception("the new model failed on probation")
             self.updates.observe(errors=1)
             prepared = self.runner.prepare([it.image.bgr for it in good if it.image is not None])
-            return self.runner.classify_prepared(prepared)
+            return self.runner.classify_prepared(prepared, events=events), self._serving
 
-    def _finish(self, items: list[_Item], answers: list[Classified]) -> None:
-        """A batch's results: built in frame order (events are assigned here), committed in ONE
-        durable transaction (``Ledger.complete_many``: one fsync per batch, not per frame), and
-        only then recorded, disposed of and their closed events published. A frame the ledger
-        refuses is skipped alone; a storage error strands the whole batch (nothing of it is
-        durable, so nothing of it is disposed of)."""
+    def _to_writer(self, job: _Job | object) -> None:
+        """Queue work for the writer, in order; waits while its queue is full (backpressure).
+        A dead writer takes nothing: the frames stay claimed and go back at the stop."""
+        while self._writer is not None and self._writer.is_alive():
+            try:
+                self._writes.put(job, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    # -- the writer ---------------------------------------------------------------------------
+    def _write_forever(self) -> None:
+        """Write what the inference loop classified, in order (results, records, disposal,
+        events), until the ``_END`` job; between jobs, the writer's periodic work."""
+        while True:
+            self._writer_seen = time.monotonic()
+            try:
+                job = self._writes.get(timeout=0.5)
+            except queue.Empty:
+                job = None
+            if job is _END:
+                return
+            if isinstance(job, _Job):
+                self._write(job)
+                self._writer_seen = time.monotonic()
+            self._writer_tick(time.monotonic())
+
+    def _write(self, job: _Job) -> None:
+        for it in job.failed:
+            assert it.error is not None
+            if is_gone(it.row.path):
+                self._gone(it.row)
+                continue
+            try:
+                self.ledger.quarantine(it.row.id, it.error)
+            except STORAGE_ERRORS as e:
+                self._strand([it.row.id], "quarantining a frame", e)
+                continue
+            log.warning("quarantined %s", it.error)
+            self._record([MdResult(it.row.path, failure=it.error[:300])])
+        if job.frames:
+            try:
+                self._finish(job)
+            except STORAGE_ERRORS as e:  # a write not handled where it happens: same rule
+                self._strand([f.row.id for f in job.frames], "writing a batch's results", e)
+        for ev in job.closed:
+            self._close_event(ev, job.serving)
+
+    def _finish(self, job: _Job) -> None:
+        """A batch's results, built in frame order: their records first (one fsync: a crash
+        before the commit leaves records of frames that are redone, and a redo replaces its
+        record), then ONE durable transaction (``Ledger.complete_many``), and only then are
+        they disposed of (one durable transaction for the batch's disposals). A frame the
+        ledger refuses is skipped alone; a storage error strands the whole batch (nothing of
+        it is durable, so nothing of it is disposed of)."""
         alerting: set[tuple[int, str]] = set()  # alerts of this batch, not on record yet
-        done = [self._result_of(it, ans, alerting) for it, ans in zip(items, answers, strict=True)]
+        done = [self._result_of(f, job.serving, alerting) for f in job.frames]
+        self._record([MdResult(f.row.path, [Detection.from_dict(x) for x in c.result["detections"]], f.size)
+                      for c, f in zip(done, job.frames, strict=True)])
         try:
-            outcomes = self.ledger.complete_many([c for c, *_ in done])
+            outcomes = self.ledger.complete_many(done)
         except STORAGE_ERRORS as e:  # disk full, I/O error: the frames are kept and redone later
-            self._strand([it.row.id for it in items], "committing results", e)
+            self._strand([f.row.id for f in job.frames], "committing results", e)
             return
         self.health.committed()
-        for (c, it, size, closed), out in zip(done, outcomes, strict=True):
+        committed = []
+        for c, f, out in zip(done, job.frames, outcomes, strict=True):
             if isinstance(out, DuplicateResult):
-                log.info("%s already has a result; keeping the first", it.row.path)
+                log.info("%s already has a result; keeping the first", f.row.path)
                 continue
             if isinstance(out, LedgerError):
-                log.error("%s: result not recorded: %s", it.row.path, out)
+                log.error("%s: result not recorded: %s", f.row.path, out)
                 continue
-            result = dict(c.result)
-            if result.get("alerted"):
-                self._alerted.add((result["event"], result["alerted"]))  # only once the alert is on record
-            self._record(it.row.path, {"detections": result["detections"], "image_size": size})
-            self._dispose(it.row, result)  # only id and path are used; both are what was claimed
-            for ev in closed:
-                self._close_event(ev)
+            if c.result.get("alerted"):
+                self._alerted.add((f.event, c.result["alerted"]))  # only once the alert is on record
+            committed.append((f.row, c.result))  # only id and path are used; both are what was claimed
+        self._dispose_many(committed)
 
-    def _result_of(self, it: _Item, ans: Classified, alerting: set[tuple[int, str]]
-                   ) -> tuple[Completion, _Item, tuple[int, int], list[int]]:
-        """One frame's result, messages and event (assigned now, in frame order); ``alerting``
-        holds the (event, species) alerts raised earlier in the batch, not on record yet."""
-        img = it.image
-        assert img is not None
-        d = ans.decision
-        scale = img.scale or 1.0
-        w, h = img.orig_size
-        taken = img.taken_at if self.cfg.events.clock == "exif" else None  # mtime: the camera clock is not trusted
-        if taken is not None and taken.tzinfo is None:  # EXIF has no zone: the camera clock's, from config
-            taken = taken.replace(tzinfo=self._camera_tz)
-        frame = make_frame(it.row.path, taken, it.row.mtime, now=time.time())
-        assign = self.events.add(frame, time.monotonic())
-        ev = assign.event.id
+    def _result_of(self, f: _Frame, serving: _Serving, alerting: set[tuple[int, str]]) -> Completion:
+        """One frame's result and messages, labelled with the model that classified it;
+        ``alerting`` holds the (event, species) alerts raised earlier in the batch, not on record yet."""
+        d, frame, ev = f.answer.decision, f.frame, f.event
+        w, h = f.size
         sp, score = d.top
         result = {
-            "file": it.row.path, "width": w, "height": h, "format": img.format, "taken_at": frame.t, "event": ev,
-            "model": self.model_version, "bundle": self.bundle.manifest_sha256[:12], **d.to_dict(),
-            "max_animal_score": round(ans.max_animal_score, 5),
-            "ms": {k: round(v, 2) for k, v in ans.timings_ms.items()}, "time_source": frame.source,
+            "file": f.row.path, "width": w, "height": h, "format": f.format, "taken_at": frame.t, "event": ev,
+            "model": serving.version, "bundle": serving.bundle, **d.to_dict(),
+            "max_animal_score": round(f.answer.max_animal_score, 5),
+            "ms": {k: round(v, 2) for k, v in f.answer.timings_ms.items()}, "time_source": frame.source,
         }
         if frame.issue:  # an implausible camera clock (edge/events.py): the records flag the time
             result["time_issue"] = frame.issue
-            self._clock_log.log(logging.WARNING, "%s: %s; using the file's %s", show_path(it.row.path),
-                                frame.issue, "mtime" if frame.source == "mtime" else "arrival time")
         for det in result["detections"]:  # back to original-image pixels when decoded reduced
-            det["box"] = [round(v / scale, 1) for v in det["box"]]
+            det["box"] = [round(v / f.scale, 1) for v in det["box"]]
         msgs = []
         if not d.empty and self._publishing:
-            alert = bool(sp in self.watch_species and score >= self.cfg.alerts.min_score
+            alert = bool(sp in serving.watch_species and score >= self.cfg.alerts.min_score
                          and (ev, sp) not in self._alerted and (ev, sp) not in alerting)
-            msg = message_from_decision(d, seq=it.row.id, time=int(frame.t), codes=self.codes,
-                                        group_of=self.group_of, model=self.model_version, event=ev,
-                                        file=os.path.basename(it.row.path), alert=alert)
+            msg = message_from_decision(d, seq=f.row.id, time=int(frame.t), codes=serving.codes,
+                                        group_of=serving.group_of, model=serving.version, event=ev,
+                                        file=os.path.basename(f.row.path), alert=alert)
             payload = encode_detection_json(msg)
-            msgs.append(OutMsg("detection", Topics.DETECTIONS, payload, image_id=it.row.id))
+            msgs.append(OutMsg("detection", Topics.DETECTIONS, payload, image_id=f.row.id))
             if alert and sp is not None:  # sp is a watch-list species here
-                msgs.append(OutMsg("alert", Topics.ALERTS, payload, image_id=it.row.id))
+                msgs.append(OutMsg("alert", Topics.ALERTS, payload, image_id=f.row.id))
                 result["alerted"] = sp  # so a restart does not alert twice for this event
                 alerting.add((ev, sp))
-        c = Completion(it.row.id, result, tuple(msgs), event_id=ev, taken_at=frame.t,
-                       counters={"empty": 1} if d.empty else None)
-        return c, it, (w, h), [e.id for e in assign.closed]
+        return Completion(f.row.id, result, tuple(msgs), event_id=ev, taken_at=frame.t,
+                          counters={"empty": 1} if d.empty else None)
 
     def _sweep_gone(self) -> bool:
         """Frames deleted while the daemon was down: recorded as gone, said in one line
@@ -596,8 +758,7 @@ class Daemon:
             return False
         if gone:
             log.warning("%s", gone_summary(gone, "while the daemon was down"))
-        for path in gone:
-            self._record(path, {"failure": GONE})
+        self._record([MdResult(path, failure=GONE) for path in gone])
         return True
 
     def _gone(self, row: ImageRow) -> None:
@@ -608,28 +769,19 @@ class Daemon:
             self._strand([row.id], "recording a frame that is gone", e)
             return
         self._gone_log.log(logging.WARNING, "%s: %s; recorded as gone, not quarantined", show_path(row.path), GONE)
-        self._record(row.path, {"failure": GONE})
+        self._record([MdResult(row.path, failure=GONE)])
 
-    def _record(self, path: str, entry: dict) -> None:
-        """The MegaDetector record of a frame; kept for a retry when the records cannot be written
-        (the ledger has the result: the record is a copy of it)."""
+    def _record(self, results: list[MdResult]) -> None:
+        """MegaDetector records (one fsync for them all); kept for a retry when the records cannot
+        be written (the ledger has the results: the records are a copy of them)."""
+        if self.md_writer is None or not results:
+            return
         try:
-            self._write_record(path, entry)
+            self.md_writer.add_many(results)
         except STORAGE_ERRORS as e:
             with self._held:
-                self._md_backlog.append((path, entry))
+                self._md_backlog.extend(results)
             self._storage_failed("writing the MegaDetector records", e)
-
-    def _write_record(self, path: str, entry: dict) -> None:
-        if self.md_writer is None:
-            return
-        from edge.detection import Detection
-
-        if "failure" in entry:
-            self.md_writer.add(path, failure=entry["failure"])
-        else:
-            self.md_writer.add(path, [Detection.from_dict(x) for x in entry["detections"]],
-                               image_size=entry["image_size"])
 
     def _disposal_paths(self, root: Path) -> list[Path]:
         """Every filesystem a disposal involves: the watch folder, the state folder (the ledger
@@ -639,45 +791,51 @@ class Daemon:
         return [root, Path(self.cfg.paths.state_dir), *([Path(ledger).parent] if ledger else []),
                 *([d.move_to] if d.policy == "move" and d.move_to else []), *([d.audit_dir] if d.audit_dir else [])]
 
-    def _dispose(self, row: ImageRow, result: dict) -> None:
-        """Keep, move or delete a frame whose result is committed, and record it. Nothing while
-        degraded (a disposal that cannot be recorded waits); an empty that waits for free space
-        stays ``done`` (pending) and is disposed of when space returns."""
-        if self.health.degraded:
+    def _dispose_many(self, frames: list[tuple[ImageRow, Mapping[str, Any]]]) -> None:
+        """Keep, move or delete frames whose results are committed, then record them all in ONE
+        durable transaction (the file operations are safe to redo: a crash before that commit
+        leaves ``done`` rows that the next start disposes of again). Nothing while degraded (a
+        disposal that cannot be recorded waits); an empty that waits for free space stays
+        ``done`` (pending) and is disposed of when space returns. Free space is read once per
+        folder and batch."""
+        if self.health.degraded or not frames:
             return
-        path = Path(row.path)
-        root = next((Path(f) for f in self.cfg.watch.folders if path.is_relative_to(f)), path.parent)
-        action = plan_disposal(self.disposal, rel_path=str(path.relative_to(root)),
-                               empty=bool(result.get("empty")),
-                               max_animal_score=float(result.get("max_animal_score", 1.0)),
-                               committed=True, disk_free_mb=lowest_free_mb(self._disposal_paths(root)))
-        if action.kind == "wait":
-            self._disposal_waiting = True
-            if self._disposal_alarm is None:
-                log.error("disposal paused: %s (empty frames stay until it is back)", action.reason)
-                self._disposal_alarm = action.reason
-                try:
-                    self.ledger.bump("disposal_alarms")
-                except STORAGE_ERRORS as e:
-                    self._storage_failed("counting a disposal alarm", e)
-            return
-        res = apply(action, path, root=root)
-        if not res.ok:
-            log.error("disposal of %s failed: %s", path, res.note)
-            return
-        how = {"keep": "kept", "delete": "deleted"}.get(res.kind, f"moved:{res.dest}")
+        free: dict[Path, float] = {}
+        marks: list[tuple[int, str]] = []
+        counts: dict[str, int] = {}
+        for row, result in frames:
+            path = Path(row.path)
+            root = next((Path(f) for f in self.cfg.watch.folders if path.is_relative_to(f)), path.parent)
+            if root not in free:
+                free[root] = lowest_free_mb(self._disposal_paths(root))
+            action = plan_disposal(self.disposal, rel_path=str(path.relative_to(root)),
+                                   empty=bool(result.get("empty")),
+                                   max_animal_score=float(result.get("max_animal_score", 1.0)),
+                                   committed=True, disk_free_mb=free[root])
+            if action.kind == "wait":
+                self._disposal_waiting = True
+                if self._disposal_alarm is None:
+                    log.error("disposal paused: %s (empty frames stay until it is back)", action.reason)
+                    self._disposal_alarm = action.reason
+                    counts["disposal_alarms"] = 1
+                continue
+            res = apply(action, path, root=root)
+            if not res.ok:
+                log.error("disposal of %s failed: %s", path, res.note)
+                continue
+            marks.append((row.id, {"keep": "kept", "delete": "deleted"}.get(res.kind, f"moved:{res.dest}")))
+            # the words edge.records maps to Camtrap DP
+            counter = "audit_kept" if action.audit else "discarded" if res.kind in ("delete", "move") else None
+            if counter:
+                counts[counter] = counts.get(counter, 0) + 1
         try:
-            self.ledger.mark_disposed(row.id, how)  # the words edge.records maps to Camtrap DP
-            if action.audit:
-                self.ledger.bump("audit_kept")
-            elif res.kind in ("delete", "move"):
-                self.ledger.bump("discarded")
+            self.ledger.mark_disposed_many(marks, counts)
         except STORAGE_ERRORS as e:  # done already; redone (idempotent) and recorded on recovery
-            self._storage_failed("recording a disposal", e)
+            self._storage_failed("recording disposals", e)
 
     def _dispose_pending(self) -> None:
         """Dispose of every committed frame not yet disposed of (after a stop, a degraded spell,
-        or while empties waited for free space)."""
+        or while empties waited for free space), a batch at a time."""
         self._disposal_waiting = False
         was = self._disposal_alarm
         try:
@@ -685,11 +843,13 @@ class Daemon:
         except STORAGE_ERRORS as e:
             self._storage_failed("reading pending disposals", e)
             return
-        for row in rows:
+        rows = [r for r in rows if r.disposal is None and r.result is not None]
+        step = max(1, self.cfg.engine.max_batch)
+        for k in range(0, len(rows), step):
             if self.health.degraded or self._disposal_waiting:
                 return
-            if row.disposal is None and row.result is not None:
-                self._dispose(row, row.result)
+            self._dispose_many([(r, r.result) for r in rows[k:k + step] if r.result is not None])
+            self._writer_seen = time.monotonic()  # progress (a long backlog is not a stuck writer)
         if was is not None and not self._disposal_waiting and not self.health.degraded:
             log.warning("disposal resumed: free space is back above %s MB", self.disposal.min_free_mb)
             self._disposal_alarm = None
@@ -715,8 +875,8 @@ class Daemon:
         self._storage_failed(what, e)
 
     def _retry_storage(self) -> None:
-        """Processing loop, while degraded, when the backoff is up: write what waits (stranded
-        frames back to 'seen', records, event answers); if all of it goes in, carry on."""
+        """The writer, while degraded, when the backoff is up: write what waits (stranded frames
+        back to 'seen', records, event answers); if all of it goes in, carry on."""
         with self._held:
             stranded, backlog, unclosed = sorted(self._stranded), list(self._md_backlog), sorted(self._unclosed)
         try:
@@ -724,12 +884,12 @@ class Daemon:
             self.ledger.bump("storage_retries")  # a write even when nothing was stranded
             with self._held:
                 self._stranded.difference_update(stranded)
-            for path, entry in backlog:
-                self._write_record(path, entry)
-                with self._held:
-                    self._md_backlog.remove((path, entry))
+            if backlog and self.md_writer is not None:
+                self.md_writer.add_many(backlog)
+            with self._held:
+                del self._md_backlog[:len(backlog)]
             for ev in unclosed:
-                self._close_event(ev, raise_errors=True)
+                self._close_event(ev, self._serving, raise_errors=True)
         except STORAGE_ERRORS as e:
             self._storage_failed("retrying", e)
             return
@@ -745,10 +905,11 @@ class Daemon:
         self._dispose_pending()
 
     # -- events -----------------------------------------------------------------------------
-    def _close_event(self, ev: int, *, raise_errors: bool = False) -> None:
+    def _close_event(self, ev: int, serving: _Serving, *, raise_errors: bool = False) -> None:
         """One event-level answer per burst, on the ``events`` topic, from the results on record
-        (so an event left open by a crash is closed the same way after the restart). When the
-        ledger cannot take it, the event is kept for the storage retry."""
+        (so an event left open by a crash is closed the same way after the restart), labelled
+        with the model that served when it closed. When the ledger cannot take it, the event is
+        kept for the storage retry. The writer's (or, at start-up and stop, the only thread's)."""
         try:
             results = self.ledger.event_results(ev)
             if not results:
@@ -757,8 +918,8 @@ class Daemon:
             msgs = []
             if not ev_dec.empty and self._publishing:
                 msg = message_from_decision(ev_dec, seq=ev, time=int(min(r.get("taken_at") or 0 for r in results)),
-                                            codes=self.codes, group_of=self.group_of, model=self.model_version,
-                                            event=ev)
+                                            codes=serving.codes, group_of=serving.group_of,
+                                            model=serving.version, event=ev)
                 msgs.append(OutMsg("detection", Topics.EVENTS, encode_detection_json(msg)))
             self.ledger.close_event(ev, ev_dec.to_dict(), msgs)
         except STORAGE_ERRORS as e:
@@ -773,19 +934,27 @@ class Daemon:
 
     # -- periodic ---------------------------------------------------------------------------
     def _tick(self, now: float) -> None:
-        if self.health.due(now):
-            self._retry_storage()
+        """The inference loop's: idle events closed (by the writer, after the results queued
+        before), probation's clock."""
         idle = self.events.idle_cameras(now)
         if idle:  # frames of a camera that wait (a backlog, a frame held back after a crash) keep its event open
             try:
-                waiting = self.ledger.waiting_in(idle)
+                waiting = self.ledger.waiting_in(idle)  # frames queued for the writer still wait
             except STORAGE_ERRORS as e:
                 self._storage_failed("reading the frames that wait", e)
                 waiting = idle
-            for ev in self.events.expire(now, waiting=waiting):
-                self._close_event(ev.id)
+            closed = [ev.id for ev in self.events.expire(now, waiting=waiting)]
+            for ev in closed:
+                self.runner.forget(ev)
+            if closed:
+                self._to_writer(_Job(self._serving, closed=closed))
         if self.updates is not None:
             self.updates.observe()  # probation also ends on time, frames or not
+
+    def _writer_tick(self, now: float) -> None:
+        """The writer's: storage retries, empties waiting for free space, telemetry."""
+        if self.health.due(now):
+            self._retry_storage()
         if self._disposal_waiting and now >= self._next_disposal_retry and not self.health.degraded:
             self._next_disposal_retry = now + DISPOSAL_RETRY_S
             self._dispose_pending()
@@ -830,8 +999,28 @@ class Daemon:
         self._stop.set()
         self._wake.set()
 
+    def _end_writer(self) -> bool:
+        """Let the writer finish what is queued, then end it. False if it could not in
+        ``WRITER_DRAIN_S`` (a stuck disk): what it holds is redone at the next start."""
+        w = self._writer
+        if w is None or not w.is_alive():
+            return True
+        try:
+            self._writes.put(_END, timeout=WRITER_DRAIN_S)
+        except queue.Full:
+            pass
+        w.join(WRITER_DRAIN_S)
+        if w.is_alive():
+            log.error("the writer did not finish within %.0f s; what it holds is redone at the next start",
+                      WRITER_DRAIN_S)
+            return False
+        return True
+
     def close(self) -> None:
-        """Orderly stop: ingest off, finish nothing new, flush records, publish 'stopped'."""
+        """Orderly stop: ingest off, classify nothing new, write what was classified (the
+        writer drains its queue), answer the open bursts, flush records, publish 'stopped'.
+        Batches decoded but not classified go back to 'seen' (redone at the next start); a
+        clean stop blames no frame."""
         self.notifier.stopping("stopping")
         if self.updates is not None:
             self.updates.clean_stop()  # not a crash, for probation's count
@@ -839,11 +1028,12 @@ class Daemon:
             self.ingest.stop()
         if self._reader is not None:
             self._reader.join(timeout=5)
-        # batches decoded but not processed go back to 'seen' (redone at the next start); a clean
-        # stop blames no frame
-        if getattr(self, "events", None) is not None:
+        if self._loop is not None and self._loop is not threading.current_thread():
+            self._loop.join(timeout=WRITER_DRAIN_S)  # run() on another thread: its batch in hand goes to the writer
+        drained = self._end_writer()
+        if drained and getattr(self, "events", None) is not None:
             for e in self.events.close_all():  # a clean stop answers the bursts in hand now
-                self._close_event(e.id)
+                self._close_event(e.id, self._serving)
         if self.md_writer is not None:
             try:
                 self.md_writer.close()
@@ -856,7 +1046,7 @@ class Daemon:
         for engine in getattr(self, "engines", {}).values():
             engine.close()
         if getattr(self, "ledger", None) is not None:
-            if self._reader is None or not self._reader.is_alive():
+            if drained and (self._reader is None or not self._reader.is_alive()):
                 try:
                     self.ledger.release()
                 except STORAGE_ERRORS as e:  # then the next start's recover() does it

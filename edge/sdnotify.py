@@ -4,8 +4,9 @@ Why our own: the protocol is one datagram per message to $NOTIFY_SOCKET, and the
 should not depend on libsystemd bindings. Outside systemd (NOTIFY_SOCKET unset: tests, a
 shell, the demo) every call is a harmless no-op, so callers never branch on it.
 
-The daemon sends WATCHDOG=1 from its processing loop (not from a timer thread), so a
-wedged loop stops the pings and systemd restarts the service.
+The daemon sends WATCHDOG=1 from its inference loop (not from a timer thread), and only while
+its writer thread makes progress, so a wedged loop or a stuck writer stops the pings and
+systemd restarts the service.
 """
 
 from __future__ import annotations

@@ -569,3 +569,64 @@ def test_status_counts_a_frame_quarantined_twice_once(device):
     assert st.returncode == 0, st.stderr
     assert "quarantined 1" in st.stdout
     assert "quarantined 2" not in st.stdout, st.stdout
+
+
+def test_sigkill_with_the_writer_queue_full_loses_nothing(device, mosquitto, tmp_path):
+    """A slow card: classified batches pile up for the writer until its queue is full, and the
+    process is killed then. Frames in the queue had no durable result, so none was disposed of;
+    the restart redoes them: one result each, animals kept, empties deleted, one event, and the
+    MegaDetector record lists every frame."""
+    flag = tmp_path / "writer-full"
+    dev = device(mosquitto, program=[str(Path(__file__).parent / "patched_daemon.py")],
+                 env={"CAMTRAP_TEST_COMMIT_MS": "400", "CAMTRAP_TEST_WRITER_FULL_FLAG": str(flag)}).start()
+    frames = []
+    for k in range(32):
+        data = lynx_frame(k) if k % 2 == 0 else empty_frame(k)
+        frames.append((drop(dev.watch, f"F{k:03d}.JPG", data), k % 2 == 0))
+    deadline = time.monotonic() + 30
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert flag.exists(), dev.run_log()[-3000:]
+    dev.kill()
+    done_at_kill = {Path(r["path"]).name for r in dev.rows() if r["result"] is not None}
+    assert len(done_at_kill) < 16  # most of the burst was classified but not written
+    for path, _animal in frames:
+        assert path.exists() or path.name in done_at_kill, path  # nothing deleted without a durable result
+    dev.env = {}
+    dev.start()
+    rows = dev.wait_done(32, timeout=90)
+    assert len(rows) == 32 and all(r["result"] is not None for r in rows)
+    for path, animal in frames:
+        assert path.exists() == animal, path
+    assert len({r["event_id"] for r in rows}) == 1
+    assert dev.terminate() == 0
+    md = json.loads((dev.state / "records" / "md_results.json").read_text())
+    assert sorted(Path(i["file"]).name for i in md["images"]) == sorted(p.name for p, _ in frames)
+
+
+def test_a_burst_reuses_its_route_in_the_daemon(device):
+    """Burst route reuse (cascade.route_reuse): the daemon names each frame's event before the
+    cascade runs, so later frames of a confident lynx burst run the felids expert alone; every
+    route_reuse_frames+1-th frame runs the whole cascade again. An empty frame of another camera
+    in between is untouched."""
+    dev = device(policy="keep", gap_s=30)
+    cfg = yaml.safe_load(dev.config.read_text())
+    cfg["cascade"] = {"route_reuse": 0.3, "route_reuse_frames": 2}
+    cfg["watch"]["recursive"] = True
+    dev.config.write_text(yaml.safe_dump(cfg))
+    dev.start()
+    other = dev.watch / "cam2"
+    other.mkdir()
+    for k in range(6):
+        drop(dev.watch, f"L{k}.JPG", lynx_frame(k))
+        if k == 2:
+            drop(other, "E0.JPG", empty_frame(0))
+        dev.wait_done(k + 1 + (k >= 2), final=("done", "disposed"))  # one at a time: frame order = arrival order
+    rows = {Path(r["path"]).name: json.loads(r["result"]) for r in dev.rows()}
+    assert dev.terminate() == 0
+    runs = [rows[f"L{k}.JPG"]["route"] for k in range(6)]
+    assert [bool(r.get("reused")) for r in runs] == [False, True, True, False, True, True], runs
+    assert all(rows[f"L{k}.JPG"]["species"] == "Lynx pardinus" for k in range(6))
+    assert "global" not in runs[1]["models_run"] and "global" in runs[3]["models_run"]
+    assert len({rows[f"L{k}.JPG"]["event"] for k in range(6)}) == 1
+    assert rows["E0.JPG"]["empty"] is True and not rows["E0.JPG"]["route"].get("reused")
