@@ -112,9 +112,50 @@ def control_runner(control: Path, like, out: Path):
     return ModelRunner(entry, create_engine("onnxruntime", exp.onnx_path, entry))
 
 
+def burst_reuse(runner, arrays: list, truths: list[str], seqs: list[str], per_frame: list[str],
+                per_frame_runs: list[int], batch: int = 8) -> dict:
+    """Burst route reuse simulated with the dataset's sequences as events: ``runner`` (whose policy
+    sets ``route_reuse``) runs the frames in sequence order, batch by batch, each frame's event
+    its sequence; compared with the per-frame answers and runs of the same policy without reuse.
+    Returns model runs per frame, animal recall, per-species recall and how many species answers
+    changed, with reuse and without."""
+    order = sorted(range(len(arrays)), key=lambda i: (seqs[i], i))
+    answers: dict[int, object] = {}
+    for k in range(0, len(order), batch):
+        idx = order[k:k + batch]
+        for i, res in zip(idx, runner.classify_prepared(runner.prepare([arrays[i] for i in idx]),
+                                                        events=[seqs[i] for i in idx]), strict=True):
+            answers[i] = res.decision
+    with_ = [answers[i].top[0] or BACKGROUND for i in range(len(arrays))]  # type: ignore[attr-defined]
+    runs = [len(answers[i].models_run) for i in range(len(arrays))]  # type: ignore[attr-defined]
+
+    def recall(pred: list[str], sp: str | None = None) -> float | None:
+        rows = [i for i, t in enumerate(truths) if t != BACKGROUND and (sp is None or t == sp)]
+        return sum(pred[i] != BACKGROUND for i in rows) / len(rows) if rows else None
+
+    def species_recall(pred: list[str]) -> dict[str, float]:
+        rows: dict[str, list[int]] = {}
+        for i, t in enumerate(truths):
+            if t != BACKGROUND:
+                rows.setdefault(t, []).append(i)
+        return {sp: sum(pred[i] == sp for i in ix) / len(ix) for sp, ix in sorted(rows.items())}
+
+    return {"route_reuse": runner.policy.route_reuse, "route_reuse_frames": runner.policy.route_reuse_frames,
+            "frames": len(arrays), "sequences": len(set(seqs)),
+            "reused": sum(bool(answers[i].route.reused) for i in answers),  # type: ignore[attr-defined]
+            "runs_per_frame": float(np.mean(runs)), "runs_per_frame_without": float(np.mean(per_frame_runs)),
+            "animal_recall": recall(with_), "animal_recall_without": recall(per_frame),
+            "species_recall": species_recall(with_), "species_recall_without": species_recall(per_frame),
+            "answers_changed": sum(a != b for a, b in zip(with_, per_frame, strict=True))}
+
+
 def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend: str = "onnxruntime",
              batch: int = 8, n_boot: int = 1000, public_keys: list[Path] | None = None,
-             require_signature: bool = False, control: Path | None = None) -> dict:
+             require_signature: bool = False, control: Path | None = None,
+             route_reuse: float | None = None) -> dict:
+    """Single stage (and control) vs cascade on ``split``, with the bundle's gate applied from a
+    gate-off run, and burst route reuse simulated on the sequences when the bundle sets it (or
+    ``route_reuse`` is given)."""
     from edge.bundle import load_bundle
     from edge.cascade import gated
     from edge.engines import load_engines
@@ -126,7 +167,10 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     bundle = load_bundle(bundle_path, public_keys=public_keys or None, require_signature=require_signature)
     man = bundle.manifest
     gate = man.cascade.gate_threshold  # applied below from the gate-off run, so both can be reported
-    runner = CascadeRunner(man, load_engines(bundle, backend), man.cascade.model_copy(update={"gate_threshold": None}))
+    engines = load_engines(bundle, backend)
+    runner = CascadeRunner(man, engines, man.cascade.model_copy(update={"gate_threshold": None, "route_reuse": None}))
+    reuse = route_reuse if route_reuse is not None else man.cascade.route_reuse
+    kept: list = []  # the frames, for the route reuse pass
     g = man.global_model
     if set(names) != set(g.classes):
         raise ValueError(f"{data_yaml}: classes {sorted(names)} differ from the bundle's {sorted(g.classes)}")
@@ -144,6 +188,8 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
             arrays = [read_image(p, max_side=runner.input_side).bgr for p in chunk]
         except ImageError as e:
             raise ValueError(str(e)) from None
+        if reuse is not None:
+            kept += arrays
         for res, truth in zip(runner.classify(arrays), truths[k:k + batch], strict=True):
             d = res.decision
             o = FrameOutcome(animal=truth != BACKGROUND, found=not d.empty, background=d.route.reason == "background",
@@ -185,7 +231,12 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     report["class_names"] = {c: species_label(c, taxa) for c in g.classes}  # for people: class (taxon)
     report["routes"] = dict(routes)
     report["model_runs_per_image"] = per_frame[CASCADE]
-    report["gate"] = {"threshold": gate, "with": gate_outcome(outcomes, gate), "without": gate_outcome(outcomes, None)}
+    report["gate"] = {"threshold": gate, "with": gate_outcome(outcomes, gate), "without": gate_outcome(outcomes, None),
+                      "background_max_experts": man.cascade.background_max_experts}
+    report["route_reuse"] = None
+    if reuse is not None:  # the deployed policy (gate included) with reuse, against it without
+        reusing = CascadeRunner(man, engines, man.cascade.model_copy(update={"route_reuse": reuse}))
+        report["route_reuse"] = burst_reuse(reusing, kept, truths, seqs, preds[CASCADE], runs, batch)
     if boot:
         report["differences"] = boot["differences"]
         report["n_boot"] = boot["n_boot"]
@@ -227,9 +278,24 @@ def render_markdown(r: dict) -> str:
                   "their extra training, so it is not the experts' effect.", ""]
     if r.get("gate"):
         w, o = r["gate"]["with"], r["gate"]["without"]
-        lines += [f"Background gate {r['gate']['threshold']}: animal recall {w['animal_recall']:.3f} "
+        cap = r["gate"].get("background_max_experts")
+        lines += [f"Background gate {r['gate']['threshold']}"
+                  + (f" (at most {cap} experts on background frames)" if cap else "")
+                  + f": animal recall {w['animal_recall']:.3f} "
                   f"(without it {o['animal_recall']:.3f}), model runs per frame {w['runs_per_frame']:.2f} "
                   f"(without it {o['runs_per_frame']:.2f}), {w['gated']} frames gated.", ""]
+    if r.get("route_reuse"):
+        x = r["route_reuse"]
+        lines += [f"Burst route reuse {x['route_reuse']} (at most {x['route_reuse_frames']} frames in a row), "
+                  f"the {x['sequences']} sequences as events: model runs per frame {x['runs_per_frame']:.2f} "
+                  f"(without {x['runs_per_frame_without']:.2f}), {x['reused']} of {x['frames']} frames reused a "
+                  f"route, animal recall {x['animal_recall']:.3f} (without {x['animal_recall_without']:.3f}), "
+                  f"{x['answers_changed']} species answers changed.", ""]
+        moved = {sp: (x["species_recall_without"][sp], v) for sp, v in x["species_recall"].items()
+                 if v != x["species_recall_without"][sp]}
+        if moved:
+            lines += ["Species recall changed by reuse: " + ", ".join(
+                f"{sp} {a:.3f} -> {b:.3f}" for sp, (a, b) in moved.items()), ""]
     lines += [f"Routes {r['routes']}.", "",
               "| class | sequences | support | " + " | ".join(f"F1 {m.split('_')[0]} (95% CI)" for m in models) + " |",
               "|---|---:|---:|" + "---|" * len(models)]
@@ -250,7 +316,7 @@ def _cmd(args: argparse.Namespace) -> int:
     t = trust_from_args(args)
     r = evaluate(Path(args.bundle), Path(args.data), args.split, Path(args.out), backend=args.backend,
                  n_boot=args.bootstrap, public_keys=t.public_keys, require_signature=t.require_signature,
-                 control=Path(args.control) if args.control else None)
+                 control=Path(args.control) if args.control else None, route_reuse=args.route_reuse)
     print(f"bundle {r['bundle_version']}: {describe(r['key_id'])}")
     for m in (SINGLE, CONTROL, CASCADE):
         if isinstance(r.get(m), dict):
@@ -274,6 +340,9 @@ def add_cli(sub) -> None:
     p.add_argument("--control", help="the fair control: a training run folder (or its .pt) of the global "
                    "model fine-tuned for the experts' extra epochs (`camtrap-export train --control-of`; "
                    "`pipeline` makes WORKDIR/control); scored as a single stage beside the cascade")
+    p.add_argument("--route-reuse", type=float, default=None,
+                   help="simulate burst route reuse at this confidence on the split's sequences (default: the "
+                   "bundle's cascade.route_reuse; off when it has none)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over sequences (0 = none)")
     add_trust_options(p)
     p.set_defaults(func=_cmd)

@@ -14,7 +14,15 @@ import yaml
 
 from edge.cascade import CascadePolicy, gated, plan
 from edge.detection import Detection
-from export.calibrate import FrameOutcome, calibrate, choose_gate, gate_outcome
+from export.calibrate import (
+    FrameOutcome,
+    animals_needed,
+    calibrate,
+    choose_gate,
+    choose_settings,
+    drop_bound,
+    gate_outcome,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "edge"))
 from make_onnx import GLOBAL_CLASSES, IMGSZ, STRIDE, patch_image, write_test_bundle
@@ -54,6 +62,57 @@ def test_choose_gate_is_the_highest_gate_within_the_recall_budget():
     # zero budget, so none is set
     gate, with_, off = choose_gate([ROUTED_ANIMAL, bg(0.0, True, True)], max_recall_drop=0.0, ceiling=0.25)
     assert gate is None and with_ == off
+
+
+def xbg(best: float, animal: bool, *experts: float) -> FrameOutcome:
+    """A background frame with each expert's best recorded, likeliest first (floor 0.3)."""
+    return FrameOutcome(animal=animal, found=max(experts) >= 0.3, background=True, global_best=best,
+                        runs=1 + len(experts), experts=experts)
+
+
+def test_cap_and_stop_replay_the_device_rules_from_one_all_experts_run():
+    f = xbg(0.1, True, 0.0, 0.5, 0.9)  # the second-likeliest expert finds it
+    assert gate_outcome([f], None)["animal_recall"] == 1.0 and gate_outcome([f], None)["runs_per_frame"] == 4
+    one = gate_outcome([f], None, cap=1)
+    assert one["animal_recall"] == 0.0 and one["lost"] == 1 and one["runs_per_frame"] == 2
+    two = gate_outcome([f], None, cap=2)
+    assert two["animal_recall"] == 1.0 and two["runs_per_frame"] == 3
+    stopped = gate_outcome([f], None, stop=0.4)  # stops at the first expert reaching 0.4
+    assert stopped["animal_recall"] == 1.0 and stopped["runs_per_frame"] == 3
+    assert gate_outcome([f], 0.2, cap=2)["runs_per_frame"] == 1  # gated before any cap
+
+
+def test_the_drop_bound_says_how_little_a_small_sample_promises():
+    assert drop_bound(0, 88) == pytest.approx(1 - 0.05 ** (1 / 88))  # ~3.3%: the 179-frame calibration
+    assert drop_bound(0, 1500) < 0.005 < drop_bound(3, 600)
+    assert drop_bound(5, 5) == 1.0 and drop_bound(0, 0) == 1.0
+    assert animals_needed(0.005) == 598 and drop_bound(0, 598) <= 0.005 < drop_bound(0, 597)
+
+
+def test_choice_by_the_bound_keeps_every_expert_when_the_sample_is_too_small():
+    # 88 animal frames, one only the experts find at global 0.12: a gate up to 0.12 loses nothing,
+    # which is all the point estimate sees; the bound says 88 frames still allow a 3.3% drop
+    frames = [ROUTED_ANIMAL] * 87 + [xbg(0.12, True, 0.0, 0.8)] + [xbg(i / 1000, False, 0.0, 0.0) for i in range(90)]
+    gate, with_, _ = choose_gate(frames, ceiling=0.25)
+    assert gate == 0.12 and with_["lost"] == 0 and with_["drop_upper"] > 0.03
+    assert choose_gate(frames, ceiling=0.25, confidence=0.95)[0] == 0.12  # losing nothing always keeps it
+    frames2 = [*frames, xbg(0.05, True, 0.9, 0.0)]  # gating at 0.12 would lose this one
+    assert choose_gate(frames2, 0.02, ceiling=0.25)[0] == 0.12  # 1 of 89 lost is within 2 pp
+    assert choose_gate(frames2, 0.02, ceiling=0.25, confidence=0.95)[0] == 0.05  # the bound says no
+
+
+def test_gate_and_cap_are_chosen_together_for_the_fewest_runs():
+    # empties the global model scored 0.0-0.09 and an animal at 0.1 only the likeliest expert finds
+    frames = [ROUTED_ANIMAL] * 50 + [xbg(i / 1000, False, 0.0, 0.0, 0.0) for i in range(90)]
+    frames += [xbg(0.1, True, 0.7, 0.0, 0.0), xbg(0.2, False, 0.0, 0.0, 0.0)]
+    best, rows, off = choose_settings(frames, 3, 0.0, ceiling=0.25)
+    assert [r["cap"] for r in rows] == [None, 2, 1] and all(r["feasible"] for r in rows)
+    assert best["cap"] == 1 and best["gate"] == 0.1 and best["lost"] == 0
+    assert best["runs_per_frame"] < rows[0]["runs_per_frame"] and off["runs_per_frame"] == (100 + 92 * 4) / 142
+    # an animal the second expert finds: cap 1 loses it, so cap 2 wins
+    frames.append(xbg(0.15, True, 0.0, 0.6, 0.0))
+    best, rows, _ = choose_settings(frames, 3, 0.0, ceiling=0.25)
+    assert not rows[2]["feasible"] and best["cap"] == 2 and best["gate"] == 0.1
 
 
 def test_plan_uses_the_same_gate_rule():
@@ -143,5 +202,30 @@ def test_calibrate_cli_dry_run_writes_nothing(tmp_path, capsys):
                "--report", str(tmp_path / "r.json")])
     assert rc == 0 and (bundle / "manifest.json").read_bytes() == manifest
     out = capsys.readouterr().out
-    assert out.startswith("gate 0.2500: animal recall 0.3333 (without 0.3333)")
+    assert out.startswith("gate 0.2500, all of 2 experts on background frames: animal recall 0.3333 "
+                          "(all experts 0.3333)")
     assert json.loads((tmp_path / "r.json").read_text())["gate_threshold"] == 0.25
+
+
+def test_evaluate_simulates_burst_route_reuse_on_the_sequences(tmp_path):
+    """A burst of four frames of the same lynx (one sequence in meta.json): with reuse, the first
+    frame runs the whole cascade and the next three only the felids expert; same answers."""
+    from export.evaluate import evaluate
+
+    bundle = write_test_bundle(tmp_path / "b")
+    data = _dataset(tmp_path / "data")
+    img = cv2.imread(str(tmp_path / "data" / "images" / "test" / "bright0.jpg"))
+    names = ["bright0"]
+    for k in range(1, 4):
+        cv2.imwrite(str(tmp_path / "data" / "images" / "test" / f"bright0_b{k}.jpg"), img)
+        (tmp_path / "data" / "labels" / "test" / f"bright0_b{k}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+        names.append(f"bright0_b{k}")
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(
+        {"images": {f"images/test/{n}.jpg": {"seq_id": "burst"} for n in names}}))
+    rep = evaluate(bundle, data, "test", tmp_path / "eval", n_boot=0)
+    assert rep["route_reuse"] is None  # the bundle does not set it
+    rep = evaluate(bundle, data, "test", tmp_path / "eval", n_boot=0, route_reuse=0.6)
+    x = rep["route_reuse"]
+    assert x["reused"] == 3 and x["answers_changed"] == 0 and x["animal_recall"] == x["animal_recall_without"]
+    assert x["runs_per_frame"] == pytest.approx(x["runs_per_frame_without"] - 3 / x["frames"])
+    assert "Burst route reuse 0.6" in (tmp_path / "eval" / "report.md").read_text()
