@@ -11,14 +11,22 @@ frame, animal frames drawn to match) is run, batch by batch, through:
   (within 0.5 points of animal recall), then applied to the test mix;
 - + stop: ``background_stop`` = the expert floor (experts one at a time, likeliest first);
 - + gate + stop;
+- + cap N: ``background_max_experts`` = N < K (the N likeliest experts on background frames);
+- + route reuse: ``route_reuse`` on, each frame's event its sequence (the synthetic bursts: the mix
+  runs in sequence order for every policy), so later frames of a confident burst skip the global model;
+- + gate (calibrated): the bundle's own ``gate_threshold`` (``--gate`` to try another), chosen by
+  ``camtrap-export calibrate`` on thousands of frames of another seed, alone and with route reuse;
+- the bundle's own settings, as shipped;
 - the shared-backbone version of the bundle (``export.backbone.share_backbone``: layers 0-9 run
-  once per batch, then only the routed heads), with every expert and with gate + stop.
+  once per batch, then only the routed heads), with every expert, with gate + stop and with the
+  calibrated gate + route reuse (skipped when the bundle already shares its backbone: then every
+  row is the shared-backbone bundle).
 
 Every policy sees the same prepared batches, interleaved batch by batch, so machine load hits
 them alike, and the fastest of the rounds is reported per policy (the least disturbed one);
 printed: ms per frame and its ratio to single, model runs per frame, animal recall
-(labelled animal frames answered with an animal) and its change against the cascade, and how
-often the species answer changed. Not a test.
+(labelled animal frames answered with an animal) and its change against the cascade, how
+often the species answer changed, and how many frames reused their burst's route. Not a test.
 """
 
 from __future__ import annotations
@@ -37,11 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge.bundle import load_bundle  # noqa: E402
+from edge.cascade import RouteMemory  # noqa: E402
 from edge.engines import load_engines  # noqa: E402
 from edge.imageio import read_image  # noqa: E402
 from edge.runner import CascadeRunner  # noqa: E402
 from export.calibrate import choose_gate, run_outcomes  # noqa: E402
 from export.evaluate import split_images  # noqa: E402
+from export.evidence import sequence_of  # noqa: E402
 from export.metrics import BACKGROUND  # noqa: E402
 
 DEMO = ROOT / "edge" / "demo" / "bundle"
@@ -68,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4, help="rounds; the least disturbed (fastest) one is reported")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per session (0: default)")
+    ap.add_argument("--gate", type=float, help="the calibrated gate of the 'calibrated' rows (default: the bundle's "
+                    "cascade.gate_threshold, from `camtrap-export calibrate` on enough frames)")
+    ap.add_argument("--reuse", type=float, default=0.6, help="route_reuse of the burst rows (default 0.6)")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="p2-"))
     data = args.data or demo_data(work)
@@ -78,50 +91,72 @@ def main(argv: list[str] | None = None) -> int:
     # the gate, calibrated on validation frames as `camtrap-export calibrate` does
     v_imgs, v_truths, _, _ = split_images(data, "val")
     gate, _, _ = choose_gate(run_outcomes(bundle, v_imgs, v_truths, BACKGROUND), ceiling=man.cascade.route_threshold)
+    calibrated = args.gate if args.gate is not None else man.cascade.gate_threshold
 
-    imgs, truths, _, _ = split_images(data, "test")
+    imgs, truths, _, meta = split_images(data, "test")
     empties = [i for i, t in enumerate(truths) if t == BACKGROUND]
     animals = [i for i, t in enumerate(truths) if t != BACKGROUND]
     n_animals = min(len(animals), round(len(empties) * (1 - args.empty) / args.empty))
-    pick = sorted(empties + random.Random(0).sample(animals, n_animals))
-    base = man.cascade.model_copy(update={"gate_threshold": None, "background_stop": None})
+    # frames in sequence order (bursts together, as a trap writes them), for every policy alike
+    pick = sorted(empties + random.Random(0).sample(animals, n_animals),
+                  key=lambda i: (sequence_of(meta, imgs[i], "test"), i))
+    events = [sequence_of(meta, imgs[i], "test") for i in pick]
+    off = {"gate_threshold": None, "background_stop": None, "background_max_experts": None, "route_reuse": None}
+    base = man.cascade.model_copy(update=off)
     stop = man.cascade.expert_floor
-    policies = {
-        "cascade (every expert on background)": base,
-        f"+ gate {gate}": base.model_copy(update={"gate_threshold": gate}),
-        f"+ stop {stop}": base.model_copy(update={"background_stop": stop}),
-        "+ gate + stop": base.model_copy(update={"gate_threshold": gate, "background_stop": stop}),
+    k = len(man.experts)
+    reuse = {"route_reuse": args.reuse}
+    policies: dict[str, tuple] = {  # name -> (policy, runs with the frames' events)
+        "cascade (every expert on background)": (base, False),
+        f"+ gate {gate:.4f} (val, {len(v_imgs)} frames)": (base.model_copy(update={"gate_threshold": gate}), False),
+        f"+ stop {stop}": (base.model_copy(update={"background_stop": stop}), False),
+        "+ gate (val) + stop": (base.model_copy(update={"gate_threshold": gate, "background_stop": stop}), False),
+        **{f"+ cap {n} of {k} experts": (base.model_copy(update={"background_max_experts": n}), False)
+           for n in range(1, k)},
+        f"+ route reuse {args.reuse} (bursts)": (base.model_copy(update=reuse), True),
     }
-    runners = {k: CascadeRunner(man, engines, p) for k, p in policies.items()}
-    # the same bundle with its frozen layers stored and run once (camtrap-export share-backbone)
-    from export.backbone import share_backbone
+    if calibrated is not None:
+        cal = base.model_copy(update={"gate_threshold": calibrated})
+        policies[f"+ gate {calibrated:.4f} (calibrated)"] = (cal, False)
+        policies["+ gate (calibrated) + route reuse"] = (cal.model_copy(update=reuse), True)
+    deployed = man.cascade  # what the bundle ships: its calibrated settings
+    policies["bundle's own settings"] = (deployed, deployed.route_reuse is not None)
+    runners = {name: (CascadeRunner(man, engines, p), ev) for name, (p, ev) in policies.items()}
+    if man.backbone is None:  # the same bundle with its frozen layers stored and run once
+        from export.backbone import share_backbone
 
-    share_backbone(args.bundle, work / "shared")
-    shared = load_bundle(work / "shared")
-    s_engines = load_engines(shared, "onnxruntime", providers=["cpu"], intra_op_threads=args.threads)
-    for k in ("cascade (every expert on background)", "+ gate + stop"):
-        runners[f"shared backbone: {k}"] = CascadeRunner(shared.manifest, s_engines, policies[k])
-    first = next(iter(runners.values()))
+        share_backbone(args.bundle, work / "shared")
+        shared = load_bundle(work / "shared")
+        s_engines = load_engines(shared, "onnxruntime", providers=["cpu"], intra_op_threads=args.threads)
+        best = ["cascade (every expert on background)", "+ gate (val) + stop",
+                *(["+ gate (calibrated) + route reuse"] if calibrated is not None else [])]
+        for name in best:
+            p, ev = policies[name]
+            runners[f"shared backbone: {name}"] = (CascadeRunner(shared.manifest, s_engines, p), ev)
+    first = next(iter(runners.values()))[0]
     arrays = [read_image(imgs[i], max_side=first.input_side).bgr for i in pick]
     labels = [truths[i] for i in pick]
-    batches = [first.prepare(arrays[k:k + args.batch]) for k in range(0, len(arrays), args.batch)]
+    spans = range(0, len(arrays), args.batch)
+    batches = [(first.prepare(arrays[j:j + args.batch]), events[j:j + args.batch]) for j in spans]
 
-    ms: dict[str, list[float]] = {"single": [], **{k: [] for k in runners}}
+    ms: dict[str, list[float]] = {"single": [], **{name: [] for name in runners}}
     answers: dict[str, list] = {}
     g = first.global_runner
     for _ in range(args.rounds):
-        per = {k: 0.0 for k in ms}
-        outs: dict[str, list] = {k: [] for k in runners}
-        for prep in batches:  # policies interleaved batch by batch
+        per = {name: 0.0 for name in ms}
+        outs: dict[str, list] = {name: [] for name in runners}
+        for runner, _ev in runners.values():
+            runner.routes = RouteMemory()  # each round starts with no burst seen
+        for prep, evs in batches:  # policies interleaved batch by batch
             t = time.perf_counter()
             g.detect_inputs(*prep.inputs[g.entry.imgsz])
             per["single"] += time.perf_counter() - t
-            for k, runner in runners.items():
+            for name, (runner, ev) in runners.items():
                 t = time.perf_counter()
-                outs[k] += runner.classify_prepared(prep)
-                per[k] += time.perf_counter() - t
-        for k in ms:
-            ms[k].append(per[k] * 1000.0 / len(arrays))
+                outs[name] += runner.classify_prepared(prep, events=evs if ev else None)
+                per[name] += time.perf_counter() - t
+        for name in ms:
+            ms[name].append(per[name] * 1000.0 / len(arrays))
         answers = outs
 
     ref = answers[next(iter(runners))]
@@ -131,21 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         return sum(1 for c, t in zip(res, labels, strict=True) if t != BACKGROUND and not c.decision.empty) / n_anim
 
     single_ms = min(ms["single"])
-    print(f"bundle {man.bundle_version} ({len(runners[next(iter(runners))].experts)} experts), "
-          f"{len(arrays)} test frames ({len(arrays) - n_anim} empty, {100 * (1 - n_anim / len(arrays)):.0f}%), "
-          f"batch {args.batch}, fastest of {args.rounds} rounds per policy; "
-          f"{platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; gate {gate} calibrated on {len(v_imgs)} validation frames")
+    print(f"bundle {man.bundle_version} ({k} experts{', shared backbone' if man.backbone else ''}), "
+          f"{len(arrays)} test frames ({len(arrays) - n_anim} empty, {100 * (1 - n_anim / len(arrays)):.0f}%) "
+          f"in {len(set(events))} sequences, batch {args.batch}, fastest of {args.rounds} rounds per policy; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
+          f"bundle settings {deployed.model_dump(exclude_defaults=True)}")
     print("| policy | ms/frame | vs single [<= 1.35x] | model runs/frame | animal recall | vs cascade [within 0.5 pp] "
-          "| species answers changed |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| single (global model only) | {single_ms:.2f} | 1.00x | 1.00 | | | |")
-    for k, res in answers.items():
-        m = min(ms[k])
+          "| species answers changed | frames reusing a route |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| single (global model only) | {single_ms:.2f} | 1.00x | 1.00 | | | | |")
+    for name, res in answers.items():
+        m = min(ms[name])
         runs = statistics.mean(len(c.decision.models_run) for c in res)
         changed = sum(a.decision.top[0] != b.decision.top[0] for a, b in zip(res, ref, strict=True))
-        print(f"| {k} | {m:.2f} | {m / single_ms:.2f}x | {runs:.2f} | {recall(res):.4f} | "
-              f"{100 * (recall(res) - recall(ref)):+.2f} pp | {changed} |")
+        reused = sum(c.decision.route.reused for c in res)
+        print(f"| {name} | {m:.2f} | {m / single_ms:.2f}x | {runs:.2f} | {recall(res):.4f} | "
+              f"{100 * (recall(res) - recall(ref)):+.2f} pp | {changed} | {reused} |")
     return 0
 
 

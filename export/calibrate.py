@@ -293,7 +293,7 @@ def describe(r: dict) -> list[str]:
     lines.append("| background experts | gate | animal recall | lost | drop upper bound | model runs/frame "
                  "| keeps target |")
     for x in r["caps"]:
-        lines.append(f"| {x['cap'] or 'all'} | {x['gate'] if x['gate'] is not None else 'none'} | "
+        lines.append(f"| {x['cap'] or 'all'} | {'none' if x['gate'] is None else format(x['gate'], '.4f')} | "
                      f"{x['animal_recall']:.4f} | {x['lost']} | {100 * x['drop_upper']:.2f} pp | "
                      f"{x['runs_per_frame']:.2f} | {'yes' if x['feasible'] else 'no'} |")
     return lines
