@@ -630,3 +630,38 @@ def test_a_burst_reuses_its_route_in_the_daemon(device):
     assert "global" not in runs[1]["models_run"] and "global" in runs[3]["models_run"]
     assert len({rows[f"L{k}.JPG"]["event"] for k in range(6)}) == 1
     assert rows["E0.JPG"]["empty"] is True and not rows["E0.JPG"]["route"].get("reused")
+
+
+def lynx_and_fox_frame(k: int) -> bytes:
+    """The lynx of ``lynx_frame(k)`` and a fox (Vulpes vulpes, the blue channel) in a corner."""
+    img = patch_image(IMGSZ, STRIDE, (1 + k % 2, 1 + k % 3), 0, scale=4)
+    img[3 * 64:4 * 64, 0:64, 0] = 230
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+
+
+def test_route_reuse_finds_a_species_entering_the_burst_and_starts_afresh_after_a_crash(device):
+    """A fox walks into a lynx burst: the frame that reuses the felids route misses it (the cost
+    of reuse), the next frame that runs the whole cascade finds it. A crash mid-burst loses the
+    routes (memory only): the reopened event's next frame runs the whole cascade, then reuses."""
+    dev = device(policy="keep", gap_s=30)
+    cfg = yaml.safe_load(dev.config.read_text())
+    cfg["cascade"] = {"route_reuse": 0.3, "route_reuse_frames": 2}
+    dev.config.write_text(yaml.safe_dump(cfg))
+    dev.start()
+    burst = [lynx_frame(0), lynx_frame(1), lynx_and_fox_frame(2), lynx_and_fox_frame(3)]
+    for k, data in enumerate(burst):
+        drop(dev.watch, f"B{k}.JPG", data)
+        dev.wait_done(k + 1, final=("done", "disposed"))  # one at a time: frame order = arrival order
+    dev.kill()  # mid-burst: the event stays open and is reopened after the restart
+    dev.start()
+    for k in (4, 5):
+        drop(dev.watch, f"B{k}.JPG", lynx_and_fox_frame(k))
+        dev.wait_done(k + 1, final=("done", "disposed"))
+    rows = {Path(r["path"]).name: json.loads(r["result"]) for r in dev.rows()}
+    assert dev.terminate() == 0
+    res = [rows[f"B{k}.JPG"] for k in range(6)]
+    assert [bool(r["route"].get("reused")) for r in res] == [False, True, True, False, False, True]
+    assert "Vulpes vulpes" not in res[2]["counts"]  # reused: only the felids expert ran
+    assert "Vulpes vulpes" in res[3]["counts"] and "Vulpes vulpes" in res[4]["counts"]
+    assert all(r["species"] == "Lynx pardinus" for r in res[:3])
+    assert len({r["event"] for r in res}) == 1
