@@ -1089,6 +1089,8 @@ def status_report(cfg: Config, last: int = 5) -> str:
             lines.append(f"  {Path(r.path).name}: {what} ({r.state}{', ' + r.disposal if r.disposal else ''})")
         for r in led.latest(last, state="quarantined"):
             lines.append(f"  {Path(r.path).name}: quarantined: {r.error}")
+        for r in led.latest(last, state="gone"):
+            lines.append(f"  {Path(r.path).name}: {r.error or GONE}")
     lines.append(update_line(Path(cfg.paths.state_dir)))
     return "\n".join(lines)
 
@@ -1134,7 +1136,8 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_cmd_run)
     s = sub.add_parser("status", help="what the ledger says: image states, outbox, latest results")
     s.add_argument("--config", required=True, type=Path, help="device config YAML")
-    s.add_argument("--last", type=_count, default=5, help="latest results (and quarantined frames) to list; 0: none")
+    s.add_argument("--last", type=_count, default=5,
+                   help="latest results (and quarantined and gone frames) to list; 0: none")
     s.set_defaults(func=_cmd_status)
     r = sub.add_parser("requeue", help="give quarantined frames another try (each alone)")
     r.add_argument("--config", required=True, type=Path, help="device config YAML")

@@ -519,6 +519,7 @@ def test_frames_deleted_while_the_daemon_was_down_are_gone_in_one_line(device, t
                         capture_output=True, text=True)
     assert st.returncode == 0, st.stderr
     assert "quarantined 0, gone 12" in st.stdout
+    assert "  IMG_0011.JPG: gone before processing (deleted or moved away" in st.stdout  # the latest, listed
     out = exported_camtrapdp(dev, tmp_path / "pkg")
     media = (out / "media.csv").read_text()
     assert media.count("not classified: gone before processing") == 12
