@@ -8,9 +8,12 @@ Per image, batch of one, side by side in one run (call by call, medians):
 - ultralytics (640 px): ``YOLO(pt).predict`` of the same weights the ONNX graph was exported from.
 
 Graphs: at 160 px the shipped demo bundle's global model on the demo frames (a trained model, so
-decode and NMS have real candidates); at 640 px a YOLOv8n built from ultralytics' own yolov8n.yaml
-(random weights, nothing downloaded) exported by ``export.onnx.export_onnx``, on the real Reconyx
-frames. Needs the workstation venv (torch, ultralytics). Not a test: record results in BENCHMARKS.md.
+decode and NMS have real candidates); at 160 and 640 px a YOLOv8n built from ultralytics' own
+yolov8n.yaml (random weights, nothing downloaded) exported by ``export.onnx.export_onnx``, on the
+real Reconyx frames; and the same exported at 480x640 (h x w), the frames' own aspect, which is
+the rectangle ultralytics' predict letterboxes a 2048x1440 frame into at imgsz 640 (equal pixels
+on both sides, so this row is the like-for-like comparison with ultralytics). Needs the
+workstation venv (torch, ultralytics). Not a test: record results in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine  # noqa: E402
 from edge.imageio import read_image  # noqa: E402
+from edge.manifest import input_hw  # noqa: E402
 from edge.runner import ModelRunner  # noqa: E402
 from edge.vision import decode, letterbox_batch  # noqa: E402
 
@@ -132,15 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     real_paths = sorted(REAL.glob("*.JPG"))
     real = [cv2.imread(str(p)) for p in real_paths]
     with tempfile.TemporaryDirectory() as tmp:
-        for size in (160, 640):
+        for size in (160, 640, (480, 640)):
             y = export_random_yolov8n(Path(tmp), size)  # ultralytics' yolov8n.yaml, random weights: no download
             entry = y.entry
             runner = ModelRunner(entry, OnnxRuntimeEngine(y.onnx, entry, cfg))
             yolo = YOLO(str(y.pt))
-            extra = ("ultralytics", lambda im, s=size, y=yolo: y.predict(im, imgsz=s, conf=0.05, iou=0.45,
+            side = max(input_hw(size))  # ultralytics at 640 letterboxes these frames to 480x640 itself
+            extra = ("ultralytics", lambda im, s=side, y=yolo: y.predict(im, imgsz=s, conf=0.05, iou=0.45,
                                                                          device="cpu", verbose=False))
-            frames = [read_image(p, max_side=size).bgr for p in real_paths]
-            rows.append((f"yolov8n (random weights), {size} px, real 2048x1440 frames",
+            frames = [read_image(p, max_side=side).bgr for p in real_paths]
+            label = f"{size} px" if isinstance(size, int) else f"{size[0]}x{size[1]} (h x w, the frames' aspect)"
+            rows.append((f"yolov8n (random weights), {label}, real 2048x1440 frames",
                          compare(runner, frames, args.rounds, extra, originals=real)))
             if size == 640:
                 allocs = allocations(runner, frames)

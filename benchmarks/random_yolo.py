@@ -31,12 +31,13 @@ def random_yolov8n_pt(folder: Path) -> Path:
     return pt
 
 
-def export_random_yolov8n(folder: Path, size: int) -> RandomYolo:
-    """The random YOLOv8n exported at ``size`` px into ``folder``, with a manifest entry for it."""
+def export_random_yolov8n(folder: Path, size: int | tuple[int, int]) -> RandomYolo:
+    """The random YOLOv8n exported at ``size`` (a side or (h, w)) into ``folder``, with a manifest entry."""
     from export.onnx import export_onnx
 
     pt = random_yolov8n_pt(folder)
-    ex = export_onnx(pt, folder / f"yolov8n-{size}.onnx", imgsz=size)
-    entry = ModelEntry(name=f"yolov8n-{size}", role="global", file=ex.onnx_path.name, sha256="0" * 64,
-                       classes=ex.classes, imgsz=size, layout=ex.layout)
+    tag = size if isinstance(size, int) else f"{size[0]}x{size[1]}"
+    ex = export_onnx(pt, folder / f"yolov8n-{tag}.onnx", imgsz=size)
+    entry = ModelEntry(name=f"yolov8n-{tag}", role="global", file=ex.onnx_path.name, sha256="0" * 64,
+                       classes=ex.classes, imgsz=ex.imgsz, layout=ex.layout)
     return RandomYolo(pt, ex.onnx_path, entry)

@@ -15,14 +15,37 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from edge.detection import SAME_ANIMAL_IOU
 
 SCHEMA_VERSION: Literal[1] = 1
 Layout = Literal["yolov5", "yolov8", "end2end"]
+
+InputSize = Union[PositiveInt, tuple[PositiveInt, PositiveInt]]  # noqa: UP007 - pydantic evaluates it at run time
+"""A model's letterboxed input in pixels: a square's side (640), or [height, width] ([480, 640]) for a
+model exported at the camera's aspect: a 2048x1440 frame fills 640x450 of a 640 px square, so a
+[480, 640] input gives the same answer on 0.75x the pixels (ultralytics' predict uses that rectangle)."""
+IMGSZ_DESCRIPTION = "letterboxed input in pixels: a square's side, or [height, width]"
+
+
+def input_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an input size given as a square's side or as [height, width]."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _one_size(v: object) -> object:
+    """[s, s] is the square s, so a manifest has one spelling for each size (and the backbone's
+    and a head's sizes compare equal however they were written)."""
+    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1]:
+        return v[0]
+    return v
 _CODE = re.compile(r"^[a-z0-9]{1,8}$")
 
 
@@ -30,7 +53,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelEntry(_Strict):
+class _SizedInput(_Strict):
+    """An entry with an ``imgsz`` (a model, the shared backbone): one spelling per size, and its
+    (height, width)."""
+
+    @field_validator("imgsz", mode="before", check_fields=False)
+    @classmethod
+    def _one_spelling(cls, v: object) -> object:
+        return _one_size(v)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return input_hw(self.imgsz)  # type: ignore[attr-defined]
+
+
+class ModelEntry(_SizedInput):
     """One ONNX model of the bundle."""
 
     name: str = Field(description="unique key: 'global' or the expert's group name")
@@ -39,7 +76,7 @@ class ModelEntry(_Strict):
     role: Literal["global", "expert"]
     group: str | None = Field(default=None, description="the expert's group; None for global")
     classes: list[str] = Field(min_length=1, description="class names in output index order")
-    imgsz: int = Field(gt=0, description="square letterboxed input size in pixels")
+    imgsz: InputSize = Field(description=IMGSZ_DESCRIPTION)
     layout: Layout = Field(description="yolov5 (objectness, as MegaDetector v5), yolov8 (v8/11), end2end")
     input_name: str = "images"
     conf_threshold: float = Field(default=0.25, ge=0, le=1, description="default per-box floor")
@@ -73,13 +110,13 @@ class ModelEntry(_Strict):
         return self.class_thresholds.get(species, self.conf_threshold)
 
 
-class BackboneEntry(_Strict):
+class BackboneEntry(_SizedInput):
     """The frozen layers shared by the global model and the experts, stored once: one graph from
     the letterboxed image to the tensors the heads read (``Manifest.backbone``)."""
 
     file: str = Field(description="path inside the bundle, e.g. models/backbone.onnx")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    imgsz: int = Field(gt=0, description="square letterboxed input size in pixels")
+    imgsz: InputSize = Field(description=IMGSZ_DESCRIPTION)
     input_name: str = "images"
     outputs: list[str] = Field(min_length=1, description="the tensors the heads take, by name")
     frozen_layers: int = Field(gt=0, description="layers 0..frozen_layers-1 of every model that uses it")

@@ -29,7 +29,7 @@ from edge.cascade import (
     staged,
 )
 from edge.detection import Detection
-from edge.manifest import Manifest, ModelEntry
+from edge.manifest import InputSize, Manifest, ModelEntry, input_hw
 from edge.vision import Letterbox, class_thresholds, decode, letterbox_batch
 
 # Decode below every threshold so the gate and the disposal floor can see weak animals;
@@ -71,7 +71,7 @@ class Prepared:
     previous batch's inference), consumed by ``classify_prepared``."""
 
     n: int
-    inputs: dict[int, tuple[np.ndarray, list[Letterbox]]]  # imgsz -> (NCHW float32, letterboxes)
+    inputs: dict[InputSize, tuple[np.ndarray, list[Letterbox]]]  # imgsz -> (NCHW float32, letterboxes)
 
 
 @dataclass
@@ -108,15 +108,16 @@ class CascadeRunner:
         self.routes = RouteMemory()  # burst route reuse: each recent event's confident route
 
     @property
-    def input_sizes(self) -> list[int]:
-        """The square input sizes of the bundle's models, ascending."""
-        return sorted({self.global_runner.entry.imgsz, *(r.entry.imgsz for r in self.experts.values())})
+    def input_sizes(self) -> list[InputSize]:
+        """The input sizes of the bundle's models (a square's side or (h, w)), smallest area first."""
+        sizes = {self.global_runner.entry.imgsz, *(r.entry.imgsz for r in self.experts.values())}
+        return sorted(sizes, key=lambda s: (input_hw(s)[0] * input_hw(s)[1], input_hw(s)))
 
     @property
     def input_side(self) -> int:
-        """The largest model input: images need no more pixels than this on their long side, so the
-        reader decodes JPEGs reduced down to it (``read_image(max_side=...)``)."""
-        return self.input_sizes[-1]
+        """The longest side of any model input: images need no more pixels than this on their long
+        side, so the reader decodes JPEGs reduced down to it (``read_image(max_side=...)``)."""
+        return max(max(input_hw(s)) for s in self.input_sizes)
 
     def prepare(self, images: Sequence[np.ndarray]) -> Prepared:
         if not images:

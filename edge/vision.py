@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from edge.detection import Detection
+from edge.manifest import input_hw
 
 Layout = Literal["yolov5", "yolov8", "end2end"]
 LAYOUTS: tuple[str, ...] = ("yolov5", "yolov8", "end2end")
@@ -33,9 +34,10 @@ DEFAULT_CONF = 0.25
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How one image was fitted into the square model input, to map boxes back.
+    """How one image was fitted into the model input, to map boxes back.
 
-    ``scale`` is ultralytics' ratio r = min(size/h, size/w); ``pad`` the (left, top) border in
+    ``scale`` is ultralytics' ratio r = min(H/h, W/w) for an input of H x W (a square: H = W);
+    ``pad`` the (left, top) border in
     input pixels; ``shape`` the original (h, w). Because each resized side is rounded to whole
     pixels, the exact per-axis gains are ``new_w / w`` and ``new_h / h`` (see ``gain``), which is
     what ultralytics' ``scale_boxes`` divides by.
@@ -92,20 +94,23 @@ def _as_bgr(img: np.ndarray) -> np.ndarray:
     raise ValueError(f"letterbox: expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {img.shape}")
 
 
-def _fit(h: int, w: int, size: int) -> tuple[int, int, int, int, int, int, Letterbox]:
-    """Ultralytics' letterbox arithmetic: (new_w, new_h, top, bottom, left, right, letterbox)."""
-    if size <= 0:
+def _fit(h: int, w: int, size: int | Sequence[int]) -> tuple[int, int, int, int, int, int, Letterbox]:
+    """Ultralytics' letterbox arithmetic (``LetterBox(new_shape=(H, W), auto=False)``) for an input
+    of ``size`` (a square's side or (H, W)): (new_w, new_h, top, bottom, left, right, letterbox)."""
+    out_h, out_w = input_hw(size)
+    if out_h <= 0 or out_w <= 0:
         raise ValueError(f"letterbox: size must be positive, got {size}")
-    r = min(size / h, size / w)
+    r = min(out_h / h, out_w / w)
     new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     top, bottom = round(dh - 0.1), round(dh + 0.1)
     left, right = round(dw - 0.1), round(dw + 0.1)
     return new_w, new_h, top, bottom, left, right, Letterbox(scale=r, pad=(float(left), float(top)), shape=(h, w))
 
 
-def letterbox_uint8(img_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    """Resize (keeping aspect) and pad to ``size`` x ``size``: HWC BGR uint8, ultralytics' rounding."""
+def letterbox_uint8(img_bgr: np.ndarray, size: int | Sequence[int]) -> tuple[np.ndarray, Letterbox]:
+    """Resize (keeping aspect) and pad to ``size`` (a square's side, or (H, W)): HWC BGR uint8,
+    ultralytics' rounding."""
     img = _as_bgr(img_bgr)
     h, w = img.shape[:2]
     new_w, new_h, top, bottom, left, right, lb = _fit(h, w, size)
@@ -115,14 +120,15 @@ def letterbox_uint8(img_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterb
     return img, lb
 
 
-def letterbox(img_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+def letterbox(img_bgr: np.ndarray, size: int | Sequence[int]) -> tuple[np.ndarray, Letterbox]:
     """One image -> model input: CHW float32 RGB in [0, 1], and the letterbox to map boxes back."""
     x, lbs = letterbox_batch([img_bgr], size)
     return x[0], lbs[0]
 
 
-def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, list[Letterbox]]:
-    """Several images -> NCHW float32 batch (RGB in [0, 1]) and one Letterbox per image.
+def letterbox_batch(images: Sequence[np.ndarray], size: int | Sequence[int]) -> tuple[np.ndarray, list[Letterbox]]:
+    """Several images -> NCHW float32 batch (RGB in [0, 1]) and one Letterbox per image; ``size`` is
+    the model input, a square's side or (H, W).
 
     Two buffers per batch, none per image: each image is resized straight into its place on a
     padded uint8 NHWC canvas (``cv2.resize`` writes into the view), then one numpy operation
@@ -131,7 +137,8 @@ def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[np.ndarray
     """
     if len(images) == 0:
         raise ValueError("letterbox_batch: no images")
-    canvas = np.full((len(images), size, size, 3), PAD_VALUE, dtype=np.uint8)
+    out_h, out_w = input_hw(size)
+    canvas = np.full((len(images), out_h, out_w, 3), PAD_VALUE, dtype=np.uint8)
     boxes: list[Letterbox] = []
     for i, im in enumerate(images):
         img = _as_bgr(im)
@@ -145,7 +152,7 @@ def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[np.ndarray
         else:
             place[...] = img
         boxes.append(lb)
-    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    out = np.empty((len(images), 3, out_h, out_w), dtype=np.float32)
     np.divide(canvas[..., ::-1].transpose(0, 3, 1, 2), np.float32(255.0), out=out)
     return out, boxes
 

@@ -135,9 +135,11 @@ def _frozen_layers(meta: dict) -> int:
 def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out: Path,
                  data: Path | None = None, sign_key: Path | None = None, version: str | None = None,
                  n_samples: int = 4, conf: float = 0.25, parity: bool = True,
-                 taxonomy: Path | None = None) -> Manifest:
+                 taxonomy: Path | None = None, imgsz: int | tuple[int, int] | None = None) -> Manifest:
     """``taxonomy``: a taxonomy CSV (export/taxonomy.py); default: the one `prepare` stored with
-    the dataset. The manifest then names the taxon of every class (records, displays)."""
+    the dataset. The manifest then names the taxon of every class (records, displays).
+    ``imgsz``: every model's input, a side or (height, width) (default: each run's training size);
+    (480, 640) fits 4:3 and 3:2 cameras on 0.75x the pixels of the 640 px square, same answers."""
     from export import taxonomy as tx
     from export.grouping import read_groups
     from export.onnx import export_onnx, parity_check
@@ -169,7 +171,7 @@ def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out:
         provenance: dict = {"models": {}}
         for name, role, group, run, meta in plan:
             w = _weights(run)
-            exp = export_onnx(w, tmp / "models" / f"{name}.onnx")
+            exp = export_onnx(w, tmp / "models" / f"{name}.onnx", imgsz=imgsz)
             if parity:
                 own = [_imread(p) for p in _images_of(data, exp.classes, PARITY_IMAGES)]
                 parity_check(w, exp, sample_imgs + own, conf=conf)
@@ -223,7 +225,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
                      data=Path(args.data) if args.data else None,
                      sign_key=Path(args.sign) if args.sign else None, version=args.version,
                      n_samples=args.samples, conf=args.conf, parity=not args.no_parity,
-                     taxonomy=Path(args.taxonomy) if args.taxonomy else None)
+                     taxonomy=Path(args.taxonomy) if args.taxonomy else None, imgsz=args.imgsz)
     print(f"bundle {args.out}: version {m.bundle_version}, models {[e.name for e in m.models]}")
     return 0
 
@@ -250,6 +252,17 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_size_arg(text: str) -> int | tuple[int, int]:
+    """``640`` or ``480,640`` (height, width) for --imgsz."""
+    try:
+        parts = [int(v) for v in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) <= 0 or any(v % 32 for v in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a side (640) or HEIGHT,WIDTH (480,640), multiples of 32")
+    return parts[0] if len(parts) == 1 or parts[0] == parts[1] else (parts[0], parts[1])
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("bundle", help="export models to ONNX and write a (signed) bundle")
     p.add_argument("--global", dest="global_run", required=True, help="global model run folder")
@@ -262,6 +275,9 @@ def add_cli(sub) -> None:
     p.add_argument("--samples", type=int, default=4, help="sample images for the device self-test")
     p.add_argument("--conf", type=float, default=0.25, help="default per-class threshold")
     p.add_argument("--no-parity", action="store_true", help="skip the PyTorch/ONNX parity check")
+    p.add_argument("--imgsz", type=_input_size_arg, help="every model's input: a side (640) or HEIGHT,WIDTH "
+                   "(480,640: a 4:3 or 3:2 camera's frame on 0.75x the pixels of the square; multiples of 32). "
+                   "Default: each model's training size")
     p.add_argument("--taxonomy", help="taxonomy CSV (docs/taxonomy.md; default: the one prepare stored "
                    "with the dataset)")
     p.set_defaults(func=_cmd_bundle)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edge.manifest import Layout
+from edge.manifest import InputSize, Layout, input_hw
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ PARITY_FLOOR = 0.05  # check threshold when nothing is detected at the deploymen
 class ExportedModel:
     onnx_path: Path
     classes: list[str]
-    imgsz: int
+    imgsz: InputSize  # a square's side, or (h, w): the manifest's ModelEntry.imgsz
     layout: Layout
     parity: dict = field(default_factory=dict)
 
@@ -50,44 +51,58 @@ def detect_layout(output_shape: tuple[int, ...], nc: int) -> Layout:
     raise ValueError(f"cannot tell the output layout of shape {output_shape} for {nc} classes")
 
 
-def _fix_spatial_dims(path: Path, imgsz: int) -> None:
-    """Pin H and W of the input to imgsz, keep batch dynamic."""
+def _fix_spatial_dims(path: Path, imgsz: InputSize) -> None:
+    """Pin H and W of the input to imgsz (a square's side or (h, w)), keep batch dynamic."""
     import onnx
 
     model = onnx.load(str(path))
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    for i in (2, 3):
+    for i, v in zip((2, 3), input_hw(imgsz), strict=True):
         dims[i].ClearField("dim_param")
-        dims[i].dim_value = imgsz
+        dims[i].dim_value = v
     dims[0].dim_param = "batch"
     onnx.save(model, str(path))
 
 
-def export_onnx(weights: Path, out: Path, imgsz: int | None = None, simplify: bool = True) -> ExportedModel:
-    """Export an ultralytics checkpoint to ``out`` (an .onnx path)."""
+def export_onnx(weights: Path, out: Path, imgsz: int | Sequence[int] | None = None,
+                simplify: bool = True) -> ExportedModel:
+    """Export an ultralytics checkpoint to ``out`` (an .onnx path).
+
+    ``imgsz``: the input, a square's side (default: the training size) or (height, width), e.g.
+    (480, 640) for 4:3 and 3:2 cameras in landscape: the same answers as the 640 px square on
+    0.75x the pixels (both sides multiples of the model's stride, 32)."""
     from export.yolo_env import YOLO
 
     model = YOLO(weights)
     names = model.names
     classes = [names[i] for i in sorted(names)]
-    imgsz = int(imgsz or model.overrides.get("imgsz") or 640)
+    size = _input_size(imgsz or model.overrides.get("imgsz") or 640)
+    ul_size = list(size) if isinstance(size, tuple) else size  # ultralytics takes [h, w] or a side
     try:
-        produced = Path(model.export(format="onnx", imgsz=imgsz, opset=OPSET, dynamic=True,
+        produced = Path(model.export(format="onnx", imgsz=ul_size, opset=OPSET, dynamic=True,
                                      simplify=simplify, device="cpu", verbose=False))
     except Exception as e:  # onnxslim failures should not block a bundle: retry plain
         if not simplify:
             raise
         log.warning("ONNX export with simplify failed (%s); retrying without", e)
-        produced = Path(model.export(format="onnx", imgsz=imgsz, opset=OPSET, dynamic=True,
+        produced = Path(model.export(format="onnx", imgsz=ul_size, opset=OPSET, dynamic=True,
                                      simplify=False, device="cpu", verbose=False))
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(produced), out)
-    _fix_spatial_dims(out, imgsz)
+    _fix_spatial_dims(out, size)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    shape = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, imgsz, imgsz), np.float32)})[0].shape
-    return ExportedModel(out, classes, imgsz, detect_layout(shape, len(classes)))
+    shape = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, *input_hw(size)), np.float32)})[0].shape
+    return ExportedModel(out, classes, size, detect_layout(shape, len(classes)))
+
+
+def _input_size(v: int | Sequence[int]) -> InputSize:
+    """A side, or (h, w) with [s, s] spelt s (the manifest's one spelling)."""
+    h, w = input_hw(int(v) if isinstance(v, (int, str)) else tuple(v))
+    if h <= 0 or w <= 0:
+        raise ValueError(f"export: input size {h}x{w} must be positive")
+    return h if h == w else (h, w)
 
 
 def parity_check(weights: Path, exported: ExportedModel, images: list[np.ndarray], conf: float = 0.25,

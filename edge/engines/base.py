@@ -9,7 +9,8 @@ is built, so the registry itself is cheap to import on any machine.
 The contract every engine keeps, whatever runs underneath:
 - built from (model file, manifest ModelEntry, config); a warm-up inference runs when it is
   built, so the first real image is not the one that pays for kernel selection;
-- ``infer(batch)`` takes NCHW float32 ``[N, 3, S, S]`` (S = entry.imgsz) and returns the
+- ``infer(batch)`` takes NCHW float32 ``[N, 3, H, W]`` ((H, W) = entry.input_hw: a square
+  S x S, or a rectangle for a model exported at the camera's aspect) and returns the
   model's first output as float32 ``[N, ...]``, in the layout the manifest names; batches
   larger than ``max_batch`` are split and the results concatenated;
 - ``close()`` releases it; an engine is also a context manager.
@@ -74,8 +75,8 @@ class Engine(ABC):
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        """One image's input, (3, S, S); the batch dimension is free up to ``max_batch``."""
-        return (3, self.entry.imgsz, self.entry.imgsz)
+        """One image's input, (3, H, W); the batch dimension is free up to ``max_batch``."""
+        return (3, *self.entry.input_hw)
 
     @property
     def max_batch(self) -> int:

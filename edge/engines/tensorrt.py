@@ -358,9 +358,9 @@ def build_plan(trt: Any, logger: trt_api.ILogger, onnx_bytes: bytes, entry: Mode
     cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)  # TRT >= 8.4
     if config.precision in ("fp16", "int8"):
         cfg.set_flag(trt.BuilderFlag.FP16)  # INT8 layers that cannot be quantised fall back to FP16
-    s = entry.imgsz
+    h, w = entry.input_hw
     profile = builder.create_optimization_profile()
-    lo, hi = trt.Dims([1, 3, s, s]), trt.Dims([config.max_batch, 3, s, s])
+    lo, hi = trt.Dims([1, 3, h, w]), trt.Dims([config.max_batch, 3, h, w])
     profile.set_shape(name, lo, hi, hi)
     cfg.add_optimization_profile(profile)
     if config.precision == "int8":

@@ -32,7 +32,7 @@ class PlanKey:
     compute_capability: str  # "8.7"
     precision: str  # fp32 | fp16 | int8
     max_batch: int
-    imgsz: int
+    imgsz: int | tuple[int, int]  # the manifest's input size: a square's side or (h, w)
     calibration_sha256: str | None = None  # INT8 only: the calibration images' hash
 
     def digest(self) -> str:

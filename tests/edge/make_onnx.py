@@ -108,14 +108,15 @@ def model(nodes: list[bytes], inputs: list[bytes], outputs: list[bytes], inits: 
 # --- the YOLO-shaped test model -------------------------------------------------------------
 
 
-def yolo_like(nc: int, imgsz: int = 64, stride: int = 16, layout: str = "yolov8", gain: float = 12.0,
-              input_name: str = "images", output_name: str = "output0", static_batch: int | None = None,
-              ) -> bytes:
-    """A deterministic YOLO-shaped ONNX model (see module docstring)."""
-    if imgsz % stride:
+def yolo_like(nc: int, imgsz: int | tuple[int, int] = 64, stride: int = 16, layout: str = "yolov8",
+              gain: float = 12.0, input_name: str = "images", output_name: str = "output0",
+              static_batch: int | None = None) -> bytes:
+    """A deterministic YOLO-shaped ONNX model (see module docstring); ``imgsz`` a square's side or (h, w)."""
+    in_h, in_w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    if in_h % stride or in_w % stride:
         raise ValueError("imgsz must be a multiple of stride")
-    g = imgsz // stride
-    a = g * g
+    gh, g = in_h // stride, in_w // stride
+    a = gh * g
     rows = 4 + nc + (1 if layout == "yolov5" else 0)
     # conv 1x1: box rows see nothing (constant offsets), class k sees channel k % 3
     w = np.zeros((rows, 3, 1, 1), np.float32)
@@ -158,7 +159,7 @@ def yolo_like(nc: int, imgsz: int = 64, stride: int = 16, layout: str = "yolov8"
         out_dims = [batch, rows, a]
     else:
         raise ValueError(f"layout {layout!r} not supported by the test model")
-    return model(nodes, [value_info(input_name, [batch, 3, imgsz, imgsz])],
+    return model(nodes, [value_info(input_name, [batch, 3, in_h, in_w])],
                  [value_info(output_name, out_dims)], inits)
 
 

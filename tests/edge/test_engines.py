@@ -128,6 +128,29 @@ def test_every_session_of_a_bundle_gets_one_thread_pool_policy(bundle_dir, tmp_p
         assert eng._session.get_session_options().intra_op_num_threads == 0  # ONNX Runtime's own choice
 
 
+def test_a_rectangular_model_runs_end_to_end(tmp_path):
+    """A model exported at the camera's aspect (manifest imgsz [h, w]): the engine takes [N, 3, h, w],
+    the runner letterboxes into the rectangle and the boxes land on the original image."""
+    from edge.runner import ModelRunner
+
+    e = _entry(tmp_path / "r.onnx", yolo_like(3, (48, 64)), ["a", "b", "c"])
+    e = e.model_copy(update={"imgsz": (48, 64)})
+    with create_engine("onnxruntime", tmp_path / "r.onnx", e) as eng:
+        assert eng.input_shape == (3, 48, 64) and eng.output_shape == (7, 12)  # 3 x 4 cells of 16 px
+        img = np.full((96, 128, 3), 20, np.uint8)  # 4:3, fills the input exactly at scale 0.5
+        img[32:64, 64:96, 2] = 230  # red (class a) over cell row 1, column 2 of the input
+        (dets,) = ModelRunner(e, eng).detect([img])
+        best = max(dets, key=lambda d: d.score)
+        assert best.species == "a"
+        cx, cy = (best.box[0] + best.box[2]) / 2, (best.box[1] + best.box[3]) / 2
+        assert abs(cx - 80) <= 16 and abs(cy - 48) <= 16, best.box  # the patch's centre in the original
+        with pytest.raises(ValueError, match=r"expected a \[N, 3, 48, 64\] batch"):
+            eng.infer(np.zeros((1, 3, 64, 64), np.float32))
+    square = e.model_copy(update={"imgsz": 64})
+    with pytest.raises(ValueError, match=r"input \[.*48, 64\] does not match the manifest's \[N, 3, 64, 64\]"):
+        create_engine("onnxruntime", tmp_path / "r.onnx", square)
+
+
 def test_model_that_does_not_match_the_manifest_is_refused(tmp_path):
     e = _entry(tmp_path / "g.onnx", yolo_like(2, imgsz=32), ["a", "b"])  # manifest says 64
     with pytest.raises(ValueError, match=r"g\.onnx: model 'global' input .* does not match"):

@@ -232,6 +232,27 @@ def test_fp16_is_the_default_and_fp32_is_plain(model, tmp_path):
     assert gpu.builds[0].workspace == 1024 << 20
 
 
+def test_a_rectangular_model_builds_its_own_profile(tmp_path):
+    """A model exported at the camera's aspect (imgsz [h, w]): the profile is [N, 3, h, w], the plan
+    is keyed by that size, and the answers are ONNX Runtime's."""
+    blob = yolo_like(3, (48, 64), STRIDE)
+    path = tmp_path / "rect.onnx"
+    path.write_bytes(blob)
+    entry = ModelEntry(name="global", file="models/rect.onnx", sha256=hashlib.sha256(blob).hexdigest(),
+                       role="global", classes=["a", "b", "c"], imgsz=(48, 64), layout="yolov8")
+    gpu = FakeGPU()
+    x = letterbox_batch([patch_image(IMGSZ, STRIDE, (1, 2), 0, scale=2)] * 3, (48, 64))[0]
+    with create_engine("onnxruntime", path, entry) as ref, _trt(gpu, path, entry, tmp_path / "c") as eng:
+        assert eng.input_shape == (3, 48, 64)
+        np.testing.assert_allclose(eng.infer(x), ref.infer(x), rtol=2e-3, atol=2e-3)
+        fields = {"model_sha256": entry.sha256, "trt_version": eng.trt_version, "gpu_name": eng.gpu_name,
+                  "compute_capability": eng.compute_capability, "precision": "fp16", "max_batch": 4}
+        assert eng.plan_path == plan_path(tmp_path / "c", PlanKey(**fields, imgsz=(48, 64)))
+        assert PlanKey(**fields, imgsz=(48, 64)).digest() != PlanKey(**fields, imgsz=64).digest()
+    assert gpu.builds[0].profile == ((1, 3, 48, 64), (4, 3, 48, 64), (4, 3, 48, 64))
+    assert gpu.errors == []
+
+
 # --- INT8 ------------------------------------------------------------------------------------------------
 
 

@@ -61,6 +61,28 @@ def test_letterbox_is_ultralytics_arithmetic_on_a_known_case():
     assert lb.gain == (77 / 3, 128 / 5)
 
 
+def test_letterbox_into_a_rectangle():
+    """A model exported at the camera's aspect ([h, w]): ultralytics' LetterBox(new_shape=(h, w))."""
+    # a 2048x1440 frame into 480x640: r = 0.3125, 640x450, 30 px of vertical padding split 15/15
+    x, lb = letterbox(np.zeros((1440, 2048, 3), np.uint8), (480, 640))
+    assert x.shape == (3, 480, 640)
+    assert lb.scale == 0.3125 and lb.resized == (640, 450) and lb.pad == (0.0, 15.0)
+    # the same frame upright (portrait) into the landscape input: the height decides, r = 480/2048,
+    # 1440 x r = 337.5 rounds (half to even, as ultralytics' round) to 338, 302 px split 151/151
+    _, lb = letterbox(np.zeros((2048, 1440, 3), np.uint8), (480, 640))
+    assert lb.resized == (338, 480) and lb.pad == (151.0, 0.0)
+    # [s, s] is the square s, bit for bit
+    img = np.random.default_rng(0).integers(0, 255, (300, 500, 3), np.uint8)
+    a, b = letterbox_batch([img, img[:, ::-1]], (160, 160)), letterbox_batch([img, img[:, ::-1]], 160)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    # a box maps back through the rectangle exactly as through a square
+    boxes = np.array([[10.0, 20.0, 400.0, 290.0]])
+    rect = letterbox(img, (96, 128))[1]
+    np.testing.assert_allclose(rect.to_original(rect.to_input(boxes)), boxes, atol=1e-9)
+    with pytest.raises(ValueError, match="size must be positive"):
+        letterbox(img, (0, 128))
+
+
 @pytest.mark.parametrize(("h", "w"), [(480, 640), (640, 480), (9, 13), (2000, 300)])
 def test_box_round_trip_through_letterbox(h, w):
     _, lb = letterbox(np.zeros((h, w, 3), np.uint8), 160)

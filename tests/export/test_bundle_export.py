@@ -103,6 +103,39 @@ def test_device_selftest_passes_on_the_exported_bundle(bundle):
 
 
 @pytest.mark.slow
+def test_a_bundle_at_the_cameras_aspect_runs_on_the_device(bundle, tmp_path):
+    """`bundle --imgsz HEIGHT,WIDTH`: every model exported at that rectangle (parity-checked against
+    PyTorch on the same letterbox), the manifest says [h, w], and the device loads it, self-tests
+    it (the samples' expected outputs were made through the rectangle) and runs the cascade."""
+    import cv2
+    import numpy as np
+    import onnxruntime as ort
+
+    from edge.engines import load_engines
+    from edge.runner import CascadeRunner
+
+    rc = export_main(["bundle", "--global", str(bundle / "global"), "--experts", str(bundle / "experts"),
+                      "--groups", str(bundle / "groups.yaml"), "--out", str(tmp_path / "R"),
+                      "--sign", str(bundle / "keys" / "test.key"), "--samples", "3", "--imgsz", "64,96",
+                      "--taxonomy", str(bundle / "taxonomy.csv")])
+    assert rc == 0
+    b = load_bundle(tmp_path / "R", public_keys=[bundle / "keys" / "test.pub"], require_signature=True)
+    assert {m.imgsz for m in b.manifest.models} == {(64, 96)}
+    assert json.loads((tmp_path / "R" / "manifest.json").read_text())["models"][0]["imgsz"] == [64, 96]
+    sess = ort.InferenceSession(str(tmp_path / "R" / "models" / "global.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == [3, 64, 96]
+    report = selftest(b, "onnxruntime", runs=1)
+    assert report.ok, [m.problems for m in report.models]
+    runner = CascadeRunner(b.manifest, load_engines(b))
+    assert runner.input_sizes == [(64, 96)] and runner.input_side == 96
+    frame = cv2.imread(str(next((bundle / "ds" / "images" / "val").glob("*.jpg"))))
+    (result,) = runner.classify([frame, np.zeros((30, 200, 3), np.uint8)])[:1]
+    assert result.decision is not None
+    with pytest.raises(SystemExit):
+        export_main(["bundle", "--global", "g", "--experts", "e", "--groups", "y", "--out", "o", "--imgsz", "60,96"])
+
+
+@pytest.mark.slow
 def test_tampered_manifest_is_refused(bundle, tmp_path):
     copy = tmp_path / "B"
     shutil.copytree(bundle / "B", copy)

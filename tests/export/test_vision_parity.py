@@ -173,15 +173,15 @@ def v8(images, tmp_path_factory):
     return model, onnx_path
 
 
-def _ul(model, img: np.ndarray, conf: float, iou_t: float = 0.45, **kw) -> list[Detection]:
-    (r,) = model.predict(img, imgsz=IMGSZ, conf=conf, iou=iou_t, rect=False, device="cpu", verbose=False, **kw)
+def _ul(model, img: np.ndarray, conf: float, iou_t: float = 0.45, imgsz=IMGSZ, **kw) -> list[Detection]:
+    (r,) = model.predict(img, imgsz=imgsz, conf=conf, iou=iou_t, rect=False, device="cpu", verbose=False, **kw)
     b = r.boxes
     return [Detection(CLASSES[int(c)], float(s), tuple(map(float, xy)), int(c))  # type: ignore[arg-type]
             for xy, s, c in zip(b.xyxy.numpy(), b.conf.numpy(), b.cls.numpy(), strict=True)]
 
 
-def _ours(session, layout: str, img: np.ndarray, conf: float, iou_t: float = 0.45) -> list[Detection]:
-    x, lb = letterbox(img, IMGSZ)
+def _ours(session, layout: str, img: np.ndarray, conf: float, iou_t: float = 0.45, imgsz=IMGSZ) -> list[Detection]:
+    x, lb = letterbox(img, imgsz)
     (out,) = session.run(None, {session.get_inputs()[0].name: x[None]})
     return decode(out[0], layout, CLASSES, lb, conf=conf, iou=iou_t)
 
@@ -224,6 +224,40 @@ def test_batched_input_gives_the_per_image_answer(v8, images):
     for i, img in enumerate(images):
         batched = decode(out[i], "yolov8", CLASSES, lbs[i])
         _assert_same(batched, _ours(session, "yolov8", img, 0.25), f"image {i} batched")
+
+
+def test_an_export_at_the_cameras_aspect_matches_ultralytics(v8, images, tmp_path):
+    """A model exported at [h, w] (as for a 4:3 camera: export_onnx(imgsz=(96, 128)) pins those
+    dims) through the device's letterbox into that rectangle and decode: ultralytics' detections
+    at imgsz [96, 128]. The known-head network is exported from memory (a saved .pt reloads in
+    fp16, which loses the head's known outputs); export_onnx's own path is checked on the .pt."""
+    from export.onnx import _fix_spatial_dims, export_onnx
+
+    model, _ = v8
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # a model built from a yaml exports into the working folder
+    try:
+        path = Path(model.export(format="onnx", imgsz=[96, 128], opset=17, dynamic=True, simplify=False,
+                                 device="cpu")).resolve()
+    finally:
+        os.chdir(cwd)
+    _fix_spatial_dims(path, (96, 128))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, 96, 128]
+    total = 0
+    for i, img in enumerate(images):
+        ours = _ours(session, "yolov8", img, 0.25, imgsz=(96, 128))
+        _assert_same(ours, _ul(model, img, 0.25, imgsz=[96, 128]), f"image {i} {img.shape[:2]} at 96x128")
+        total += len(ours)
+    assert total == (96 // 32) * (128 // 32) * len(images)  # the known head: one box per stride-32 cell
+
+    pt = tmp_path / "v8.pt"
+    model.save(str(pt))
+    ex = export_onnx(pt, tmp_path / "rect.onnx", imgsz=(96, 128), simplify=False)
+    assert ex.imgsz == (96, 128) and ex.layout == "yolov8"
+    s2 = ort.InferenceSession(str(ex.onnx_path), providers=["CPUExecutionProvider"])
+    assert s2.get_inputs()[0].shape == ["batch", 3, 96, 128]
+    assert export_onnx(pt, tmp_path / "sq.onnx", imgsz=[128, 128], simplify=False).imgsz == 128  # one spelling
 
 
 def _v5_onnx(model, path: Path) -> Path:
