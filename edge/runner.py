@@ -150,7 +150,8 @@ class CascadeRunner:
         feats = self.backbone.run(prep.inputs[self.backbone.entry.imgsz][0]) if self.backbone else None
         run = _Run(self, prep, feats, (time.perf_counter() - t) * 1000.0 / prep.n)
         if self.policy.route_reuse is None or all(e is None for e in evs):
-            return [run.cascade(list(range(prep.n)))[i] for i in range(prep.n)]
+            whole = run.cascade(list(range(prep.n)))  # once for the batch (not once per frame)
+            return [whole[i] for i in range(prep.n)]
         out: dict[int, Classified] = {}
         pending = list(range(prep.n))
         while pending:

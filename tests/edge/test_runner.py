@@ -145,3 +145,20 @@ def test_events_interleaved_in_one_batch_each_reuse_their_own_route(tmp_path):
     assert [c.decision.top[0] for c in out] == ["Lynx pardinus", "Felis silvestris"] * 2 + ["Lynx pardinus"]
     with pytest.raises(ValueError, match="2 events for 1 images"):
         r.classify_prepared(r.prepare([RED]), events=[1, 2])
+
+
+def test_a_batch_runs_each_model_once(tmp_path):
+    """One batch, one run of the global model (on all its frames) and one of each expert (on
+    the frames routed to it). The whole cascade ran once per frame of the batch (the global
+    model n times, n x its cost), and the results' ``ms`` hid it (each run split n ways)."""
+    r = _runner(tmp_path)
+    runs: list[tuple[str, int]] = []
+    for runner in (r.global_runner, *r.experts.values()):
+        real = runner.engine.infer
+        runner.engine.infer = lambda x, real=real, name=runner.entry.name: runs.append((name, len(x))) or real(x)
+    imgs = [patch_image(IMGSZ, STRIDE, (1, 1), 0, scale=3), np.full((90, 160, 3), 20, np.uint8),
+            patch_image(IMGSZ, STRIDE, (2, 2), 1, scale=2), np.full((90, 160, 3), 30, np.uint8)]
+    out = r.classify(imgs)
+    assert sorted(runs) == sorted({(n, k) for n, k in runs})  # no model twice
+    assert ("global", 4) in runs and sum(1 for n, _ in runs if n == "global") == 1
+    assert [c.decision.models_run[0] for c in out] == ["global"] * 4
