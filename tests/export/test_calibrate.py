@@ -172,7 +172,10 @@ def test_calibrate_writes_the_gate_into_the_signed_manifest(tmp_path, keys):
     assert (bundle / "manifest.sig").read_bytes() != before  # re-signed
     loaded = load_bundle(bundle, public_keys=[pub], require_signature=True)  # verifies
     assert loaded.manifest.cascade.gate_threshold == 0.25
-    assert loaded.manifest.provenance["gate_calibration"]["split"] == "val"
+    cal = loaded.manifest.provenance["gate_calibration"]
+    assert cal["split"] == "val" and cal["background_max_experts"] is None
+    # what the promise rests on: 9 frames, 6 of them animals, none lost, and a bound that says how little that is
+    assert (cal["frames"], cal["animal_frames"], cal["lost"]) == (9, 6, 0) and cal["drop_upper"] > 0.3
     # evaluate scores the deployed gate and reports both
     rep = evaluate(bundle, data, "test", tmp_path / "eval", n_boot=0, public_keys=[pub], require_signature=True)
     assert rep["key_id"]
@@ -204,6 +207,7 @@ def test_calibrate_cli_dry_run_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("gate 0.2500, all of 2 experts on background frames: animal recall 0.3333 "
                           "(all experts 0.3333)")
+    assert "warning: 6 animal frames cannot show a drop within 0.50 pp at 95% confidence" in out
     assert json.loads((tmp_path / "r.json").read_text())["gate_threshold"] == 0.25
 
 
