@@ -16,11 +16,13 @@ put the frame, its event and its Camtrap DP record years away from the real visi
 time is used only when it lies in the window a real capture can have:
 - not before ``EARLIEST_PLAUSIBLE`` (2001-01-01: the reset values of unset clocks lie before it);
 - not more than ``CLOCK_SLACK_S`` (one day: time zones, drift) after the file's mtime or after
-  now: a picture is taken before its file is written.
+  now: a picture is taken before its file is written. An mtime or a now that is itself before
+  2001 (FAT times of 1980, a box that booted without its clock) is no bound.
 An EXIF time years *before* the mtime is kept: a card copied without its times (an archive, a
 season's card) is normal. Outside the window the frame takes its mtime (or, when the mtime is
-as implausible, the time it was received), and says so: ``source`` names what was used and
-``issue`` keeps the EXIF value and why it was refused, so nothing is lost.
+as implausible, the time it was received; with no plausible clock at all, the mtime), and says
+so: ``source`` names what was used and ``issue`` keeps the refused values and why, so nothing
+is lost.
 
 Two APIs: :func:`group_events` for a batch (records, evaluation), and :class:`EventGrouper` for
 the daemon, which sees frames one at a time: an event stays open until a later frame of the same
@@ -65,38 +67,45 @@ class FrameTime:
     issue: str | None = None
 
 
-def _plausible(t: float, mtime: float, now: float | None) -> str | None:
-    """None when ``t`` can be a capture time for a file written at ``mtime``, else why not."""
-    if t < EARLIEST_PLAUSIBLE.timestamp():
-        return f"before {EARLIEST_PLAUSIBLE:%Y-%m-%d} (a camera clock that was never set)"
-    if t > mtime + CLOCK_SLACK_S:
+def _why_not(t: float, mtime: float | None, now: float | None) -> str | None:
+    """None when ``t`` can be a capture time for a file written at ``mtime`` and seen at
+    ``now``, else why not. A reference that is itself before EARLIEST_PLAUSIBLE is no bound: a
+    card whose FAT times say 1980, or a box that booted without its clock (1970), must not
+    overrule a camera whose clock is right."""
+    floor = EARLIEST_PLAUSIBLE.timestamp()
+    if t < floor:
+        return f"before {EARLIEST_PLAUSIBLE:%Y-%m-%d} (a clock that was never set)"
+    if mtime is not None and mtime >= floor and t > mtime + CLOCK_SLACK_S:
         return "after the file was written (a camera clock set wrong)"
-    if now is not None and t > now + CLOCK_SLACK_S:
-        return "in the future (a camera clock set wrong)"
+    if now is not None and now >= floor and t > now + CLOCK_SLACK_S:
+        return "in the future (a clock set wrong)"
     return None
 
 
 def frame_time(taken_at: datetime | None, mtime: float, now: float | None = None) -> FrameTime:
-    """The frame's time: the EXIF time when present and plausible, else the file's mtime, else
-    (mtime as implausible too) ``now``, the time it was received. Naive EXIF reads as UTC (the
-    caller attaches the camera's zone first when it knows it). See the module doc for the rule."""
+    """The frame's time: the EXIF time when present and plausible, else the file's mtime when
+    plausible, else ``now`` (the time it was received) when the device's own clock is, else
+    the mtime all the same; ``issue`` says what was refused and why. Naive EXIF reads as UTC
+    (the caller attaches the camera's zone first when it knows it). See the module doc."""
+    notes = []
     if taken_at is not None:
         aware = taken_at if taken_at.tzinfo is not None else taken_at.replace(tzinfo=timezone.utc)
         try:
             t = aware.timestamp()
         except (OverflowError, ValueError, OSError):  # year 1 or 9999 shifted past the range
             t = float("-inf")
-        why = _plausible(t, mtime, now)
+        why = _why_not(t, mtime, now)
         if why is None:
             return FrameTime(t, "exif")
-        issue = f"EXIF time {taken_at.replace(tzinfo=None).isoformat(sep=' ')} ignored: {why}"
-    else:
-        issue = None
-    why_not_mtime = None if now is None else _plausible(mtime, now, now)
-    if why_not_mtime is not None:
-        note = f"file mtime {_utc(mtime)} ignored too: {why_not_mtime}"
-        return FrameTime(float(now), "received", f"{issue}; {note}" if issue else note)
-    return FrameTime(float(mtime), "mtime", issue)
+        notes.append(f"EXIF time {taken_at.replace(tzinfo=None).isoformat(sep=' ')} ignored: {why}")
+    why_not_mtime = _why_not(mtime, None, now)
+    if why_not_mtime is None:
+        return FrameTime(float(mtime), "mtime", "; ".join(notes) or None)
+    notes.append(f"file mtime {_utc(mtime)} {'ignored too' if notes else 'ignored'}: {why_not_mtime}")
+    if now is not None and _why_not(now, None, None) is None:
+        return FrameTime(float(now), "received", "; ".join(notes))
+    notes.append("no clock to trust: the mtime is kept")
+    return FrameTime(float(mtime), "mtime", "; ".join(notes))
 
 
 def _utc(t: float) -> str:

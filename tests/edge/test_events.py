@@ -123,7 +123,20 @@ def test_a_future_clock_is_refused_against_now_even_when_the_mtime_agrees():
     assert ft.issue is not None and "future" in ft.issue and "mtime 2099-01-01 00:00:05 UTC ignored" in ft.issue
     no_exif = frame_time(None, 0.0, NOW)  # no EXIF and a 1970 mtime
     assert (no_exif.t, no_exif.source) == (NOW, "received") and "never set" in (no_exif.issue or "")
-    assert frame_time(None, 0.0) == FrameTime(0.0, "mtime")  # without now: the batch APIs keep mtime
+    batch = frame_time(None, 0.0)  # without now (the batch APIs): nothing better, the mtime, flagged
+    assert (batch.t, batch.source) == (0.0, "mtime") and "no clock to trust" in (batch.issue or "")
+
+
+def test_a_reference_clock_that_is_itself_unset_does_not_overrule_a_right_camera():
+    """A card whose FAT times say 1980, or a box that booted without its clock (1970, before
+    NTP): a plausible EXIF time is not refused for being 'after' them."""
+    exif = datetime(2026, 11, 29, 6, 0)
+    t = exif.replace(tzinfo=timezone.utc).timestamp()
+    assert frame_time(exif, datetime(1980, 1, 1, tzinfo=timezone.utc).timestamp(), NOW) == FrameTime(t, "exif")
+    assert frame_time(exif, 5.0, 10.0) == FrameTime(t, "exif")  # device clock at 1970 too
+    unset = frame_time(datetime(1970, 1, 1), 5.0, 10.0)  # nothing plausible anywhere: kept, flagged
+    assert (unset.t, unset.source) == (5.0, "mtime")
+    assert unset.issue is not None and unset.issue.startswith("EXIF time 1970-01-01 00:00:00 ignored")
 
 
 def test_incremental_idle_expiry_and_close_all():
