@@ -17,10 +17,10 @@ frame, animal frames drawn to match) is run, batch by batch, through:
 - + gate (calibrated): the bundle's own ``gate_threshold`` (``--gate`` to try another), chosen by
   ``camtrap-export calibrate`` on thousands of frames of another seed, alone and with route reuse;
 - the bundle's own settings, as shipped;
-- the shared-backbone version of the bundle (``export.backbone.share_backbone``: layers 0-9 run
-  once per batch, then only the routed heads), with every expert, with gate + stop and with the
-  calibrated gate + route reuse (skipped when the bundle already shares its backbone: then every
-  row is the shared-backbone bundle).
+- the shared-backbone version of the bundle (layers 0-9 run once per batch, then only the routed
+  heads), with every expert, with gate + stop and with the calibrated gate + route reuse. The
+  other rows run the whole models: the demo bundle ships shared, so they are made with
+  ``export.backbone.join_backbone`` (a bundle of whole models is split with ``share_backbone``).
 
 Every policy sees the same prepared batches, interleaved batch by batch, so machine load hits
 them alike, and the fastest of the rounds is reported per policy (the least disturbed one);
@@ -84,7 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="p2-"))
     data = args.data or demo_data(work)
-    bundle = load_bundle(args.bundle)
+    # the bundle's whole models and its shared-backbone form, side by side, whichever it ships as
+    from export.backbone import join_backbone, share_backbone
+
+    given = load_bundle(args.bundle)
+    if given.manifest.backbone is not None:
+        join_backbone(args.bundle, work / "whole")
+        bundle, shared = load_bundle(work / "whole"), given
+    else:
+        share_backbone(args.bundle, work / "shared")
+        bundle, shared = given, load_bundle(work / "shared")
     man = bundle.manifest
     engines = load_engines(bundle, "onnxruntime", providers=["cpu"], intra_op_threads=args.threads)
 
@@ -122,17 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     deployed = man.cascade  # what the bundle ships: its calibrated settings
     policies["bundle's own settings"] = (deployed, deployed.route_reuse is not None)
     runners = {name: (CascadeRunner(man, engines, p), ev) for name, (p, ev) in policies.items()}
-    if man.backbone is None:  # the same bundle with its frozen layers stored and run once
-        from export.backbone import share_backbone
-
-        share_backbone(args.bundle, work / "shared")
-        shared = load_bundle(work / "shared")
-        s_engines = load_engines(shared, "onnxruntime", providers=["cpu"], intra_op_threads=args.threads)
-        best = ["cascade (every expert on background)", "+ gate (val) + stop",
-                *(["+ gate (calibrated) + route reuse"] if calibrated is not None else [])]
-        for name in best:
-            p, ev = policies[name]
-            runners[f"shared backbone: {name}"] = (CascadeRunner(shared.manifest, s_engines, p), ev)
+    # the same bundle with its frozen layers stored and run once
+    s_engines = load_engines(shared, "onnxruntime", providers=["cpu"], intra_op_threads=args.threads)
+    best = ["cascade (every expert on background)", "+ gate (val) + stop",
+            *(["+ gate (calibrated) + route reuse"] if calibrated is not None else [])]
+    for name in best:
+        p, ev = policies[name]
+        runners[f"shared backbone: {name}"] = (CascadeRunner(shared.manifest, s_engines, p), ev)
     first = next(iter(runners.values()))[0]
     arrays = [read_image(imgs[i], max_side=first.input_side).bgr for i in pick]
     labels = [truths[i] for i in pick]
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return sum(1 for c, t in zip(res, labels, strict=True) if t != BACKGROUND and not c.decision.empty) / n_anim
 
     single_ms = min(ms["single"])
-    print(f"bundle {man.bundle_version} ({k} experts{', shared backbone' if man.backbone else ''}), "
+    print(f"bundle {man.bundle_version} ({k} experts; whole models, the shared backbone where a row says so), "
           f"{len(arrays)} test frames ({len(arrays) - n_anim} empty, {100 * (1 - n_anim / len(arrays)):.0f}%) "
           f"in {len(set(events))} sequences, batch {args.batch}, fastest of {args.rounds} rounds per policy; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "

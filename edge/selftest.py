@@ -23,6 +23,7 @@ from edge.keys import add_trust_options, describe, trust_from_args
 
 if TYPE_CHECKING:
     from edge.bundle import Bundle
+    from edge.cascade import Decision
     from edge.engines import Engine, EngineConfig
 
 
@@ -40,21 +41,48 @@ class ModelCheck:
 
 
 @dataclass
+class CascadeComparison:
+    """The cascade over the samples through the shared backbone and through the whole models."""
+
+    frames: int
+    problems: list[str] = field(default_factory=list)
+    shared_ms: float = 0.0  # per frame
+    whole_ms: float = 0.0
+
+
+@dataclass
 class SelftestReport:
     backend: str
     models: list[ModelCheck]
+    cascade: CascadeComparison | None = None  # with ``whole``: shared vs whole models
 
     @property
     def ok(self) -> bool:
-        return all(m.ok for m in self.models)
+        return all(m.ok for m in self.models) and (self.cascade is None or not self.cascade.problems)
+
+
+def decision_differences(a: Decision, b: Decision, *, min_iou: float = 0.9, score_tol: float = 0.02) -> list[str]:
+    """How two decisions on one frame differ (route, models run, animals); [] when they agree."""
+    from edge.engines import compare_detections
+
+    out = []
+    if a.route.reason != b.route.reason or a.models_run != b.models_run:
+        out.append(f"route {a.route.reason} {list(a.models_run)} vs {b.route.reason} {list(b.models_run)}")
+    out += compare_detections(a.detections, b.detections, min_iou=min_iou, score_tol=score_tol)
+    return out
 
 
 def selftest(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *, tolerance: float = 0.02,
              min_iou: float = 0.9, runs: int = 20, engines: Mapping[str, Engine] | None = None,
-             runtime: Mapping[str, Any] | None = None, **cfg: Any) -> SelftestReport:
+             runtime: Mapping[str, Any] | None = None, whole: Bundle | None = None, **cfg: Any) -> SelftestReport:
     """Run every model on the bundle's samples and compare with the manifest's expectations.
 
     ``engines``: already-loaded engines to test (else they are loaded, and closed after).
+    A shared-backbone bundle is also run as the daemon runs it: the backbone once over all
+    samples, each head on every row and on a scattered subset of rows (the features stay in the
+    backend's memory: on TensorRT, gathered on the GPU), each compared with the model's own run.
+    ``whole``: the same models as whole graphs (``camtrap-export whole-models``); the cascade's
+    decisions over the samples through both must agree frame by frame, and both are timed.
     """
     from edge.detection import Detection
     from edge.engines import compare_detections, detect_batch, load_engines, read_samples
@@ -89,11 +117,75 @@ def selftest(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *, tol
                 engine.infer(x[:1])
                 times.append((time.perf_counter() - t) * 1000.0)
             check.mean_ms, check.p95_ms = float(np.mean(times)), float(np.percentile(times, 95))
+        checks += _shared_path_checks(bundle, loaded, images, tolerance=tolerance, min_iou=min_iou)
+        cascade = None
+        if whole is not None:
+            cascade = _compare_with_whole(bundle, loaded, whole, backend, images, runs=runs, runtime=runtime,
+                                          tolerance=tolerance, min_iou=min_iou, **cfg)
     finally:
         if own:
             for e in loaded.values():
                 e.close()
-    return SelftestReport(backend if isinstance(backend, str) else backend.type, checks)
+    return SelftestReport(backend if isinstance(backend, str) else backend.type, checks, cascade)
+
+
+def _shared_path_checks(bundle: Bundle, engines: Mapping[str, Engine], images: list[np.ndarray], *,
+                        tolerance: float, min_iou: float) -> list[ModelCheck]:
+    """Each head on backbone features computed once, over all rows and over a scattered subset,
+    against the same model's ``infer`` (backbone + head) on the same images."""
+    from edge.engines import compare_detections, detect_batch
+    from edge.vision import letterbox_batch
+
+    heads = {n: e for n, e in engines.items() if getattr(e, "backbone", None) is not None}
+    if not heads or bundle.manifest.backbone is None:
+        return []
+    x, lbs = letterbox_batch(images, bundle.manifest.backbone.imgsz)
+    subset = list(range(len(images)))[::-2]  # last first, every other: a gather, not a slice
+    checks = []
+    for name, engine in heads.items():
+        entry = bundle.model_entry(name)
+        check = ModelCheck(f"{name} (shared)", len(images))
+        alone = detect_batch(engine.infer(x), entry, lbs)
+        feats = engine.backbone.run(x)  # type: ignore[attr-defined]
+        every = detect_batch(engine.run_features(feats), entry, lbs)  # type: ignore[attr-defined]
+        some = detect_batch(engine.run_features({k: v[subset] for k, v in feats.items()}),  # type: ignore[attr-defined]
+                            entry, [lbs[i] for i in subset])
+        for label, rows, got in (("all rows", range(len(images)), every), ("rows " + str(subset), subset, some)):
+            for i, dets in zip(rows, got, strict=True):
+                check.problems += [f"{label}, sample {i}: {p}" for p in compare_detections(
+                    alone[i], dets, min_iou=min_iou, score_tol=tolerance)]
+        checks.append(check)
+    return checks
+
+
+def _compare_with_whole(bundle: Bundle, engines: Mapping[str, Engine], whole: Bundle,
+                        backend: str | EngineConfig, images: list[np.ndarray], *, runs: int,
+                        runtime: Mapping[str, Any] | None, tolerance: float, min_iou: float,
+                        **cfg: Any) -> CascadeComparison:
+    from edge.engines import load_engines
+    from edge.runner import CascadeRunner
+
+    if [m.name for m in whole.manifest.models] != [m.name for m in bundle.manifest.models]:
+        raise ValueError(f"{whole.source}: its models {[m.name for m in whole.manifest.models]} are not "
+                         f"{bundle.source}'s {[m.name for m in bundle.manifest.models]}")
+    other = load_engines(whole, backend, runtime=runtime, **cfg)
+    try:
+        shared_runner = CascadeRunner(bundle.manifest, dict(engines))
+        whole_runner = CascadeRunner(whole.manifest, other)
+        cmp = CascadeComparison(len(images))
+        a, b = shared_runner.classify(images), whole_runner.classify(images)
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            cmp.problems += [f"sample {i}: {p}" for p in decision_differences(
+                x.decision, y.decision, min_iou=min_iou, score_tol=tolerance)]
+        for runner, attr in ((shared_runner, "shared_ms"), (whole_runner, "whole_ms")):
+            t = time.perf_counter()
+            for _ in range(max(runs, 1)):
+                runner.classify(images)
+            setattr(cmp, attr, (time.perf_counter() - t) * 1000.0 / (max(runs, 1) * len(images)))
+    finally:
+        for e in other.values():
+            e.close()
+    return cmp
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -151,6 +243,14 @@ def _signed(bundle: Bundle) -> str:
     return describe(bundle.key_id)
 
 
+def _plan_note(d: Mapping[str, Any]) -> str:
+    """' fp16 plan P (built in 3.2 s)' for a TensorRT engine's ``describe()``; '' for other backends."""
+    if "plan" not in d:
+        return ""
+    state = f"built in {d['build_s']:.1f} s" if d["built"] else "cached"
+    return f" {d['precision']} plan {d['plan']} ({state})"
+
+
 def run_compile(args: argparse.Namespace) -> int:
     from edge.engines import load_engines
 
@@ -161,13 +261,13 @@ def run_compile(args: argparse.Namespace) -> int:
         t = time.monotonic()
         engines = load_engines(bundle, engine)
         try:
+            backbones = {id(b): b for e in engines.values() if (b := getattr(e, "backbone", None)) is not None}
+            for b in backbones.values():
+                d = b.describe() if hasattr(b, "describe") else {}
+                print(f"  backbone (shared): ok, outputs {list(b.entry.outputs)}{_plan_note(d)}")
             for name, e in engines.items():
                 d = e.describe()
-                how = ""
-                if "plan" in d:
-                    state = f"built in {d['build_s']:.1f} s" if d["built"] else "cached"
-                    how = f" {d['precision']} plan {d['plan']} ({state})"
-                print(f"  {name}: ok, input {d['input']}, output {d['output']}{how}")
+                print(f"  {name}: ok, input {d['input']}, output {d['output']}{_plan_note(d)}")
         finally:
             for e in engines.values():
                 e.close()
@@ -177,9 +277,13 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def run_selftest(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    with tempfile.TemporaryDirectory(prefix="camtrap-bundle-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="camtrap-bundle-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="camtrap-whole-") as tmp2:
         bundle = _load(args, tmp)
-        report = selftest(bundle, engine, tolerance=args.tolerance, min_iou=args.iou, runs=args.runs)
+        whole = None
+        if args.whole:
+            whole = _load(argparse.Namespace(**{**vars(args), "bundle": args.whole, "extract_to": None}), tmp2)
+        report = selftest(bundle, engine, tolerance=args.tolerance, min_iou=args.iou, runs=args.runs, whole=whole)
     print(f"selftest: bundle {bundle.version} ({bundle.manifest_sha256[:12]}, {_signed(bundle)}), "
           f"backend {report.backend}, {len(bundle.manifest.samples)} samples")
     print(f"  {'model':<16} {'images':>6} {'result':>7} {'mean ms':>8} {'p95 ms':>8}")
@@ -187,7 +291,14 @@ def run_selftest(args: argparse.Namespace) -> int:
         print(f"  {m.name:<16} {m.images:>6} {'ok' if m.ok else 'FAIL':>7} {m.mean_ms:>8.1f} {m.p95_ms:>8.1f}")
         for p in m.problems[:20]:
             print(f"      {p}")
-    bad = sum(len(m.problems) for m in report.models)
+    c = report.cascade
+    if c is not None:
+        print(f"  cascade on {c.frames} samples, shared backbone vs whole models: "
+              f"{'same decisions' if not c.problems else 'DIFFERENT'}; {c.shared_ms:.1f} vs {c.whole_ms:.1f} ms/frame "
+              f"({c.shared_ms / c.whole_ms if c.whole_ms else float('nan'):.2f}x)")
+        for p in c.problems[:20]:
+            print(f"      {p}")
+    bad = sum(len(m.problems) for m in report.models) + (len(c.problems) if c else 0)
     print("selftest: ok" if report.ok else f"selftest: FAILED ({bad} mismatches)")
     return 0 if report.ok else 1
 
@@ -216,4 +327,6 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--tolerance", type=float, default=0.02, help="largest score difference accepted")
     s.add_argument("--iou", type=float, default=0.9, help="smallest box IoU accepted")
     s.add_argument("--runs", type=int, default=20, help="timed single-image runs per model")
+    s.add_argument("--whole", help="the same models as whole graphs (`camtrap-export whole-models`): compare the "
+                   "shared-backbone cascade's decisions and time with theirs")
     s.set_defaults(func=run_selftest)

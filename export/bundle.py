@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import yaml
 from edge.atomic import building
 from edge.hashing import sha256_file
 from edge.manifest import CascadeSettings, Manifest, ModelEntry, SampleEntry, species_codes
+from export.backbone import NoBackbone
 from export.datasets import DATASET_HASH_KEY, class_names, recorded_dataset_hash
 
 log = logging.getLogger(__name__)
@@ -135,11 +137,56 @@ def _frozen_layers(meta: dict) -> int:
 def build_bundle(*, global_run: Path, experts_dir: Path, groups_file: Path, out: Path,
                  data: Path | None = None, sign_key: Path | None = None, version: str | None = None,
                  n_samples: int = 4, conf: float = 0.25, parity: bool = True,
-                 taxonomy: Path | None = None, imgsz: int | tuple[int, int] | None = None) -> Manifest:
+                 taxonomy: Path | None = None, imgsz: int | tuple[int, int] | None = None,
+                 whole_models: bool = False) -> Manifest:
     """``taxonomy``: a taxonomy CSV (export/taxonomy.py); default: the one `prepare` stored with
     the dataset. The manifest then names the taxon of every class (records, displays).
     ``imgsz``: every model's input, a side or (height, width) (default: each run's training size);
-    (480, 640) fits 4:3 and 3:2 cameras on 0.75x the pixels of the 640 px square, same answers."""
+    (480, 640) fits 4:3 and 3:2 cameras on 0.75x the pixels of the 640 px square, same answers.
+
+    By default the bundle shares the backbone (export/backbone.py): the whole models are exported
+    and checked first, then split into one backbone and a head per model whose frozen layers are
+    the global model's; a model whose frozen layers differ stays whole. When nothing can be shared
+    (no frozen layers, or no expert with the global's) the bundle is the whole models.
+    ``whole_models=True`` opts out: whole models only, as before.
+    """
+    if whole_models:
+        return _build_whole(global_run=global_run, experts_dir=experts_dir, groups_file=groups_file, out=out,
+                            data=data, sign_key=sign_key, version=version, n_samples=n_samples, conf=conf,
+                            parity=parity, taxonomy=taxonomy, imgsz=imgsz)
+    from export.backbone import share_backbone
+
+    whole = out.parent / f"{out.name}.whole-{os.getpid()}"
+    try:
+        _build_whole(global_run=global_run, experts_dir=experts_dir, groups_file=groups_file, out=whole,
+                     data=data, sign_key=None, version=version, n_samples=n_samples, conf=conf, parity=parity,
+                     taxonomy=taxonomy, imgsz=imgsz)
+        why = None
+        try:
+            report = share_backbone(whole, out, sign_key)
+            if len(report["shared"]) < 2:
+                why = f"no expert shares the global model's frozen layers ({report['whole']})"
+        except NoBackbone as e:
+            why = str(e)
+        if why is not None:
+            log.warning("bundle %s: whole models (%s)", out, why)
+            with building(out) as tmp:
+                shutil.copytree(whole, tmp, dirs_exist_ok=True)
+                if sign_key is not None:
+                    from edge.signing import sign
+
+                    (tmp / "manifest.sig").write_bytes(sign((tmp / "manifest.json").read_bytes(),
+                                                           Path(sign_key).read_bytes()))
+    finally:
+        shutil.rmtree(whole, ignore_errors=True)
+    return Manifest.from_bytes((out / "manifest.json").read_bytes())
+
+
+def _build_whole(*, global_run: Path, experts_dir: Path, groups_file: Path, out: Path,
+                 data: Path | None, sign_key: Path | None, version: str | None,
+                 n_samples: int, conf: float, parity: bool, taxonomy: Path | None,
+                 imgsz: int | tuple[int, int] | None) -> Manifest:
+    """The bundle of whole models: export, parity against PyTorch, samples, manifest, signature."""
     from export import taxonomy as tx
     from export.grouping import read_groups
     from export.onnx import export_onnx, parity_check
@@ -225,8 +272,14 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
                      data=Path(args.data) if args.data else None,
                      sign_key=Path(args.sign) if args.sign else None, version=args.version,
                      n_samples=args.samples, conf=args.conf, parity=not args.no_parity,
-                     taxonomy=Path(args.taxonomy) if args.taxonomy else None, imgsz=args.imgsz)
-    print(f"bundle {args.out}: version {m.bundle_version}, models {[e.name for e in m.models]}")
+                     taxonomy=Path(args.taxonomy) if args.taxonomy else None, imgsz=args.imgsz,
+                     whole_models=args.whole_models)
+    heads = [e.name for e in m.models if e.head_inputs]
+    how = (f"shared backbone (layers 0-{m.backbone.frozen_layers - 1}) + heads {heads}" if m.backbone is not None
+           else "whole models")
+    whole = [e.name for e in m.models if not e.head_inputs]
+    print(f"bundle {args.out}: version {m.bundle_version}, {how}"
+          f"{f', whole {whole}' if m.backbone is not None and whole else ''}; models {[e.name for e in m.models]}")
     return 0
 
 
@@ -275,9 +328,9 @@ def add_cli(sub) -> None:
     p.add_argument("--samples", type=int, default=4, help="sample images for the device self-test")
     p.add_argument("--conf", type=float, default=0.25, help="default per-class threshold")
     p.add_argument("--no-parity", action="store_true", help="skip the PyTorch/ONNX parity check")
-    p.add_argument("--imgsz", type=_input_size_arg, help="every model's input: a side (640) or HEIGHT,WIDTH "
-                   "(480,640: a 4:3 or 3:2 camera's frame on 0.75x the pixels of the square; multiples of 32). "
-                   "Default: each model's training size")
+    p.add_argument("--whole-models", action="store_true",
+                   help="store every model whole (default: the frozen layers the models share are stored and "
+                   "run once, as `share-backbone` does; a model whose frozen layers differ stays whole)")
     p.add_argument("--taxonomy", help="taxonomy CSV (docs/taxonomy.md; default: the one prepare stored "
                    "with the dataset)")
     p.set_defaults(func=_cmd_bundle)

@@ -160,7 +160,7 @@ def onnx_engine(model: str | Path):
     """
     import ast
 
-    from edge.engines import create_engine
+    from edge.engines import create_engine, load_engines
     from edge.manifest import ModelEntry
 
     p = Path(model)
@@ -168,8 +168,8 @@ def onnx_engine(model: str | Path):
         from edge.bundle import load_bundle
 
         bundle = load_bundle(p)
-        entry = bundle.manifest.global_model
-        return create_engine("onnxruntime", bundle.model_path(entry.name), entry), entry
+        entry = bundle.manifest.global_model  # a whole model, or a head over the shared backbone
+        return load_engines(bundle, "onnxruntime", only=[entry.name])[entry.name], entry
     import hashlib
 
     import onnxruntime as ort

@@ -17,6 +17,14 @@ private key is thrown away), frames/ (+ labels.json, the COCO truth of each fram
     /work/main/.venv/bin/python scripts/build_demo_bundle.py            # ~20-25 min on 2 CPU cores
     /work/main/.venv/bin/python scripts/build_demo_bundle.py --retaxon  # taxonomy into the shipped
                                                                         # manifest, signed again
+    /work/main/.venv/bin/python scripts/build_demo_bundle.py --share-backbone  # the shipped whole
+                                            # models -> one backbone + heads (seconds), signed again
+    /work/main/.venv/bin/python scripts/build_demo_bundle.py --cascade gate_threshold=0.11 [...]
+                                            # cascade settings into the shipped manifest, signed again
+
+Every "signed again" uses a fresh throwaway key (only keys/demo.pub is kept). A full build makes
+a shared-backbone bundle itself (`build_bundle`'s default), so --share-backbone is only for a
+bundle of whole models, e.g. one made before that default.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = "/work/main/.venv/bin/python scripts/build_demo_bundle.py"
 TEST_LOCATIONS = ["L6", "L7"]
 
 
@@ -161,6 +170,86 @@ def retaxon_shipped(out: Path) -> None:
     _say(f"[demo] {bundle}: taxonomy for {len(taxa)} classes, signed again; {out / 'keys' / 'demo.pub'} replaced")
 
 
+def _resign_shipped(out: Path, bundle: Path) -> None:
+    """``bundle``'s manifest signed with a fresh throwaway key; the bundle replaces ``out``/bundle and
+    its public key ``out``/keys/demo.pub (the private key never leaves a temporary folder)."""
+    import tempfile
+
+    from edge.signing import sign
+
+    with tempfile.TemporaryDirectory() as tmp:
+        key = _throwaway_key(Path(tmp))
+        (bundle / "manifest.sig").write_bytes(sign((bundle / "manifest.json").read_bytes(), key.read_bytes()))
+        if bundle != out / "bundle":
+            shutil.rmtree(out / "bundle")
+            shutil.copytree(bundle, out / "bundle")
+        shutil.copyfile(key.with_name("demo.pub"), out / "keys" / "demo.pub")
+
+
+def _refresh_docs(out: Path, command: str) -> None:
+    """build.json's sizes and the README from the shipped bundle as it now is; ``command`` is what
+    changed it (listed in the README after the build's own command)."""
+    from edge.manifest import Manifest
+
+    bundle = out / "bundle"
+    man = Manifest.from_bytes((bundle / "manifest.json").read_bytes())
+    build = json.loads((out / "build.json").read_text())
+    build["bundle_mb"] = _size_mb(bundle)
+    build["backbone_mb"] = (bundle / man.backbone.file).stat().st_size / 1e6 if man.backbone else None
+    sizes = {m.name: (bundle / m.file).stat().st_size / 1e6 for m in man.models}
+    for m in build["models"]:
+        m["mb"] = sizes[m["name"]]
+    build["cascade"] = man.cascade.model_dump(mode="json")
+    build["changed_since"] = [*build.get("changed_since", []), command]
+    (out / "build.json").write_text(json.dumps(build, indent=1, sort_keys=True) + "\n")
+    labels = json.loads((out / "frames" / "labels.json").read_text())
+    (out / "README.md").write_text(readme(build, labels))
+
+
+def share_shipped(out: Path) -> None:
+    """The shipped bundle of whole models -> one shared backbone + a head per model
+    (``export.backbone.share_backbone``: checked against the whole models on the samples), signed
+    again with a fresh throwaway key. Models, samples and expected outputs are otherwise the same."""
+    import tempfile
+
+    from export.backbone import share_backbone
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = share_backbone(out / "bundle", Path(tmp) / "bundle", public_keys=[out / "keys" / "demo.pub"],
+                                require_signature=True)
+        _resign_shipped(out, Path(tmp) / "bundle")
+    _refresh_docs(out, f"{SCRIPT} --share-backbone")
+    _say(f"[demo] {out / 'bundle'}: backbone shared by {', '.join(report['shared'])}, {report['mb_before']} MB -> "
+         f"{report['mb_after']} MB, signed again; {out / 'keys' / 'demo.pub'} replaced")
+
+
+def set_cascade_shipped(out: Path, settings: list[str]) -> None:
+    """``KEY=VALUE`` cascade settings (edge/manifest.py CascadeSettings; ``none`` clears one) into the
+    shipped manifest, validated, signed again with a fresh throwaway key."""
+    import tempfile
+
+    import yaml
+
+    from edge.bundle import load_bundle
+    from edge.manifest import Manifest
+
+    bundle = out / "bundle"
+    man = load_bundle(bundle, public_keys=[out / "keys" / "demo.pub"], require_signature=True).manifest
+    cascade = man.cascade.model_dump(mode="json")
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in cascade:
+            raise SystemExit(f"--cascade {item!r}: want KEY=VALUE with KEY one of {', '.join(sorted(cascade))}")
+        cascade[key] = None if value.lower() in ("none", "null") else yaml.safe_load(value)
+    man = Manifest.model_validate({**man.model_dump(mode="json"), "cascade": cascade})
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(bundle, Path(tmp) / "bundle")
+        (Path(tmp) / "bundle" / "manifest.json").write_bytes(man.to_bytes())
+        _resign_shipped(out, Path(tmp) / "bundle")
+    _refresh_docs(out, f"{SCRIPT} --cascade {' '.join(settings)}")
+    _say(f"[demo] {bundle}: cascade {cascade}, signed again; {out / 'keys' / 'demo.pub'} replaced")
+
+
 def _truth(coco: Path) -> dict[str, dict]:
     """COCO CT -> {file_name: {species, boxes, empty, ir, location, datetime, seq_id}} for test locations."""
     d = json.loads(coco.read_text())
@@ -284,6 +373,21 @@ def write_output(out: Path, bundle: Path, pub: Path, coco: Path, frames: list[di
     (out / "README.md").write_text(readme(build, labels))
 
 
+def _layout(b: dict) -> str:
+    if not b.get("backbone_mb"):
+        return "models/*.onnx (global + one expert per group, whole)"
+    return (f"models/backbone.onnx\n  (layers 0-9, shared by every model and run once per batch, "
+            f"{b['backbone_mb']:.2f} MB) + models/heads/*.onnx\n  (global + one expert per group: the layers "
+            "after the backbone; `camtrap-export whole-models`\n  merges them back into whole models)")
+
+
+def _later(b: dict) -> str:
+    if not b.get("changed_since"):
+        return ""
+    cmds = "\n".join(f"    {c}" for c in b["changed_since"])
+    return f"\nChanged since, each time signed again with a fresh throwaway key:\n\n{cmds}\n"
+
+
 def readme(b: dict, labels: dict) -> str:
     g = b["grouping"]
     models = "\n".join(f"| {m['name']} | {m['role']} | {', '.join(m['classes'])} | {m['mAP50']:.3f} | {m['mb']:.2f} |"
@@ -298,8 +402,8 @@ selftest --bundle edge/demo/bundle` and the tests run without any training or do
 toy: tiny models (camtrap-tiny.yaml, ~0.9 M parameters each, {b['imgsz']} px) trained on synthetic
 scenes (`camtrap-export synth`). Its accuracy says nothing about real camera-trap images.
 
-- `bundle/`: manifest.json, manifest.sig (Ed25519), models/*.onnx (global + one expert per group),
-  samples/ for the self-test. Bundle version {b['bundle_version']}, {b['bundle_mb']:.2f} MB.
+- `bundle/`: manifest.json, manifest.sig (Ed25519), {_layout(b)}, samples/ for the self-test.
+  Bundle version {b['bundle_version']}, {b['bundle_mb']:.2f} MB.
 - `keys/demo.pub`: the public key that verifies manifest.sig. The private key was generated for
   this build and thrown away; never trust this key on a real device.
 - `frames/`: {len(labels)} held-out test frames (locations {', '.join(b['test_locations'])}, never seen in
@@ -316,7 +420,7 @@ global model {b['epochs']} epochs -> grouping (k=3) -> experts ({b['expert_epoch
 0-9 frozen = the global backbone) -> `export.bundle.build_bundle` (ONNX opset 17, PyTorch parity
 check, signed). The manifest names each class's taxon (scientific and vernacular name, rank),
 from the taxonomy.csv synth writes and prepare stores with the dataset.
-
+{_later(b)}
 ## Measured
 
 | model | role | classes | val mAP50 | MB |
@@ -369,9 +473,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="keep finished stages found in --work")
     p.add_argument("--retaxon", action="store_true",
                    help="only put the synthetic taxonomy into the shipped manifest (--out) and sign it again")
+    p.add_argument("--share-backbone", action="store_true",
+                   help="only split the shipped bundle's whole models into a shared backbone + heads, signed again")
+    p.add_argument("--cascade", nargs="+", metavar="KEY=VALUE",
+                   help="only set these cascade settings in the shipped manifest and sign it again")
     args = p.parse_args(argv)
     if args.retaxon:
         retaxon_shipped(args.out)
+        return 0
+    if args.share_backbone:
+        share_shipped(args.out)
+        return 0
+    if args.cascade:
+        set_cascade_shipped(args.out, args.cascade)
         return 0
     work = args.work.resolve()
     if work.is_relative_to(REPO):
@@ -419,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": [{"name": m.name, "role": m.role, "classes": m.classes, "mAP50": maps.get(m.name),
                     "mb": (bundle / m.file).stat().st_size / 1e6} for m in man.models],
         "bundle_mb": _size_mb(bundle),
+        "backbone_mb": (bundle / man.backbone.file).stat().st_size / 1e6 if man.backbone else None,
         "frames_stats": stats,
         "frames": [{"file": f"{r['location']}_{Path(r['file_name']).name}", "species": r["species"],
                     "predicted": r["pred_species"], "route": r["route"], "ir": r["ir"]} for r in frames],

@@ -7,7 +7,7 @@ when an ONNX Runtime engine is built, tensorrt and pycuda only inside a TensorRT
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -72,13 +72,19 @@ def detect_batch(raw: np.ndarray, entry: ModelEntry, letterboxes: list[Letterbox
 
 
 def load_engines(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *,
-                 runtime: Mapping[str, Any] | None = None, **cfg: Any) -> dict[str, Engine]:
+                 runtime: Mapping[str, Any] | None = None, only: Sequence[str] | None = None,
+                 **cfg: Any) -> dict[str, Engine]:
     """One engine per model of ``bundle``, by model name; all closed again if any fails.
 
     ``backend`` is a backend's config (the device config's ``engine:`` section) or its name, then
     ``cfg`` are that backend's config fields (e.g. ``precision="int8"``, ``cache_dir=...``).
+    ``only``: build just these models (by name), e.g. the global model for a tool that needs no other.
     TensorRT INT8 calibrates on the bundle's samples and must pass the accuracy gate
     against FP16 on them, or loading fails with the gate's findings.
+
+    A shared-backbone bundle (heads over ``manifest.backbone``) gets one backbone for all its
+    heads, on ONNX Runtime (edge/engines/shared.py) or TensorRT (``TensorRTBackbone``: the
+    features stay on the GPU); each engine of a head has it as ``engine.backbone``.
     """
     if isinstance(backend, EngineConfig):
         if cfg:
@@ -87,23 +93,37 @@ def load_engines(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *,
     else:
         config = make_config(backend, **cfg)  # validate once, before anything is built
     int8 = config if isinstance(config, TensorRTConfig) and config.precision == "int8" else None
+    if int8 and any(e.head_inputs for e in bundle.manifest.models):
+        raise ValueError(f"{bundle.source}: INT8 is not supported for a shared-backbone bundle (the heads' "
+                         "calibration would need the backbone's features); use fp16 or a bundle of whole models")
     images = read_samples(bundle) if int8 else []
     if int8 and not images:
         raise ValueError(f"{bundle.source}: INT8 needs the bundle's sample images for calibration; it has none")
     engines: dict[str, Engine] = {}
-    backbone = None
+    backbone: Any = None
     try:
         for entry in bundle.manifest.models:
+            if only is not None and entry.name not in only:
+                continue
             path = bundle.model_path(entry.name)
-            if entry.head_inputs:  # a head over the shared backbone (edge/engines/shared.py)
+            if entry.head_inputs:  # a head over the shared backbone, built once for all heads
+                bb = bundle.manifest.backbone
+                if bb is None:
+                    raise ValueError(f"{bundle.source}: model {entry.name!r} is a head graph but the bundle has "
+                                     "no backbone")
+                if isinstance(config, TensorRTConfig):
+                    from edge.engines.tensorrt import TensorRTBackbone, TensorRTHeadEngine
+
+                    if backbone is None:
+                        backbone = TensorRTBackbone(bundle.root / bb.file, bb, config, **dict(runtime or {}))
+                    engines[entry.name] = TensorRTHeadEngine(path, entry, config, backbone, **dict(runtime or {}))
+                    continue
                 from edge.engines.onnxruntime import OnnxRuntimeConfig
                 from edge.engines.shared import BackboneGraph, HeadEngine
 
-                bb = bundle.manifest.backbone
-                if not isinstance(config, OnnxRuntimeConfig) or bb is None:
+                if not isinstance(config, OnnxRuntimeConfig):
                     raise ValueError(f"{bundle.source}: model {entry.name!r} is a head over a shared backbone, "
-                                     "which runs on the onnxruntime backend only (TensorRT: not yet); use "
-                                     "engine type onnxruntime or a bundle of whole models")
+                                     f"which the {config.type} backend cannot run; use onnxruntime or tensorrt")
                 if backbone is None:
                     backbone = BackboneGraph(bundle.root / bb.file, bb, config)
                 engines[entry.name] = HeadEngine(path, entry, config, backbone)
@@ -123,5 +143,7 @@ def load_engines(bundle: Bundle, backend: str | EngineConfig = "onnxruntime", *,
     except BaseException:
         for e in engines.values():
             e.close()
+        if backbone is not None and not any(getattr(e, "backbone", None) is backbone for e in engines.values()):
+            getattr(backbone, "close", lambda: None)()  # built, but no head holds it yet
         raise
     return engines

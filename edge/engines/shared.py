@@ -16,8 +16,10 @@ head graph per model from those tensors to its output). Here:
 Invariants: every head of a bundle holds the same ``BackboneGraph`` object (one session, one
 copy of the weights); a head reads only the backbone outputs its manifest entry names; the
 answer equals the whole model's (checked by ``share-backbone`` on the bundle's samples before
-the bundle is written). TensorRT does not run head graphs yet: such a bundle needs the
-onnxruntime backend (any provider), and ``load_engines`` says so.
+the bundle is written). TensorRT runs the same bundles with the features left on the GPU
+(``TensorRTBackbone`` and ``TensorRTHeadEngine`` in edge/engines/tensorrt.py); the runner
+treats both alike: ``backbone.run(batch)`` gives ``{name: rows}``, ``rows[idx]`` selects the
+images routed to a head, and ``head.run_features`` takes them.
 """
 
 from __future__ import annotations

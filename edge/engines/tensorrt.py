@@ -25,6 +25,18 @@ What it does, and the API facts it relies on:
   ``infer`` from any other thread is queued to that thread and waits for the answer.
 - Plans are cached under a key of model sha256 + TensorRT version + GPU name + compute
   capability + precision + max batch (edge/engines/trt_cache.py), written atomically.
+- A shared-backbone bundle (edge/engines/shared.py says what that is) gets one plan for the
+  backbone (:class:`TensorRTBackbone`) and one per head (:class:`TensorRTHeadEngine`, whose
+  inputs are the backbone tensors it reads; each gets its own profile, batch 1..max_batch).
+  The backbone's outputs stay in device memory (:class:`DeviceRows`); a head over every row
+  of the batch gets those buffers' addresses as its inputs (no copy), a head over some rows
+  first copies each chosen row device to device (``memcpy_dtod_async``, one copy per run of
+  consecutive rows) into its own input buffer, on its own stream. Backbone and heads live on
+  different threads but push the same primary context, so device pointers are valid in all;
+  the backbone synchronises its stream before ``run`` returns, so the features are complete
+  before any head reads them, and a head refuses rows of an earlier backbone run (the buffers
+  are reused). Only the images go to the GPU and only the heads' outputs come back. INT8 is
+  refused for heads: calibrating them would need the backbone's features as calibration data.
 
 ``tensorrt`` and ``pycuda`` are imported inside the inference thread, never at module import;
 tests pass a faithful fake of both (tests/edge/fake_tensorrt.py) as ``trt=`` / ``cuda=``.
@@ -58,7 +70,7 @@ from edge.engines.trt_cache import (
     timing_cache_path,
     write_plan,
 )
-from edge.manifest import ModelEntry
+from edge.manifest import BackboneEntry, InputSize, ModelEntry, input_hw
 
 if TYPE_CHECKING:
     # TensorRT's real Python API for the type checker: tensorrt-stubs (generated from NVIDIA's 10.13
@@ -104,35 +116,49 @@ class _Tensor:
     host: Any = None  # pinned numpy array [max_batch, *per_image]
     device: Any = None  # pycuda DeviceAllocation
 
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.per_image, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What a TensorRT graph is, for building, caching and messages: a whole model or the shared
+    backbone (one image input ``[N, 3, S, S]``), or a head (``inputs``: the backbone tensors it reads)."""
+
+    name: str  # thread name and messages
+    file: str  # the ONNX path inside the bundle, for messages
+    sha256: str  # of the ONNX file: the plan cache key
+    imgsz: InputSize  # the manifest's, as the plan cache key has it
+    inputs: tuple[str, ...] = ()  # empty: one image input
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return input_hw(self.imgsz)
+
 
 class Int8Rejected(ValueError):
     """The INT8 engine's detections differ from FP16's on the bundle's samples."""
 
 
-@register
-class TensorRTEngine(Engine):
-    backend = "tensorrt"
-    config_class = TensorRTConfig
-    requires = ("tensorrt", "pycuda")
+class _TrtGraph:
+    """One TensorRT plan with its CUDA state, all owned by one thread (see the module doc).
+
+    Built from the cache or the ONNX on that thread, with pinned host and device buffers for
+    ``max_batch`` images. Work reaches the thread through :meth:`_call`; a call from the thread
+    itself runs at once. Subclasses add what runs there (``_execute`` and the device paths).
+    """
+
     config: TensorRTConfig
-    # owned by the inference thread (set in _setup, released in _teardown)
+    model_path: Path
     _logger: trt_api.ILogger
     _runtime: trt_api.Runtime
     _engine: trt_api.ICudaEngine
     _context: trt_api.IExecutionContext
 
-    def __init__(self, model_path: str | Path, entry: ModelEntry, config: TensorRTConfig, *,
-                 calibration: np.ndarray | None = None, trt: Any = None, cuda: Any = None) -> None:
-        super().__init__(model_path, entry, config)
-        if config.precision == "int8":
-            if calibration is None or len(calibration) == 0:
-                raise ValueError(f"{entry.name}: INT8 needs calibration images (the bundle's samples); "
-                                 "refusing to build an uncalibrated INT8 engine - use fp16")
-            calibration = np.ascontiguousarray(calibration, dtype=np.float32)
-            if calibration.ndim != 4 or tuple(calibration.shape[1:]) != self.input_shape:
-                raise ValueError(f"{entry.name}: calibration batch must be [K, {', '.join(map(str, self.input_shape))}]"
-                                 f", got {list(calibration.shape)}")
-        self._calibration = calibration if config.precision == "int8" else None
+    def _start(self, spec: GraphSpec, calibration: np.ndarray | None, trt: Any, cuda: Any) -> None:
+        self._spec = spec
+        self._calibration = calibration if self.config.precision == "int8" else None
         self._modules = (trt, cuda)
         self.plan_path: Path | None = None
         self.built = False  # True when this engine built its plan (a cache miss)
@@ -142,42 +168,34 @@ class TensorRTEngine(Engine):
         self._jobs: queue.Queue = queue.Queue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._serve, name=f"tensorrt-{entry.name}", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"tensorrt-{spec.name}", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
             self._thread.join()
             raise self._error
-        try:
-            self.warmup()
-        except BaseException:
-            self.close()  # stop the thread and free its CUDA state
-            raise
 
-    # --- the calling side -------------------------------------------------------------------------
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on this graph's thread and return its answer."""
         if threading.current_thread() is self._thread:
-            return self._execute(batch)
+            return fn(*args)
         if not self._thread.is_alive():
-            raise RuntimeError(f"engine {self.name!r}: its TensorRT thread has stopped")
+            raise RuntimeError(f"{self._spec.name!r}: its TensorRT thread has stopped")
         fut: Future = Future()
-        self._jobs.put((batch, fut))
+        self._jobs.put((fn, args, fut))
         return fut.result()
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        super().close()
+    def _stop(self) -> None:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join(timeout=60)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "precision": self.config.precision, "plan": str(self.plan_path),
-                "built": self.built, "build_s": round(self.build_seconds, 1), "tensorrt": self.trt_version,
+    def _describe(self) -> dict[str, Any]:
+        return {"precision": self.config.precision, "plan": str(self.plan_path), "built": self.built,
+                "build_s": round(self.build_seconds, 1), "tensorrt": self.trt_version,
                 "gpu": f"{self.gpu_name} (sm {self.compute_capability})"}
 
-    # --- the inference thread ---------------------------------------------------------------------
+    # --- the graph's thread ----------------------------------------------------------------------
     def _serve(self) -> None:
         try:
             self._setup()
@@ -191,11 +209,11 @@ class TensorRTEngine(Engine):
             job = self._jobs.get()
             if job is None:
                 break
-            batch, fut = job
+            fn, args, fut = job
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self._execute(batch))
+                fut.set_result(fn(*args))
             except BaseException as e:
                 fut.set_exception(e)
         self._teardown()
@@ -214,7 +232,8 @@ class TensorRTEngine(Engine):
         cuda.init()
         dev = cuda.Device(self.config.device)
         # The primary context is the one the CUDA runtime (and so TensorRT) uses; retaining it
-        # does not make it current, so push it here, in the thread that will use it.
+        # does not make it current, so push it here, in the thread that will use it. Every graph's
+        # thread pushes the same primary context, so a head may read the backbone's device buffers.
         self._cuda_ctx = dev.retain_primary_context()
         self._cuda_ctx.push()
         self._ctx_pushed = True
@@ -225,11 +244,12 @@ class TensorRTEngine(Engine):
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)  # must outlive the engine it deserialises
 
+        spec = self._spec
         cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
         key = PlanKey(
-            model_sha256=self.entry.sha256, trt_version=self.trt_version, gpu_name=self.gpu_name,
+            model_sha256=spec.sha256, trt_version=self.trt_version, gpu_name=self.gpu_name,
             compute_capability=self.compute_capability, precision=self.config.precision,
-            max_batch=self.config.max_batch, imgsz=self.entry.imgsz,
+            max_batch=self.config.max_batch, imgsz=spec.imgsz,
             calibration_sha256=_array_sha256(self._calibration) if self._calibration is not None else None,
         )
         self.plan_path = plan_path(cache_dir, key)
@@ -237,16 +257,16 @@ class TensorRTEngine(Engine):
         if self.plan_path.is_file() and not self.config.rebuild:
             engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
             if engine is None:
-                log.warning("%s: cached plan %s does not load; rebuilding", self.name, self.plan_path)
+                log.warning("%s: cached plan %s does not load; rebuilding", spec.name, self.plan_path)
         if engine is None:
             t = time.monotonic()
-            log.info("%s: building a %s TensorRT plan (minutes on a Jetson)", self.name, self.config.precision)
+            log.info("%s: building a %s TensorRT plan (minutes on a Jetson)", spec.name, self.config.precision)
             calibrator = None
             if self._calibration is not None:
                 calibrator = make_calibrator(trt, cuda, self._calibration, self.config.max_batch,
                                              self.plan_path.with_suffix(".calib"))
             try:
-                plan = build_plan(trt, self._logger, self.model_path.read_bytes(), self.entry, self.config,
+                plan = build_plan(trt, self._logger, self.model_path.read_bytes(), spec, self.config,
                                   timing_cache_path(cache_dir, self.trt_version, self.gpu_name,
                                                     self.compute_capability), calibrator)
             finally:
@@ -256,13 +276,13 @@ class TensorRTEngine(Engine):
             self.built, self.build_seconds = True, time.monotonic() - t
             engine = self._runtime.deserialize_cuda_engine(plan)
             if engine is None:
-                raise RuntimeError(f"{self.name}: TensorRT built a plan it cannot load ({self.plan_path})")
+                raise RuntimeError(f"{spec.name}: TensorRT built a plan it cannot load ({self.plan_path})")
         self._engine = engine
         self._context = engine.create_execution_context()
         self._allocate()
 
     def _allocate(self) -> None:
-        trt, cuda, engine = self._trt, self._cuda, self._engine
+        trt, cuda, engine, spec = self._trt, self._cuda, self._engine, self._spec
         tensors = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
@@ -270,13 +290,17 @@ class TensorRTEngine(Engine):
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             tensors.append(_Tensor(name, is_input, dtype, ()))
         inputs = [t for t in tensors if t.is_input]
-        if len(inputs) != 1 or len(tensors) < 2:
-            raise ValueError(f"{self.model_path}: expected one input and at least one output, got "
-                             f"{[t.name for t in tensors]}")
+        wanted = sorted(spec.inputs) if spec.inputs else None
+        if (wanted is None and len(inputs) != 1) or (wanted is not None and sorted(t.name for t in inputs) != wanted) \
+                or len(tensors) == len(inputs):
+            raise ValueError(f"{self.model_path}: expected {'inputs ' + str(wanted) if wanted else 'one input'} "
+                             f"and at least one output, got {[t.name for t in tensors]}")
         mb = self.config.max_batch
-        if not self._context.set_input_shape(inputs[0].name, (mb, *self.input_shape)):
-            raise ValueError(f"{self.model_path}: input {inputs[0].name!r} refuses shape "
-                             f"{[mb, *self.input_shape]}")
+        for t in inputs:
+            per = (3, *spec.input_hw) if not spec.inputs else \
+                tuple(int(d) for d in engine.get_tensor_shape(t.name)[:][1:])
+            if not self._context.set_input_shape(t.name, (mb, *per)):
+                raise ValueError(f"{self.model_path}: input {t.name!r} refuses shape {[mb, *per]}")
         for t in tensors:
             shape = tuple(int(d) for d in self._context.get_tensor_shape(t.name)[:])  # Dims[:] is a tuple
             if shape[0] != mb or any(d < 0 for d in shape):
@@ -285,35 +309,43 @@ class TensorRTEngine(Engine):
             t.host = cuda.pagelocked_empty((mb, *t.per_image), t.dtype)  # async copies need pinned memory
             t.device = cuda.mem_alloc(t.host.nbytes)
         self._io = tensors
+        self._inputs = inputs
         self._input = inputs[0]
         self._output = next(t for t in tensors if not t.is_input)
         self._stream = cuda.Stream()
 
-    def _execute(self, batch: np.ndarray) -> np.ndarray:
-        cuda, ctx, n = self._cuda, self._context, batch.shape[0]
-        inp = self._input
-        if not ctx.set_input_shape(inp.name, (n, *inp.per_image)):
-            raise RuntimeError(f"{self.name}: TensorRT refused input shape {[n, *inp.per_image]}")
-        host_in = inp.host[:n]
-        np.copyto(host_in, batch, casting="same_kind" if inp.dtype.kind == "f" else "unsafe")
+    def _set_shapes(self, n: int) -> None:
+        for t in self._inputs:
+            if not self._context.set_input_shape(t.name, (n, *t.per_image)):
+                raise RuntimeError(f"{self._spec.name}: TensorRT refused shape {[n, *t.per_image]} for {t.name!r}")
+
+    def _enqueue(self, n: int, addresses: Mapping[str, int]) -> None:
+        """Every IO tensor's address (``addresses``, else its own buffer), then the run, on the stream."""
+        ctx = self._context
         for t in self._io:  # every IO tensor needs an address before execute_async_v3
-            ctx.set_tensor_address(t.name, int(t.device))
-        cuda.memcpy_htod_async(inp.device, host_in, self._stream)
+            ctx.set_tensor_address(t.name, int(addresses.get(t.name, int(t.device))))
         if not ctx.execute_async_v3(self._stream.handle):
-            raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed (see its log)")
-        views = []
+            raise RuntimeError(f"{self._spec.name}: TensorRT execute_async_v3 failed (see its log)")
         for t in self._io:
             if t.is_input:
                 continue
             shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name)[:])
             if shape != (n, *t.per_image):
-                raise RuntimeError(f"{self.name}: output {t.name!r} has shape {list(shape)}, "
+                raise RuntimeError(f"{self._spec.name}: output {t.name!r} has shape {list(shape)}, "
                                    f"expected {[n, *t.per_image]}")
-            view = t.host[:n]
-            cuda.memcpy_dtoh_async(view, t.device, self._stream)
-            views.append((t, view))
+
+    def _execute(self, batch: np.ndarray) -> np.ndarray:
+        """Host images in, the first output back on the host (a whole model)."""
+        cuda, n, inp = self._cuda, batch.shape[0], self._input
+        self._set_shapes(n)
+        host_in = inp.host[:n]
+        np.copyto(host_in, batch, casting="same_kind" if inp.dtype.kind == "f" else "unsafe")
+        cuda.memcpy_htod_async(inp.device, host_in, self._stream)
+        self._enqueue(n, {})
+        out = self._output.host[:n]
+        cuda.memcpy_dtoh_async(out, self._output.device, self._stream)
         self._stream.synchronize()
-        return next(v for t, v in views if t is self._output).astype(np.float32)  # a copy: host is reused
+        return out.astype(np.float32)  # a copy: the host buffer is reused
 
     def _teardown(self) -> None:
         for t in self._io:
@@ -321,6 +353,7 @@ class TensorRTEngine(Engine):
                 t.device.free()
                 t.device = None
         self._io = []
+        self._free_extra()
         for attr in ("_context", "_engine", "_runtime", "_stream"):  # context before engine before runtime
             if hasattr(self, attr):
                 setattr(self, attr, None)
@@ -328,6 +361,259 @@ class TensorRTEngine(Engine):
             self._cuda_ctx.pop()
             self._cuda_ctx.detach()
             self._ctx_pushed = False
+
+    def _free_extra(self) -> None:
+        """Device memory a subclass holds beyond the IO buffers (freed on the thread, in teardown)."""
+
+
+@register
+class TensorRTEngine(_TrtGraph, Engine):
+    """A whole model: images in, its output out."""
+
+    backend = "tensorrt"
+    config_class = TensorRTConfig
+    requires = ("tensorrt", "pycuda")
+    config: TensorRTConfig
+
+    def __init__(self, model_path: str | Path, entry: ModelEntry, config: TensorRTConfig, *,
+                 calibration: np.ndarray | None = None, trt: Any = None, cuda: Any = None) -> None:
+        Engine.__init__(self, model_path, entry, config)
+        if config.precision == "int8":
+            if calibration is None or len(calibration) == 0:
+                raise ValueError(f"{entry.name}: INT8 needs calibration images (the bundle's samples); "
+                                 "refusing to build an uncalibrated INT8 engine - use fp16")
+            calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+            if calibration.ndim != 4 or tuple(calibration.shape[1:]) != self.input_shape:
+                raise ValueError(f"{entry.name}: calibration batch must be [K, {', '.join(map(str, self.input_shape))}]"
+                                 f", got {list(calibration.shape)}")
+        self._start(self._graph_spec(entry), calibration, trt, cuda)
+        try:
+            self.warmup()
+        except BaseException:
+            self.close()  # stop the thread and free its CUDA state
+            raise
+
+    @staticmethod
+    def _graph_spec(entry: ModelEntry) -> GraphSpec:
+        return GraphSpec(entry.name, entry.file, entry.sha256, entry.imgsz, tuple(entry.head_inputs))
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self._call(self._execute, batch)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        self._stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), **self._describe()}
+
+
+# --- the shared backbone ------------------------------------------------------------------------------
+
+
+class DeviceRows:
+    """Some rows (images) of one backbone output, left in GPU memory for the heads.
+
+    ``rows[idx]`` selects rows (as ``CascadeRunner`` does for the images routed to a model)
+    without copying anything: the head copies the chosen slices device to device into its own
+    input when it runs. Valid until the backbone's next run (``generation``), which reuses the
+    buffer; a head refuses stale rows.
+    """
+
+    __slots__ = ("backbone", "dtype", "generation", "name", "per_image", "ptr", "row_bytes", "rows")
+
+    def __init__(self, backbone: TensorRTBackbone, name: str, ptr: int, per_image: tuple[int, ...], dtype: np.dtype,
+                 rows: list[int], generation: int) -> None:
+        self.backbone, self.name, self.ptr, self.per_image, self.dtype = backbone, name, ptr, per_image, dtype
+        self.row_bytes = int(np.prod(per_image, dtype=np.int64)) * dtype.itemsize
+        self.rows, self.generation = rows, generation
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.per_image)
+
+    def __getitem__(self, idx: Any) -> DeviceRows:
+        picked = self.rows[idx] if isinstance(idx, slice) else [self.rows[int(i)] for i in np.asarray(idx).ravel()]
+        return DeviceRows(self.backbone, self.name, self.ptr, self.per_image, self.dtype, picked, self.generation)
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(destination row, source row, length) of each run of consecutive rows: one copy per run."""
+    out: list[tuple[int, int, int]] = []
+    for k, r in enumerate(rows):
+        if out and out[-1][1] + out[-1][2] == r:
+            d, s, n = out[-1]
+            out[-1] = (d, s, n + 1)
+        else:
+            out.append((k, r, 1))
+    return out
+
+
+class TensorRTBackbone(_TrtGraph):
+    """The shared frozen layers on TensorRT: images in, the named feature tensors left on the GPU.
+
+    Its output buffers grow to the largest batch seen (``max_batch`` rows at first); a batch
+    larger than ``max_batch`` runs in chunks into consecutive rows. Heads hold it (``attach``)
+    and the last one to close frees it.
+    """
+
+    def __init__(self, path: str | Path, entry: BackboneEntry, config: TensorRTConfig, *,
+                 trt: Any = None, cuda: Any = None) -> None:
+        self.model_path, self.entry, self.config = Path(path), entry, config
+        self.generation = 0
+        self._capacity = 0
+        self._grown: dict[str, Any] = {}  # output name -> a larger device buffer than the IO one
+        self._users = 0
+        self._start(GraphSpec("backbone", entry.file, entry.sha256, entry.imgsz), None, trt, cuda)
+        missing = set(entry.outputs) - {t.name for t in self._io if not t.is_input}
+        if missing:
+            self.close()
+            raise ValueError(f"{self.model_path}: the backbone graph lacks outputs {sorted(missing)} that the "
+                             "manifest names")
+        self.run(np.full((1, 3, *entry.input_hw), 114 / 255, np.float32))  # warm-up
+
+    def attach(self) -> None:
+        self._users += 1
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users <= 0:
+            self.close()
+
+    def close(self) -> None:
+        self._stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "backbone", "outputs": list(self.entry.outputs), **self._describe()}
+
+    def run(self, batch: np.ndarray) -> dict[str, DeviceRows]:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        h, w = self.entry.input_hw
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, h, w) or len(x) == 0:
+            raise ValueError(f"backbone: expected a [N, 3, {h}, {w}] batch, got shape {list(x.shape)}")
+        return self._call(self._forward, x)
+
+    def _out(self, t: _Tensor) -> int:
+        return int(self._grown.get(t.name, t.device))
+
+    def _forward(self, x: np.ndarray) -> dict[str, DeviceRows]:
+        cuda, n, mb, inp = self._cuda, len(x), self.config.max_batch, self._input
+        outs = [t for t in self._io if not t.is_input]
+        if n > max(mb, self._capacity):  # room for every row of the batch, chunk after chunk
+            self._free_extra()
+            self._capacity = -(-n // mb) * mb
+            self._grown = {t.name: cuda.mem_alloc(self._capacity * t.row_bytes) for t in outs}
+        for s in range(0, n, mb):
+            c = min(mb, n - s)
+            self._set_shapes(c)
+            np.copyto(inp.host[:c], x[s:s + c])
+            cuda.memcpy_htod_async(inp.device, inp.host[:c], self._stream)
+            self._enqueue(c, {t.name: self._out(t) + s * t.row_bytes for t in outs})
+            self._stream.synchronize()  # the pinned input is refilled by the next chunk
+        self.generation += 1
+        return {t.name: DeviceRows(self, t.name, self._out(t), t.per_image, t.dtype, list(range(n)), self.generation)
+                for t in outs if t.name in self.entry.outputs}
+
+    def _free_extra(self) -> None:
+        for buf in self._grown.values():
+            buf.free()
+        self._grown = {}
+        self._capacity = 0
+
+
+class TensorRTHeadEngine(TensorRTEngine):
+    """A model whose bundle file is a head over a :class:`TensorRTBackbone`: ``run_features`` runs
+    it on backbone rows still on the GPU (the runner's path); ``infer`` runs backbone then head."""
+
+    def __init__(self, model_path: str | Path, entry: ModelEntry, config: TensorRTConfig,
+                 backbone: TensorRTBackbone, *, trt: Any = None, cuda: Any = None) -> None:
+        if not entry.head_inputs:
+            raise ValueError(f"model {entry.name!r} is a whole model, not a head graph")
+        if config.precision == "int8":
+            raise ValueError(f"{entry.name}: INT8 is not supported for a head over a shared backbone (its "
+                             "calibration would need the backbone's features); use fp16 or a bundle of whole models")
+        self.backbone = backbone
+        self.zero_copy_runs = 0  # runs that read the backbone's buffers in place
+        self.gathered_rows = 0  # rows copied device to device into the head's own input
+        backbone.attach()
+        self._attached = True
+        try:
+            super().__init__(model_path, entry, config, trt=trt, cuda=cuda)
+        except BaseException:
+            self._detach()
+            raise
+
+    def _detach(self) -> None:
+        if self._attached:
+            self._attached = False
+            self.backbone.release()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "shared_backbone": str(self.backbone.model_path)}
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_features(self.backbone.run(batch))
+
+    def run_features(self, features: Mapping[str, DeviceRows]) -> np.ndarray:
+        """The head alone on backbone rows (a batch, or any subset of its rows), read on the GPU."""
+        if self._closed:
+            raise RuntimeError(f"engine {self.name!r} ({self.backend}) is closed")
+        feats = {k: features[k] for k in self.entry.head_inputs}
+        for k, f in feats.items():
+            if not isinstance(f, DeviceRows) or f.backbone is not self.backbone:
+                raise TypeError(f"{self.name}: input {k!r} is not an output of this head's backbone on the GPU")
+        rows = next(iter(feats.values())).rows
+        for f in feats.values():
+            if f.generation != self.backbone.generation:
+                raise RuntimeError(f"{self.name}: stale backbone features (the backbone has run again since)")
+            if f.rows != rows:
+                raise ValueError(f"{self.name}: inputs select different rows")
+        out = self._call(self._from_device, feats, rows)
+        self.output_shape = tuple(out.shape[1:])
+        return out
+
+    def _from_device(self, feats: dict[str, DeviceRows], rows: list[int]) -> np.ndarray:
+        cuda, mb, outp = self._cuda, self.config.max_batch, self._output
+        n = len(rows)
+        result = np.empty((n, *outp.per_image), np.float32)
+        by_name = {t.name: t for t in self._inputs}
+        for s in range(0, n, mb):
+            chunk = rows[s:s + mb]
+            c = len(chunk)
+            self._set_shapes(c)
+            addresses: dict[str, int] = {}
+            runs = _runs(chunk)
+            for name, f in feats.items():
+                t = by_name[name]
+                if f.per_image != t.per_image or f.dtype != t.dtype:
+                    raise ValueError(f"{self.name}: input {name!r} is {t.dtype}{list(t.per_image)}, the backbone "
+                                     f"gives {f.dtype}{list(f.per_image)}")
+                if len(runs) == 1:  # consecutive rows: read the backbone's buffer where it lies
+                    addresses[name] = f.ptr + chunk[0] * f.row_bytes
+                    continue
+                for dst, src, k in runs:  # a device-side gather of the chosen rows
+                    cuda.memcpy_dtod_async(int(t.device) + dst * f.row_bytes, f.ptr + src * f.row_bytes,
+                                           k * f.row_bytes, self._stream)
+            if len(runs) == 1:
+                self.zero_copy_runs += 1
+            else:
+                self.gathered_rows += c
+            self._enqueue(c, addresses)
+            cuda.memcpy_dtoh_async(outp.host[:c], outp.device, self._stream)
+            self._stream.synchronize()
+            result[s:s + c] = outp.host[:c]
+        return result
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        self._detach()
 
 
 def _array_sha256(a: np.ndarray) -> str:
@@ -339,7 +625,7 @@ def _array_sha256(a: np.ndarray) -> str:
 # --- building ---------------------------------------------------------------------------------------
 
 
-def build_plan(trt: Any, logger: trt_api.ILogger, onnx_bytes: bytes, entry: ModelEntry, config: TensorRTConfig,
+def build_plan(trt: Any, logger: trt_api.ILogger, onnx_bytes: bytes, entry: GraphSpec, config: TensorRTConfig,
                timing_cache: Path, calibrator: trt_api.IInt8Calibrator | None = None) -> bytes:
     """ONNX bytes -> serialised plan. Runs in the engine's thread (a CUDA context must be current)."""
     major = int(str(trt.__version__).split(".")[0])
@@ -351,17 +637,24 @@ def build_plan(trt: Any, logger: trt_api.ILogger, onnx_bytes: bytes, entry: Mode
     if not parser.parse(onnx_bytes):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ValueError(f"{entry.file}: TensorRT cannot parse the ONNX model: {errors}")
-    if network.num_inputs != 1:
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    if not entry.inputs and len(inputs) != 1:
         raise ValueError(f"{entry.file}: expected one input, the network has {network.num_inputs}")
-    name = network.get_input(0).name
+    if entry.inputs and sorted(t.name for t in inputs) != sorted(entry.inputs):
+        raise ValueError(f"{entry.file}: a head over the backbone's {sorted(entry.inputs)} has inputs "
+                         f"{sorted(t.name for t in inputs)}")
     cfg = builder.create_builder_config()
     cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)  # TRT >= 8.4
     if config.precision in ("fp16", "int8"):
         cfg.set_flag(trt.BuilderFlag.FP16)  # INT8 layers that cannot be quantised fall back to FP16
-    h, w = entry.input_hw
     profile = builder.create_optimization_profile()
-    lo, hi = trt.Dims([1, 3, h, w]), trt.Dims([config.max_batch, 3, h, w])
-    profile.set_shape(name, lo, hi, hi)
+    for t in inputs:  # the batch is the one free dimension: an image is [3, H, W], a head's input as exported
+        dims = [int(d) for d in t.shape[:]]  # Dims[:] is a tuple
+        per = [3, *entry.input_hw] if not entry.inputs else dims[1:]
+        if any(d < 0 for d in per):
+            raise ValueError(f"{entry.file}: input {t.name!r} has free dimensions besides the batch: {dims}")
+        lo, hi = trt.Dims([1, *per]), trt.Dims([config.max_batch, *per])
+        profile.set_shape(t.name, lo, hi, hi)
     cfg.add_optimization_profile(profile)
     if config.precision == "int8":
         if calibrator is None:

@@ -21,6 +21,11 @@ What it enforces, because these are the mistakes that bite people on a real Jets
   ``max_workspace_size`` ... are absent) and explicit batch is implicit.
 - Plans and timing caches carry the TensorRT version and GPU; a plan from elsewhere does not
   deserialise (None), a foreign timing cache is refused by ``set_timing_cache``.
+- Graphs may have several inputs and outputs (a head over a shared backbone, the backbone's
+  feature tensors): each input needs a profile and a shape; output shapes are known once every
+  input's is set. ``memcpy_dtod(_async)`` copies between device buffers (any pointer inside an
+  allocation), and ``gpu.copied`` counts the bytes of each kind of copy, so a test can see that
+  features never went through host memory.
 - The calibrator subclass must call the base ``__init__`` (pybind11 raises otherwise), and
   calibration batches must match the calibration profile's opt shape.
 
@@ -74,8 +79,9 @@ class _Cuda:
     tls: threading.local = field(default_factory=threading.local)
     allocations: dict[int, object] = field(default_factory=dict)
     streams: dict[int, object] = field(default_factory=dict)
-    addresses: itertools.count = field(default_factory=lambda: itertools.count(0x7F00_0000_0000, 0x10_0000))
+    next_address: int = 0x7F00_0000_0000  # a bump allocator: allocations never overlap, as on a GPU
     handles: itertools.count = field(default_factory=lambda: itertools.count(0x5000))
+    copied: dict[str, int] = field(default_factory=lambda: {"htod": 0, "dtoh": 0, "dtod": 0})  # bytes, by kind
 
     def stack(self) -> list:
         if not hasattr(self.tls, "stack"):
@@ -185,7 +191,8 @@ def _make_cuda(st: _Cuda) -> types.ModuleType:
         def __init__(self, nbytes: int) -> None:
             self.nbytes = int(nbytes)
             self.buf = bytearray(self.nbytes)
-            self.addr = next(st.addresses)
+            self.addr = st.next_address
+            st.next_address += -(-self.nbytes // 0x10_0000) * 0x10_0000 + 0x10_0000  # 1 MiB aligned, a gap after
             self.freed = False
             st.allocations[self.addr] = self
 
@@ -254,12 +261,14 @@ def _make_cuda(st: _Cuda) -> types.ModuleType:
         _host_src(src, "memcpy_htod", pinned=False)
         alloc, off = _device(dest, src.nbytes, "memcpy_htod")
         alloc.buf[off:off + src.nbytes] = src.tobytes()
+        st.copied["htod"] += src.nbytes
 
     def memcpy_dtoh(dest, src) -> None:
         st.require("cuMemcpyDtoH")
         _host_src(dest, "memcpy_dtoh", pinned=False)
         alloc, off = _device(src, dest.nbytes, "memcpy_dtoh")
         dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(alloc.buf, np.uint8, dest.nbytes, off)
+        st.copied["dtoh"] += dest.nbytes
 
     def _stream_of(stream) -> Stream:
         if stream is None:
@@ -273,6 +282,7 @@ def _make_cuda(st: _Cuda) -> types.ModuleType:
 
         def op() -> None:  # reads the host buffer when the stream runs, as the GPU would
             alloc.buf[off:off + src.nbytes] = src.tobytes()
+            st.copied["htod"] += src.nbytes
 
         _stream_of(stream).enqueue(op, "cuMemcpyHtoDAsync")
 
@@ -283,8 +293,27 @@ def _make_cuda(st: _Cuda) -> types.ModuleType:
 
         def op() -> None:
             dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(alloc.buf, np.uint8, dest.nbytes, off)
+            st.copied["dtoh"] += dest.nbytes
 
         _stream_of(stream).enqueue(op, "cuMemcpyDtoHAsync")
+
+    def _dtod(dest, src, size: int, what: str):
+        d_alloc, d_off = _device(dest, size, what)
+        s_alloc, s_off = _device(src, size, what)
+
+        def op() -> None:  # device to device: no host memory involved
+            d_alloc.buf[d_off:d_off + size] = bytes(s_alloc.buf[s_off:s_off + size])
+            st.copied["dtod"] += size
+
+        return op
+
+    def memcpy_dtod(dest, src, size) -> None:
+        st.require("cuMemcpyDtoD")
+        _dtod(dest, src, int(size), "memcpy_dtod")()
+
+    def memcpy_dtod_async(dest, src, size, stream=None) -> None:
+        st.require("cuMemcpyDtoDAsync")
+        _stream_of(stream).enqueue(_dtod(dest, src, int(size), "memcpy_dtod_async"), "cuMemcpyDtoDAsync")
 
     for name, obj in list(locals().items()):
         if not name.startswith("_") and name not in ("st", "cuda"):
@@ -569,12 +598,16 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
                 return self._fail("Network has dynamic or shape inputs, but no optimization profile has been defined.")
             inp = network.inputs[0]
             prof = config.profiles[0]
-            if inp.name not in prof.shapes:
-                return self._fail(f"optimization profile is missing values for input {inp.name}")
+            for t in network.inputs:
+                if t.name not in prof.shapes:
+                    return self._fail(f"optimization profile is missing values for input {t.name}")
+                a_lo, _, a_hi = prof.shapes[t.name]
+                if len(a_lo) != len(t.shape):
+                    return self._fail(f"profile {a_lo}..{a_hi} has the wrong rank for input {t.name} {t.shape}")
+                for d, a, c in zip(t.shape, a_lo, a_hi, strict=True):
+                    if d != -1 and not (a == d == c):
+                        return self._fail(f"profile {a_lo}..{a_hi} conflicts with the static input shape {t.shape}")
             lo, opt, hi = prof.shapes[inp.name]
-            for d, a, c in zip(inp.shape, lo, hi, strict=True):
-                if d != -1 and not (a == d == c):
-                    return self._fail(f"profile {lo}..{hi} conflicts with the static input shape {inp.shape}")
             precision = "int8" if "INT8" in config.flags else "fp16" if "FP16" in config.flags else "fp32"
             scale, batches, from_cache = None, 0, False
             if precision == "int8":
@@ -593,7 +626,8 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
                 workspace=config.pools.get(int(MemoryPoolType.WORKSPACE)), timing_hits=hits,
                 timing_misses=len(tactics) - hits, calibration_batches=batches,
                 calibration_from_cache=from_cache, thread=threading.current_thread().name))
-            meta = {**here, "precision": precision, "input": inp.name, "profile": [lo, opt, hi],
+            profiles = {t.name: [list(x) for x in prof.shapes[t.name]] for t in network.inputs}
+            meta = {**here, "precision": precision, "input": inp.name, "profiles": profiles,
                     "int8_scale": scale, "outputs": [o.name for o in network.outputs]}
             return IHostMemory(PLAN_MAGIC + json.dumps(meta).encode() + b"\n" + network.onnx)
 
@@ -676,12 +710,16 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
             self.owner = threading.current_thread()
             self.meta = meta
             self.session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-            self.profile = [Dims(s) for s in meta["profile"]]
-            inp = self.session.get_inputs()[0]
-            self.tensors: dict[str, tuple] = {inp.name: (TensorIOMode.INPUT, _dims(inp.shape))}
+            self.profiles = {k: [Dims(s) for s in v] for k, v in meta["profiles"].items()}
+            self.tensors: dict[str, tuple] = {}
+            for i in self.session.get_inputs():
+                self.tensors[i.name] = (TensorIOMode.INPUT, _dims(i.shape))
             for o in self.session.get_outputs():
                 self.tensors[o.name] = (TensorIOMode.OUTPUT, _dims(o.shape))
-            self.input_name = inp.name
+            self.input_names = [i.name for i in self.session.get_inputs()]
+            self.output_names = [o.name for o in self.session.get_outputs()]
+            self.input_name = self.input_names[0]
+            self._shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
             self.precision = meta["precision"]
             self.int8_scale = meta["int8_scale"]
 
@@ -705,26 +743,38 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
             return DataType.FLOAT
 
         def get_tensor_profile_shape(self, name: str, profile_index: int):
-            if name != self.input_name or profile_index != 0:
+            if name not in self.profiles or profile_index != 0:
                 raise ValueError("no such profile or input")
-            return list(self.profile)
+            return list(self.profiles[name])
 
         def create_execution_context(self) -> IExecutionContext:
             self._check("create_execution_context")
             st.require("createExecutionContext")
             return IExecutionContext(self)
 
-        def _run(self, x: np.ndarray) -> np.ndarray:
+        def _output_shapes(self, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+            """What TensorRT's shape inference knows once the input shapes are set: every output's shape
+            (learnt here by running the graph once on zeros of those shapes, then remembered)."""
+            key = tuple(sorted(inputs.items()))
+            if key not in self._shapes:
+                outs = self.session.run(None, {k: np.zeros(v, np.float32) for k, v in inputs.items()})
+                self._shapes[key] = {n: tuple(o.shape) for n, o in zip(self.output_names, outs, strict=True)}
+            return self._shapes[key]
+
+        def _run(self, xs: dict[str, np.ndarray]) -> list[np.ndarray]:
             """What the GPU computes: the same ONNX graph, at this engine's precision."""
-            if self.precision == "int8":
-                s = self.int8_scale
-                x = np.clip(np.round(x / s), -127, 127).astype(np.float32) * np.float32(s)
+            feed = {}
+            for name, x in xs.items():
+                if self.precision == "int8":
+                    s = self.int8_scale
+                    x = np.clip(np.round(x / s), -127, 127).astype(np.float32) * np.float32(s)
+                if self.precision in ("fp16", "int8"):
+                    x = x.astype(np.float16).astype(np.float32)
+                feed[name] = x
+            ys = [y.astype(np.float32) for y in self.session.run(None, feed)]
             if self.precision in ("fp16", "int8"):
-                x = x.astype(np.float16).astype(np.float32)
-            y = self.session.run(None, {self.input_name: x})[0].astype(np.float32)
-            if self.precision in ("fp16", "int8"):
-                y = y.astype(np.float16).astype(np.float32)
-            return y
+                ys = [y.astype(np.float16).astype(np.float32) for y in ys]
+            return ys
 
     if major < 10:  # the binding API, gone in 10.x
         def num_bindings(self):
@@ -762,7 +812,7 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
             if mode != TensorIOMode.INPUT:
                 return self._err(f"setInputShape: {name} is not an input tensor")
             shape = Dims(int(d) for d in shape)
-            lo, _, hi = self.engine.profile
+            lo, _, hi = self.engine.profiles[name]
             if len(shape) != len(dims) or any(not (a <= s <= c) for s, a, c in zip(shape, lo, hi, strict=False)):
                 return self._err(f"setInputShape: {list(shape)} is outside the profile {list(lo)}..{list(hi)}")
             self.shapes[name] = shape
@@ -773,9 +823,9 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
             mode, dims = self.engine.tensors[name]
             if mode == TensorIOMode.INPUT:
                 return self.shapes.get(name, dims)
-            inp = self.shapes.get(self.engine.input_name)
-            batch = inp[0] if inp else -1
-            return Dims((batch, *dims[1:]))
+            if any(n not in self.shapes for n in self.engine.input_names):
+                return Dims((-1, *dims[1:]))  # unknown until every input has its shape
+            return Dims(self.engine._output_shapes(dict(self.shapes))[name])
 
         def set_tensor_address(self, name: str, memory: int) -> bool:
             _owner_check(self.owner, "IExecutionContext.set_tensor_address")
@@ -800,18 +850,22 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
             stream = st.streams.get(stream_handle)
             if stream is None:
                 return self._err(f"enqueueV3: invalid stream handle {stream_handle}")
-            in_name = self.engine.input_name
-            in_shape = self.shapes[in_name]
-            in_bytes = int(np.prod(in_shape)) * 4
-            out_name = next(n for n, (m, _) in self.engine.tensors.items() if m == TensorIOMode.OUTPUT)
-            in_alloc, in_off = st.memory(self.addresses[in_name], in_bytes, "enqueueV3 input")
-            out_addr = self.addresses[out_name]
+            reads = []  # (name, shape, allocation, offset) of every input, checked now as TensorRT does
+            for name in self.engine.input_names:
+                shape = self.shapes[name]
+                nbytes = int(np.prod(shape)) * 4
+                alloc, off = st.memory(self.addresses[name], nbytes, f"enqueueV3 input {name}")
+                reads.append((name, shape, alloc, off, nbytes))
+            out_shapes = self.engine._output_shapes({n: tuple(self.shapes[n]) for n in self.engine.input_names})
+            writes = [(n, self.addresses[n]) for n in self.engine.output_names]
 
             def op() -> None:
-                x = np.frombuffer(in_alloc.buf, np.float32, in_bytes // 4, in_off).reshape(in_shape)  # type: ignore
-                y = self.engine._run(x.copy())
-                alloc, off = st.memory(out_addr, y.nbytes, "enqueueV3 output")
-                alloc.buf[off:off + y.nbytes] = y.tobytes()  # type: ignore[attr-defined]
+                xs = {name: np.frombuffer(alloc.buf, np.float32, nbytes // 4, off).reshape(shape).copy()  # type: ignore
+                      for name, shape, alloc, off, nbytes in reads}
+                for (name, addr), y in zip(writes, self.engine._run(xs), strict=True):
+                    assert y.shape == out_shapes[name]
+                    alloc, off = st.memory(addr, y.nbytes, f"enqueueV3 output {name}")
+                    alloc.buf[off:off + y.nbytes] = y.tobytes()  # type: ignore[attr-defined]
                 gpu.executions += 1
 
             stream.enqueue(op, "enqueueV3")  # type: ignore[attr-defined]
@@ -859,6 +913,11 @@ class FakeGPU:
         monkeypatch.setitem(__import__("sys").modules, "tensorrt", self.trt)
         monkeypatch.setitem(__import__("sys").modules, "pycuda", self.pycuda)
         monkeypatch.setitem(__import__("sys").modules, "pycuda.driver", self.cuda)
+
+    @property
+    def copied(self) -> dict[str, int]:
+        """Bytes copied so far, by kind: host to device, device to host, device to device."""
+        return self.state.copied
 
     def live_allocations(self) -> int:
         return len(self.state.allocations)

@@ -66,10 +66,13 @@ def test_manifest_is_a_small_three_group_cascade():
     for g, e in m.experts.items():
         assert e.classes == m.groups[g] and e.frozen_layers == 10
         assert e.backbone_sha256 == m.global_model.backbone_sha256 is not None  # the shared backbone
+    # shipped as one backbone (layers 0-9, stored once) and a head per model
+    assert m.backbone is not None and m.backbone.frozen_layers == 10 and m.backbone.imgsz == 160
+    assert all(e.head_inputs == m.backbone.outputs and e.file.startswith("models/heads/") for e in m.models)
     assert m.samples and all(s.sha256 for s in m.samples)
     assert all(set(s.expected) == {e.name for e in m.models} for s in m.samples)
     size = sum(p.stat().st_size for p in DEMO_BUNDLE.rglob("*") if p.is_file())
-    assert size < 20e6, f"demo bundle is {size / 1e6:.1f} MB"
+    assert size < 12e6, f"demo bundle is {size / 1e6:.1f} MB"  # 16.3 MB as four whole models
     assert not any(p.suffix in {".pt", ".pkl", ".pth"} for p in DEMO_BUNDLE.rglob("*"))
 
 

@@ -13,8 +13,10 @@ import enum
 import hashlib
 import inspect
 import threading
+from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from fake_tensorrt import ContractError, FakeGPU, LogicError
@@ -23,18 +25,22 @@ from trt_stubs import stub_api, stub_member, stub_params
 
 from edge.bundle import load_bundle
 from edge.cli import main as edge_main
+from edge.demo import DEMO_BUNDLE, DEMO_FRAMES, DEMO_KEYS
 from edge.detection import Detection
 from edge.engines import compare_detections, create_engine, detect_batch, load_engines, read_samples
 from edge.engines.tensorrt import (
     Int8Rejected,
+    TensorRTBackbone,
     TensorRTConfig,
     TensorRTEngine,
+    TensorRTHeadEngine,
     build_gated_int8,
     int8_gate,
 )
 from edge.engines.trt_cache import PlanKey, plan_path
 from edge.manifest import ModelEntry
-from edge.selftest import selftest
+from edge.runner import CascadeRunner
+from edge.selftest import decision_differences, selftest
 from edge.vision import letterbox_batch
 
 VERSIONS = ["8.5.2.2", "10.3.0"]
@@ -466,6 +472,116 @@ def test_plan_from_another_tensorrt_does_not_load(model, tmp_path):
 def test_samples_helper_reads_the_bundle(bundle):
     imgs = read_samples(bundle)
     assert len(imgs) == 4 and all(i.dtype == np.uint8 and i.ndim == 3 for i in imgs)
+
+
+# --- a shared backbone on TensorRT: the demo bundle --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_bundle(DEMO_BUNDLE, public_keys=[DEMO_KEYS / "demo.pub"], require_signature=True)
+
+
+def _demo_frames() -> list[np.ndarray]:
+    imgs = [cv2.imread(str(p)) for p in sorted(DEMO_FRAMES.glob("*.JPG"))]
+    return [*imgs, np.full((240, 320, 3), 30, np.uint8)]
+
+
+def _close(engines) -> None:
+    for e in engines.values():
+        e.close()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_shared_backbone_on_tensorrt_decides_as_onnxruntime_and_keeps_features_on_the_gpu(demo, tmp_path, version):
+    """The demo bundle (one backbone + four heads) on the fake TensorRT gives the ONNX Runtime shared
+    path's decisions frame by frame; the backbone runs once per batch, the images are the only bytes
+    that go up, the heads' outputs the only bytes that come down, and a head that runs on some of the
+    frames gathers its rows device to device."""
+    assert demo.manifest.backbone is not None
+    frames = _demo_frames()
+    ort_engines = load_engines(demo, "onnxruntime")
+    try:
+        want = CascadeRunner(demo.manifest, ort_engines).classify(frames)
+    finally:
+        _close(ort_engines)
+    gpu = FakeGPU(version)
+    engines = load_engines(demo, "tensorrt", cache_dir=tmp_path / "c", runtime={"trt": gpu.trt, "cuda": gpu.cuda})
+    try:
+        runner = CascadeRunner(demo.manifest, engines)
+        assert isinstance(runner.backbone, TensorRTBackbone)
+        assert all(isinstance(e, TensorRTHeadEngine) and e.backbone is runner.backbone for e in engines.values())
+        assert len(gpu.builds) == 1 + len(engines)  # the backbone once, then one head per model
+        before, generation = dict(gpu.copied), runner.backbone.generation
+        got = runner.classify(frames)
+        copied = {k: gpu.copied[k] - before[k] for k in before}
+        assert runner.backbone.generation == generation + 1  # once for the whole batch (9 frames, 3 chunks)
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert decision_differences(a.decision, b.decision) == [], f"frame {i}"
+        assert any(not c.decision.empty for c in got) and any(len(c.decision.models_run) > 2 for c in got)
+        s = demo.manifest.backbone.imgsz
+        assert copied["htod"] == len(frames) * 3 * s * s * 4  # the images, nothing else
+        name = {"global": demo.manifest.global_model.name, **{g: e.name for g, e in demo.manifest.experts.items()}}
+        ran = Counter(name[m] for c in got for m in c.decision.models_run)
+        out_bytes = {n: int(np.prod(e.output_shape or ())) * 4 for n, e in engines.items()}
+        assert copied["dtoh"] == sum(k * out_bytes[n] for n, k in ran.items())  # the heads' outputs only
+        heads = [e for e in engines.values() if isinstance(e, TensorRTHeadEngine)]
+        assert copied["dtod"] > 0 and sum(h.gathered_rows for h in heads) > 0
+        assert engines[demo.manifest.global_model.name].gathered_rows == 0  # all frames: read in place
+    finally:
+        _close(engines)
+    assert gpu.live_allocations() == 0  # the last head to close freed the backbone too
+    assert gpu.errors == []
+
+
+def test_heads_read_any_rows_on_the_gpu_and_refuse_stale_ones(demo, tmp_path):
+    gpu = FakeGPU()
+    engines = load_engines(demo, "tensorrt", cache_dir=tmp_path / "c", max_batch=2,
+                           runtime={"trt": gpu.trt, "cuda": gpu.cuda})
+    try:
+        head = engines["group2"]
+        bb = head.backbone  # type: ignore[attr-defined]
+        x, _ = letterbox_batch(_demo_frames()[:7], demo.manifest.backbone.imgsz)
+        ref = head.infer(x)  # backbone + head, 7 images in chunks of 2
+        feats = bb.run(x)  # 7 rows > max_batch 2: four chunks into one grown buffer
+        full = head.run_features(feats)  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(full, ref)
+        pick = [6, 0, 3, 4]  # a gather ([6, 0]), then two neighbours read in place ([3, 4])
+        part = head.run_features({k: v[pick] for k, v in feats.items()})  # type: ignore[attr-defined]
+        np.testing.assert_allclose(part, full[pick], rtol=1e-3, atol=1e-3)
+        assert head.gathered_rows == 2 and head.zero_copy_runs >= 5  # type: ignore[attr-defined]
+        bb.run(x[:1])  # the buffers now hold another batch
+        with pytest.raises(RuntimeError, match="stale backbone features"):
+            head.run_features(feats)  # type: ignore[attr-defined]
+        with pytest.raises(TypeError, match="not an output of this head's backbone"):
+            head.run_features({k: np.zeros(v.shape, np.float32) for k, v in feats.items()})  # type: ignore[attr-defined]
+    finally:
+        _close(engines)
+    assert gpu.live_allocations() == 0
+
+
+def test_selftest_and_compile_on_a_shared_bundle(demo, tmp_path, monkeypatch, capsys):
+    """`compile` builds the backbone and each head once; `selftest` checks each head on rows of
+    features computed once (all, and a gather) and, given the whole models, the cascade's decisions."""
+    from export.backbone import join_backbone
+
+    gpu = FakeGPU("10.3.0")
+    gpu.install(monkeypatch)
+    cache = tmp_path / "cache"
+    pub = str(DEMO_KEYS / "demo.pub")
+    assert edge_main(["compile", "--bundle", str(DEMO_BUNDLE), "--cache", str(cache), "--public-key", pub]) == 0
+    out = capsys.readouterr().out
+    assert "backbone (shared): ok" in out and out.count("built in") == 5
+    whole = tmp_path / "whole"
+    join_backbone(DEMO_BUNDLE, whole)
+    assert edge_main(["selftest", "--bundle", str(DEMO_BUNDLE), "--backend", "tensorrt", "--cache", str(cache),
+                      "--runs", "1", "--public-key", pub, "--whole", str(whole), "--allow-unsigned"]) == 0
+    out = capsys.readouterr().out
+    assert "selftest: ok" in out and out.count("(shared)") == 4
+    assert "shared backbone vs whole models: same decisions" in out
+    assert len(gpu.builds) == 5 + 4  # the selftest built only the whole models: the shared plans were cached
+    with pytest.raises(ValueError, match="INT8 is not supported for a shared-backbone bundle"):
+        load_engines(demo, "tensorrt", precision="int8", cache_dir=cache, runtime={"trt": gpu.trt, "cuda": gpu.cuda})
 
 
 # --- the fake against TensorRT's real Python API (tensorrt-stubs 10.13) -------------------------------

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from broker import Subscriber
-from make_onnx import yolo_like
 from test_daemon import Device
-from update_helpers import DEMO, Server, relabel_onnx, variant
+from update_helpers import DEMO, Server, demo_file, relabel_onnx, variant, wrong_answers
 
 from edge.bundle import load_bundle
 from edge.signing import generate_keypair
@@ -25,7 +24,7 @@ from export.release import publish
 from export.update import Fleet, run_update
 
 KEY, PUB = generate_keypair()
-G2 = (DEMO / "models" / "group2.onnx").read_bytes()
+G2 = (DEMO / demo_file("group2")).read_bytes()
 FRAMES = sorted((DEMO.parent / "frames").glob("*.JPG"))
 DEV = "trap-u"
 
@@ -170,7 +169,7 @@ def test_a_good_update_while_frames_keep_coming(env, tmp_path):
 def test_a_self_test_failure_leaves_the_old_model_serving(env, tmp_path):
     make, srv, broker = env
     box = make().start()
-    _publish(srv, tmp_path, "demo-2", replace={"group2": yolo_like(3, imgsz=160, stride=16)})
+    _publish(srv, tmp_path, "demo-2", replace={"group2": wrong_answers("group2")})
     row = _send(broker, version="demo-2")
     assert row.state == "failed" and "self-test failed: group2" in row.reason
     box.drop(2)

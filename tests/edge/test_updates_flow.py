@@ -12,8 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from make_onnx import yolo_like
-from update_helpers import DEMO, EngineHost, Server, relabel_onnx, variant
+from update_helpers import DEMO, EngineHost, Server, demo_file, relabel_onnx, variant, wrong_answers
 
 from edge.bundle import load_bundle
 from edge.signing import generate_keypair, sign
@@ -25,7 +24,7 @@ from export.release import publish
 
 KEY, PUB = generate_keypair()
 OTHER, _ = generate_keypair()
-G2 = (DEMO / "models" / "group2.onnx").read_bytes()
+G2 = (DEMO / demo_file("group2")).read_bytes()
 
 
 class Box:
@@ -114,7 +113,7 @@ def _failed(box: Box, words: str) -> None:
 
 def test_a_file_whose_hash_does_not_match_is_refused(box):
     b = box.publish("demo-2", replace={"group2": relabel_onnx(G2, "x")})
-    sha = hashlib.sha256((b / "models" / "group2.onnx").read_bytes()).hexdigest()
+    sha = hashlib.sha256((b / demo_file("group2")).read_bytes()).hexdigest()
     (box.srv.folder / "files" / sha).write_bytes(relabel_onnx(G2, "tampered"))
     box.update("demo-2")
     _failed(box, "sha256 mismatch")
@@ -211,7 +210,7 @@ def test_a_good_archive_update_works_too(box):
 
 def test_a_truncated_download_resumes_and_the_update_goes_through(box):
     b = box.publish("demo-2", replace={"group2": relabel_onnx(G2, "x")})
-    sha = hashlib.sha256((b / "models" / "group2.onnx").read_bytes()).hexdigest()
+    sha = hashlib.sha256((b / demo_file("group2")).read_bytes()).hexdigest()
     box.srv.cut[f"/files/{sha}"] = 1_000_000
     box.srv.served = 0
     box.update("demo-2")
@@ -226,7 +225,7 @@ def test_a_download_that_keeps_breaking_fails_and_the_next_command_resumes_it(tm
     with Server(www) as srv:
         box = Box(tmp_path, srv, attempts=1)
         b = box.publish("demo-2", replace={"group2": relabel_onnx(G2, "x")})
-        sha = hashlib.sha256((b / "models" / "group2.onnx").read_bytes()).hexdigest()
+        sha = hashlib.sha256((b / demo_file("group2")).read_bytes()).hexdigest()
         srv.cut[f"/files/{sha}"] = 2_000_000
         box.update("demo-2")
         rec = box.upd.record
@@ -249,7 +248,7 @@ def test_an_oversize_update_is_refused(tmp_path):
 
 
 def test_a_self_test_failure_is_refused_and_the_old_model_stays(box):
-    box.publish("demo-2", replace={"group2": yolo_like(3, imgsz=160, stride=16)})  # other outputs
+    box.publish("demo-2", replace={"group2": wrong_answers("group2")})
     box.update("demo-2")
     _failed(box, "self-test failed: group2")
 

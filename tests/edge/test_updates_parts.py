@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from update_helpers import DEMO, Server, relabel_onnx, variant
+from update_helpers import DEMO, Server, demo_file, relabel_onnx, variant
 
 from edge.signing import generate_keypair
 from edge.updates_command import CommandError, ReplayStore, make_command, parse_command
@@ -182,15 +182,15 @@ def test_store_imports_a_bundle_shares_files_and_switches(tmp_path):
     v1 = variant(DEMO, tmp_path / "v1", version="demo-1", key=KEY)
     b1 = store.import_bundle(v1)
     store.activate(b1)
-    g2 = (DEMO / "models" / "group2.onnx").read_bytes()
+    g2 = (DEMO / demo_file("group2")).read_bytes()
     v2 = variant(DEMO, tmp_path / "v2", version="demo-2", key=KEY, replace={"group2": relabel_onnx(g2, "v2")})
     man2 = store.manifest_of(b1).model_validate_json((v2 / "manifest.json").read_bytes())
     missing = store.missing(man2)
-    assert [rel for rel, _ in missing] == ["models/group2.onnx"]  # the rest is held already
+    assert [rel for rel, _ in missing] == [demo_file("group2")]  # the rest is held already
     b2 = store.import_bundle(v2)
     store.switch(b2)
     assert store.current() == b2 and store.previous() == b1
-    assert os.stat(b1 / "models/global.onnx").st_ino == os.stat(b2 / "models/global.onnx").st_ino  # one copy
+    assert os.stat(b1 / demo_file("global")).st_ino == os.stat(b2 / demo_file("global")).st_ino  # one copy
     from edge.bundle import load_bundle
 
     assert load_bundle(tmp_path / "models" / "current", public_keys=[PUB], require_signature=True).version == "demo-2"
@@ -198,7 +198,7 @@ def test_store_imports_a_bundle_shares_files_and_switches(tmp_path):
 
 def test_prune_keeps_current_and_previous_and_drops_old_engines(tmp_path):
     store = ModelStore(tmp_path / "models")
-    g2 = (DEMO / "models" / "group2.onnx").read_bytes()
+    g2 = (DEMO / demo_file("group2")).read_bytes()
     paths = []
     for i in (1, 2, 3):
         v = variant(DEMO, tmp_path / f"v{i}", version=f"demo-{i}", key=KEY,

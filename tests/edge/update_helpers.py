@@ -22,6 +22,19 @@ from export.release import RangeRequestHandler
 DEMO = Path(__file__).parents[2] / "edge" / "demo" / "bundle"
 
 
+def demo_file(model: str) -> str:
+    """Where the demo bundle keeps ``model``'s graph (a head under models/heads/ in a shared-backbone bundle)."""
+    return next(m["file"] for m in json.loads((DEMO / "manifest.json").read_text())["models"] if m["name"] == model)
+
+
+def wrong_answers(model: str) -> bytes:
+    """A graph that loads where the demo's ``model`` does (same inputs: a head over the shared
+    backbone) but answers differently: another expert's graph, with its own bytes. Its self-test fails."""
+    other = next(m["name"] for m in json.loads((DEMO / "manifest.json").read_text())["models"]
+                 if m["role"] == "expert" and m["name"] != model)
+    return relabel_onnx((DEMO / demo_file(other)).read_bytes(), f"not {model}")
+
+
 def relabel_onnx(data: bytes, note: str) -> bytes:
     """Same graph, new bytes: a later ``doc_string`` (ModelProto field 6) overrides nothing that
     runs, so outputs are unchanged but the sha256 differs (a retrained-but-equal expert)."""

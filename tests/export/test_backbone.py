@@ -1,6 +1,7 @@
-"""camtrap-export share-backbone on the shipped demo bundle (real ultralytics ONNX exports):
-graph surgery, parity with the whole models through the device's runner, the fallback when an
-expert's frozen layers differ, and what the manifest and the engines accept."""
+"""camtrap-export share-backbone and whole-models on the shipped demo bundle (real ultralytics ONNX
+exports; shipped shared, so its whole models are made here by whole-models): graph surgery, parity
+with the whole models through the device's runner, the round trip, the fallback when an expert's
+frozen layers differ, and what the manifest and the engines accept."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from edge.bundle import load_bundle
 from edge.engines import load_engines
 from edge.manifest import Manifest
 from edge.runner import CascadeRunner
-from export.backbone import cut_tensors, frozen_digest, share_backbone
+from export.backbone import cut_tensors, frozen_digest, join_backbone, share_backbone
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "edge" / "demo"
@@ -35,7 +36,17 @@ def _decisions(bundle_dir: Path) -> tuple[list[dict], CascadeRunner]:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> tuple[Path, dict]:
+def whole(tmp_path_factory) -> Path:
+    """The demo's models as whole graphs (backbone + head merged), as `camtrap-export whole-models` makes them."""
+    out = tmp_path_factory.mktemp("whole") / "bundle"
+    report = join_backbone(DEMO / "bundle", out, public_keys=[DEMO / "keys" / "demo.pub"], require_signature=True)
+    assert report["joined"] == ["global", "group1", "group2", "group3"]
+    assert max(report["parity_max_abs"].values()) <= 1e-4
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, whole) -> tuple[Path, dict]:
     from edge.signing import generate_keypair
 
     tmp = tmp_path_factory.mktemp("shared")
@@ -43,18 +54,17 @@ def shared(tmp_path_factory) -> tuple[Path, dict]:
     (tmp / "k.pem").write_bytes(priv)
     (tmp / "k.pub").write_bytes(pub)
     out = tmp / "bundle"
-    report = share_backbone(DEMO / "bundle", out, sign_key=tmp / "k.pem",
-                            public_keys=[DEMO / "keys" / "demo.pub"], require_signature=True)
-    return out, report | {"pub": tmp / "k.pub"}
+    report = share_backbone(whole, out, sign_key=tmp / "k.pem")
+    return out, report | {"pub": tmp / "k.pub", "source": whole}
 
 
-def test_cut_is_the_frozen_layers_outputs_the_neck_reads():
+def test_cut_is_the_frozen_layers_outputs_the_neck_reads(whole):
     import onnx
 
-    m = onnx.load(str(DEMO / "bundle" / "models" / "global.onnx"))
+    m = onnx.load(str(whole / "models" / "global.onnx"))
     assert cut_tensors(m, 10) == ["/model.4/cv2/act/Mul_output_0", "/model.6/cv2/act/Mul_output_0",
                                   "/model.9/cv2/act/Mul_output_0"]
-    e = onnx.load(str(DEMO / "bundle" / "models" / "group1.onnx"))
+    e = onnx.load(str(whole / "models" / "group1.onnx"))
     assert frozen_digest(m, 10) == frozen_digest(e, 10)  # experts froze layers 0-9
     assert frozen_digest(m, 13) != frozen_digest(e, 13)  # layer 12 (a C2f, weights) was trained further
 
@@ -67,11 +77,23 @@ def test_shared_bundle_is_smaller_signed_and_answers_exactly_as_the_whole_models
     b = load_bundle(out, public_keys=[report["pub"]], require_signature=True)
     assert b.manifest.backbone is not None and b.manifest.backbone.frozen_layers == 10
     assert all(m.head_inputs == b.manifest.backbone.outputs for m in b.manifest.models)
-    whole, _ = _decisions(DEMO / "bundle")
+    whole_answers, _ = _decisions(report["source"])
     split, runner = _decisions(out)
     assert runner.backbone is not None
-    assert split == whole
-    assert any(not d["empty"] for d in whole) and any(len(d["route"]["models_run"]) > 2 for d in whole)
+    assert split == whole_answers
+    assert any(not d["empty"] for d in split) and any(len(d["route"]["models_run"]) > 2 for d in split)
+
+
+def test_the_shipped_bundle_is_the_split_of_its_whole_models(shared):
+    """share-backbone(whole-models(demo)) gives the shipped bundle's graphs and answers: the split is
+    reproducible from the whole models, and the demo answers exactly as its whole models do."""
+    out, _ = shared
+    ours, theirs = load_bundle(out).manifest, load_bundle(DEMO / "bundle").manifest
+    assert ours.backbone is not None and theirs.backbone is not None
+    assert ours.backbone.outputs == theirs.backbone.outputs and ours.samples == theirs.samples
+    assert [m.model_dump(exclude={"sha256"}) for m in ours.models] == \
+        [m.model_dump(exclude={"sha256"}) for m in theirs.models]
+    assert _decisions(out)[0] == _decisions(DEMO / "bundle")[0]
 
 
 def test_the_backbone_runs_once_per_batch_and_heads_run_only_where_routed(shared):
@@ -86,13 +108,12 @@ def test_the_backbone_runs_once_per_batch_and_heads_run_only_where_routed(shared
     assert len(res) == len(_frames())
 
 
-def test_an_expert_whose_frozen_layers_differ_stays_a_whole_model(tmp_path):
+def test_an_expert_whose_frozen_layers_differ_stays_a_whole_model(tmp_path, whole):
     import onnx
     from onnx import numpy_helper
 
     src = tmp_path / "src"
-    shutil.copytree(DEMO / "bundle", src)
-    (src / "manifest.sig").unlink()
+    shutil.copytree(whole, src)
     path = src / "models" / "group3.onnx"
     m = onnx.load(str(path))
     first = next(n for n in m.graph.node if n.name.startswith("/model.0/") and n.op_type == "Conv")
@@ -116,13 +137,15 @@ def test_an_expert_whose_frozen_layers_differ_stays_a_whole_model(tmp_path):
 
 
 def test_manifest_and_engines_refuse_what_cannot_run(shared, tmp_path):
-    out, _ = shared
+    out, report = shared
     man = json.loads((out / "manifest.json").read_text())
     bad = {**man, "backbone": None}
     with pytest.raises(ValueError, match="is a head graph but the bundle has no backbone"):
         Manifest.model_validate(bad)
-    with pytest.raises(ValueError, match="onnxruntime backend only"):
-        load_engines(load_bundle(out), "tensorrt")
+    with pytest.raises(ValueError, match="already shares a backbone"):
+        share_backbone(out, tmp_path / "again")
+    with pytest.raises(ValueError, match="no shared backbone; its models are whole already"):
+        join_backbone(report["source"], tmp_path / "again")
     # the update store and release fetch the backbone like every model file
     from edge.updates_store import bundle_files
 

@@ -69,6 +69,10 @@ def test_bundle_is_signed_complete_and_pickle_free(bundle):
         assert par["parity"]["detections"] > 0 and par["parity"]["images_with_detections"] > 0, name
     assert set(m.codes) == set(m.global_model.classes)
     assert set(m.taxonomy) == set(m.global_model.classes)  # from --taxonomy, signed with the rest
+    # by default the experts' frozen layers 0-9 are stored once: one backbone, a head per model
+    assert m.backbone is not None and m.backbone.frozen_layers == 10
+    assert all(e.head_inputs == m.backbone.outputs and e.file.startswith("models/heads/") for e in m.models)
+    assert m.provenance["shared_backbone"]["shared"] == [e.name for e in m.models]
     assert m.taxonomy["lynx"].scientific_name == "Lynx pardinus" and m.taxonomy["lynx"].taxon_id == "gbif:2435261"
 
 
@@ -90,9 +94,24 @@ def test_parity_check_fails_when_the_comparison_would_be_empty(bundle, tmp_path)
 def test_onnx_has_fixed_image_size_and_dynamic_batch(bundle):
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(bundle / "B" / "models" / "global.onnx"), providers=["CPUExecutionProvider"])
+    m = load_bundle(bundle / "B").manifest
+    assert m.backbone is not None
+    sess = ort.InferenceSession(str(bundle / "B" / m.backbone.file), providers=["CPUExecutionProvider"])
     shape = sess.get_inputs()[0].shape
     assert shape[1:] == [3, 96, 96] and isinstance(shape[0], str)
+
+
+@pytest.mark.slow
+def test_whole_models_on_request(bundle, capsys):
+    """--whole-models opts out of the shared backbone: every model whole, as before; same answers."""
+    rc = export_main(["bundle", "--global", str(bundle / "global"), "--experts", str(bundle / "experts"),
+                      "--groups", str(bundle / "groups.yaml"), "--out", str(bundle / "W"), "--version", "2026.11.0",
+                      "--samples", "3", "--whole-models", "--no-parity"])
+    assert rc == 0 and "whole models" in capsys.readouterr().out
+    w, s = load_bundle(bundle / "W").manifest, load_bundle(bundle / "B").manifest
+    assert w.backbone is None and all(not e.head_inputs and e.file == f"models/{e.name}.onnx" for e in w.models)
+    assert [x.expected for x in w.samples] == [x.expected for x in s.samples]  # recorded on the whole models
+    assert selftest(load_bundle(bundle / "W"), "onnxruntime", runs=1).ok
 
 
 @pytest.mark.slow
