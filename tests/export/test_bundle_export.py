@@ -148,8 +148,19 @@ def test_a_bundle_at_the_cameras_aspect_runs_on_the_device(bundle, tmp_path):
     runner = CascadeRunner(b.manifest, load_engines(b))
     assert runner.input_sizes == [(64, 96)] and runner.input_side == 96
     frame = cv2.imread(str(next((bundle / "ds" / "images" / "val").glob("*.jpg"))))
-    (result,) = runner.classify([frame, np.zeros((30, 200, 3), np.uint8)])[:1]
-    assert result.decision is not None
+    frames = [frame, np.zeros((30, 200, 3), np.uint8)]
+    whole = runner.classify(frames)
+    assert len(whole) == 2
+    # the shared backbone over the rectangle: same decisions as the whole models
+    from export.backbone import share_backbone
+
+    report = share_backbone(tmp_path / "R", tmp_path / "RS")
+    assert report["shared"], report
+    shared = load_bundle(tmp_path / "RS")
+    assert shared.manifest.backbone is not None and shared.manifest.backbone.imgsz == (64, 96)
+    assert selftest(shared, "onnxruntime", runs=1).ok
+    again = CascadeRunner(shared.manifest, load_engines(shared)).classify(frames)
+    assert [c.decision for c in again] == [c.decision for c in whole]
     with pytest.raises(SystemExit):
         export_main(["bundle", "--global", "g", "--experts", "e", "--groups", "y", "--out", "o", "--imgsz", "60,96"])
 
