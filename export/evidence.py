@@ -43,7 +43,7 @@ class Evidence:
     conf: float
     soft_conf: float
     iou_match: float
-    imgsz: int
+    imgsz: int | tuple[int, int]  # a side, or (h, w) for a model exported at a camera's aspect
     images: int
     model: str = ""
     data: str = ""
@@ -181,7 +181,7 @@ def onnx_engine(model: str | Path):
     except (KeyError, ValueError, SyntaxError):
         raise ValueError(f"{p}: no ultralytics 'names'/'imgsz' metadata; pass a bundle folder instead") from None
     classes = [str(names[i]) for i in sorted(names)] if isinstance(names, dict) else [str(x) for x in names]
-    size = max(imgsz) if isinstance(imgsz, (list, tuple)) else int(imgsz)
+    size = (int(imgsz[0]), int(imgsz[1])) if isinstance(imgsz, (list, tuple)) else int(imgsz)  # [s, s] -> s
     entry = ModelEntry(name=p.stem, file=p.name, sha256=hashlib.sha256(p.read_bytes()).hexdigest(), role="global",
                        classes=classes, imgsz=size, layout="yolov8")
     return create_engine("onnxruntime", p, entry), entry
@@ -204,6 +204,7 @@ def compute_evidence(
     """
     import cv2
 
+    from edge.manifest import input_hw
     from edge.vision import decode, letterbox
     from export.train import label_path, list_images, read_data_yaml
 
@@ -221,7 +222,7 @@ def compute_evidence(
     if onnx:
         engine, entry = onnx_engine(weights)
         classes, size = list(entry.classes), entry.imgsz
-        if imgsz and int(imgsz) != size:
+        if imgsz and input_hw(int(imgsz)) != entry.input_hw:
             raise ValueError(f"{weights}: the ONNX model's input is fixed at {size} px, not {imgsz}")
         model = None
     else:

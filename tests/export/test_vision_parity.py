@@ -250,6 +250,11 @@ def test_an_export_at_the_cameras_aspect_matches_ultralytics(v8, images, tmp_pat
         _assert_same(ours, _ul(model, img, 0.25, imgsz=[96, 128]), f"image {i} {img.shape[:2]} at 96x128")
         total += len(ours)
     assert total == (96 // 32) * (128 // 32) * len(images)  # the known head: one box per stride-32 cell
+    from export.evidence import onnx_engine  # a loose .onnx: its size from ultralytics' metadata, [96, 128]
+
+    engine, entry = onnx_engine(path)
+    assert entry.imgsz == (96, 128) and engine.input_shape == (3, 96, 128)
+    engine.close()
 
     pt = tmp_path / "v8.pt"
     model.save(str(pt))
