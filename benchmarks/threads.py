@@ -129,7 +129,7 @@ def child(args: argparse.Namespace) -> dict:
     if args.model640:
         entry = ModelEntry.model_validate_json(args.model640.with_suffix(".json").read_text())
         r640 = ModelRunner(entry, OnnxRuntimeEngine(args.model640, entry, cfg))
-        frames = [read_image(p, max_side=entry.imgsz).bgr for p in real_paths[:5]]
+        frames = [read_image(p, max_side=max(entry.input_hw)).bgr for p in real_paths[:5]]
         inputs = [letterbox_batch([im], entry.imgsz) for im in frames]
         out["single 640"] = per_call(r640, inputs, max(1, args.rounds // 2))
         r640.engine.close()
