@@ -21,6 +21,8 @@ private key is thrown away), frames/ (+ labels.json, the COCO truth of each fram
                                             # models -> one backbone + heads (seconds), signed again
     /work/main/.venv/bin/python scripts/build_demo_bundle.py --cascade gate_threshold=0.11 [...]
                                             # cascade settings into the shipped manifest, signed again
+    /work/main/.venv/bin/python scripts/build_demo_bundle.py --calibrate  # the gate from
+                                            # `camtrap-export calibrate` on unseen frames, signed again
 
 Every "signed again" uses a fresh throwaway key (only keys/demo.pub is kept). A full build makes
 a shared-backbone bundle itself (`build_bundle`'s default), so --share-backbone is only for a
@@ -250,6 +252,50 @@ def set_cascade_shipped(out: Path, settings: list[str]) -> None:
     _say(f"[demo] {bundle}: cascade {cascade}, signed again; {out / 'keys' / 'demo.pub'} replaced")
 
 
+CALIB_SEED, CALIB_IMAGES, CALIB_TEST, CALIB_VAL = 1, 4000, ["L2", "L3", "L4", "L5", "L6", "L7"], ["L1"]
+
+
+def calibration_data(work: Path) -> Path:
+    """Frames the demo models never saw, for `calibrate`: synth seed 1 (the build uses seed 0),
+    4000 images, prepared with L2-L7 as test and L1 as val (about 3 minutes). Returns data.yaml."""
+    from export.datasets import prepare
+    from export.synth import synthesize
+
+    coco = synthesize(work / "calib-synth", seed=CALIB_SEED, n_images=CALIB_IMAGES, size=(320, 240), n_locations=8,
+                      overwrite=True)
+    prepare(work / "calib-data", coco=coco, test_locations=CALIB_TEST, val_locations=CALIB_VAL, seed=CALIB_SEED,
+            link="hardlink", overwrite=True)
+    return work / "calib-data" / "data.yaml"
+
+
+def calibrate_shipped(out: Path, data: Path, confidence: float = 0.95) -> None:
+    """`camtrap-export calibrate` on the shipped bundle (test split of ``data``, within 0.5 points of
+    animal recall at ``confidence``): the gate and its provenance into the manifest, which is then
+    signed again with a fresh throwaway key."""
+    import tempfile
+
+    from edge.bundle import load_bundle
+    from edge.manifest import Manifest
+    from export.calibrate import calibrate, describe
+
+    load_bundle(out / "bundle", public_keys=[out / "keys" / "demo.pub"], require_signature=True)  # verified first
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "bundle"
+        shutil.copytree(out / "bundle", copy)
+        (copy / "manifest.sig").unlink()  # signed again below, with the new key
+        report = calibrate(copy, data, split="test", confidence=confidence)
+        man = json.loads((copy / "manifest.json").read_text())  # what the data is, not where it lay
+        man["provenance"]["gate_calibration"]["data"] = (
+            f"export.synth seed {CALIB_SEED}, {CALIB_IMAGES} images 320x240, 8 locations; prepare test_locations "
+            f"{CALIB_TEST[0]}-{CALIB_TEST[-1]}, val {CALIB_VAL[0]} (scripts/build_demo_bundle.py calibration_data)")
+        (copy / "manifest.json").write_bytes(Manifest.model_validate(man).to_bytes())
+        _resign_shipped(out, copy)
+    _refresh_docs(out, f"{SCRIPT} --calibrate  # synth seed {CALIB_SEED}, {CALIB_IMAGES} images, test "
+                  f"{CALIB_TEST[0]}-{CALIB_TEST[-1]}; confidence {confidence}")
+    for line in describe(report):
+        _say(f"[demo] {line}")
+
+
 def _truth(coco: Path) -> dict[str, dict]:
     """COCO CT -> {file_name: {species, boxes, empty, ir, location, datetime, seq_id}} for test locations."""
     d = json.loads(coco.read_text())
@@ -475,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="only put the synthetic taxonomy into the shipped manifest (--out) and sign it again")
     p.add_argument("--share-backbone", action="store_true",
                    help="only split the shipped bundle's whole models into a shared backbone + heads, signed again")
+    p.add_argument("--calibrate", action="store_true",
+                   help="only calibrate the shipped bundle's gate (camtrap-export calibrate on synth seed 1, made in "
+                   "--work unless --calibrate-data) and sign it again")
+    p.add_argument("--calibrate-data", type=Path, help="with --calibrate: a data.yaml made as calibration_data() does")
     p.add_argument("--cascade", nargs="+", metavar="KEY=VALUE",
                    help="only set these cascade settings in the shipped manifest and sign it again")
     args = p.parse_args(argv)
@@ -486,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cascade:
         set_cascade_shipped(args.out, args.cascade)
+        return 0
+    if args.calibrate:
+        args.work.mkdir(parents=True, exist_ok=True)
+        calibrate_shipped(args.out, args.calibrate_data or calibration_data(args.work.resolve()))
         return 0
     work = args.work.resolve()
     if work.is_relative_to(REPO):

@@ -500,15 +500,16 @@ def test_shared_backbone_on_tensorrt_decides_as_onnxruntime_and_keeps_features_o
     frames gathers its rows device to device."""
     assert demo.manifest.backbone is not None
     frames = _demo_frames()
+    every = demo.manifest.cascade.model_copy(update={"gate_threshold": None})  # every expert on background
     ort_engines = load_engines(demo, "onnxruntime")
     try:
-        want = CascadeRunner(demo.manifest, ort_engines).classify(frames)
+        want = CascadeRunner(demo.manifest, ort_engines, every).classify(frames)
     finally:
         _close(ort_engines)
     gpu = FakeGPU(version)
     engines = load_engines(demo, "tensorrt", cache_dir=tmp_path / "c", runtime={"trt": gpu.trt, "cuda": gpu.cuda})
     try:
-        runner = CascadeRunner(demo.manifest, engines)
+        runner = CascadeRunner(demo.manifest, engines, every)
         assert isinstance(runner.backbone, TensorRTBackbone)
         assert all(isinstance(e, TensorRTHeadEngine) and e.backbone is runner.backbone for e in engines.values())
         assert len(gpu.builds) == 1 + len(engines)  # the backbone once, then one head per model
