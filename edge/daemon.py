@@ -11,9 +11,9 @@ Threads and who owns what::
                                    |        probation; watchdog pings while the writer keeps up
                                    |            | bounded queue: WRITE_AHEAD classified batches
                                    |            v     (no pixels; the model that served travels along)
-       complete_many(): a batch's  <--- writer thread: results + messages, MegaDetector records,
-       results + outbox rows, one       disposal, event answers, storage retries, telemetry
-       durable transaction              (one fsync each for records, results, disposals per batch)
+       complete_many(): a batch's  <--- writer thread: MegaDetector records (written), results +
+       results + outbox rows, one       messages (committed), records (fsynced), disposal, event
+       durable transaction              answers; storage retries, telemetry (3 fsyncs per batch)
                                    |
                                    v
                       publisher (MQTT, removes a row on PUBACK)
@@ -27,9 +27,10 @@ on a Jetson the writer's fsyncs and file operations overlap the next batch's inf
 Invariants:
 - Nothing is disposed of before its result is durable: the writer commits a batch's results
   (``Ledger.complete_many``, one fsync) and only then disposes of them (their disposals recorded
-  in one more durable transaction; the file operations are safe to redo). Records are journalled
-  just before the commit (one fsync), so a committed result always has its record; a crash
-  between leaves records of frames that are redone, and a redo replaces its record.
+  in one more durable transaction; the file operations are safe to redo). Records are written
+  to their journal just before the commit and fsynced just after it (off the messages' path),
+  so a committed result always has its record, whenever the process dies; a crash before the
+  commit leaves records of frames that are redone, and a redo replaces its record.
 - One result per image, in frame order: one writer, one FIFO queue, the ledger's trigger.
 - Each result names the model that classified it (``model``, ``bundle``): the serving model's
   ``_Serving`` is taken when the batch is classified and travels with it, so a swap between two
@@ -689,22 +690,29 @@ class Daemon:
             self._close_event(ev, job.serving)
 
     def _finish(self, job: _Job) -> None:
-        """A batch's results, built in frame order: their records first (one fsync: a crash
+        """A batch's results, built in frame order: their records written first (not fsynced:
+        they survive the process dying, so a committed result always has its record; a crash
         before the commit leaves records of frames that are redone, and a redo replaces its
-        record), then ONE durable transaction (``Ledger.complete_many``), and only then are
-        they disposed of (one durable transaction for the batch's disposals). A frame the
-        ledger refuses is skipped alone; a storage error strands the whole batch (nothing of
-        it is durable, so nothing of it is disposed of)."""
+        record), then ONE durable transaction (``Ledger.complete_many``: the messages can go),
+        then the records' fsync (off the messages' path), and only then are they disposed of
+        (one durable transaction for the batch's disposals). A frame the ledger refuses is
+        skipped alone; a storage error strands the whole batch (nothing of it is durable, so
+        nothing of it is disposed of)."""
         alerting: set[tuple[int, str]] = set()  # alerts of this batch, not on record yet
         done = [self._result_of(f, job.serving, alerting) for f in job.frames]
         self._record([MdResult(f.row.path, [Detection.from_dict(x) for x in c.result["detections"]], f.size)
-                      for c, f in zip(done, job.frames, strict=True)])
+                      for c, f in zip(done, job.frames, strict=True)], sync=False)
         try:
             outcomes = self.ledger.complete_many(done)
         except STORAGE_ERRORS as e:  # disk full, I/O error: the frames are kept and redone later
             self._strand([f.row.id for f in job.frames], "committing results", e)
             return
         self.health.committed()
+        if self.md_writer is not None:
+            try:
+                self.md_writer.sync()
+            except STORAGE_ERRORS as e:  # held by the writer for its next rewrite; written by then
+                self._storage_failed("writing the MegaDetector records", e)
         committed = []
         for c, f, out in zip(done, job.frames, outcomes, strict=True):
             if isinstance(out, DuplicateResult):
@@ -771,13 +779,14 @@ class Daemon:
         self._gone_log.log(logging.WARNING, "%s: %s; recorded as gone, not quarantined", show_path(row.path), GONE)
         self._record([MdResult(row.path, failure=GONE)])
 
-    def _record(self, results: list[MdResult]) -> None:
-        """MegaDetector records (one fsync for them all); kept for a retry when the records cannot
-        be written (the ledger has the results: the records are a copy of them)."""
+    def _record(self, results: list[MdResult], *, sync: bool = True) -> None:
+        """MegaDetector records (one fsync for them all, or none: ``MdBatchWriter.add_many``); kept
+        for a retry when the records cannot be written (the ledger has the results: the records
+        are a copy of them)."""
         if self.md_writer is None or not results:
             return
         try:
-            self.md_writer.add_many(results)
+            self.md_writer.add_many(results, sync=sync)
         except STORAGE_ERRORS as e:
             with self._held:
                 self._md_backlog.extend(results)

@@ -10,9 +10,11 @@ Invariants:
 - ``MdBatchWriter`` keeps a JSON-lines journal and rewrites the JSON atomically
   (edge/atomic.py) every few results, so the JSON on disk is valid after any crash and the
   journal replays what the last rewrite missed. A result is durable when ``add``/``add_many``
-  returns. Cost: one fsync per call (``add_many``: a whole batch, one write and one fsync;
-  the daemon calls it once per batch), or, when the rewrite is due, the rewrite's two (file and
-  folder) instead of the journal's. The rewrite interval grows with the file (at least
+  returns (``add_many(sync=False)``: when this process dies, at once; against a power cut, at
+  the next ``sync()``). Cost: one fsync per call (``add_many``: a whole batch, one write and one
+  fsync; the daemon writes a batch with ``sync=False`` before its ledger commit and calls
+  ``sync()`` after it), or, when the rewrite is due, the rewrite's two (file and folder)
+  instead of the journal's. The rewrite interval grows with the file (at least
   ``flush_every`` results, at least ``REWRITE_SHARE`` of the images held), so the cost per
   result stays constant: a rewrite of 50,000 images took 72 ms, and rewriting it every 50
   results made each result pay 1.4 ms.
@@ -395,6 +397,7 @@ class MdBatchWriter:
         self.species: list[str] = []
         self._images: dict[str, dict] = {}
         self._pending = 0
+        self._unsynced = False  # journal lines written without their fsync (add_many(sync=False))
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._journal = open(self.journal_path, "a+b")  # held for the writer's life
@@ -458,17 +461,18 @@ class MdBatchWriter:
             os.fsync(self._journal.fileno())
 
     # -- writing ----------------------------------------------------------------------------
-    def _append_journal(self, *recs: dict) -> None:
-        """Lines, all whole or none at all, with ONE fsync: a failed write (a full disk) is cut
-        back, so the next line does not join a torn one (written unbuffered, so nothing
-        half-sent stays queued)."""
+    def _append_journal(self, *recs: dict, sync: bool = True) -> None:
+        """Lines, all whole or none at all, with ONE fsync (``sync``): a failed write (a full
+        disk) is cut back, so the next line does not join a torn one (written unbuffered, so
+        nothing half-sent stays queued: what is written survives this process dying)."""
         data = memoryview(b"".join(json.dumps(rec, separators=(",", ":")).encode() + b"\n" for rec in recs))
         fd = self._journal.fileno()
         end = os.lseek(fd, 0, os.SEEK_END)
         try:
             while data:
                 data = data[os.write(fd, data):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, end)
@@ -492,9 +496,11 @@ class MdBatchWriter:
         """Record one image's result (durable when this returns); returns the entry written."""
         return self.add_many([MdResult(file, detections, image_size, failure)])[0]
 
-    def add_many(self, results: Sequence[MdResult]) -> list[dict]:
+    def add_many(self, results: Sequence[MdResult], *, sync: bool = True) -> list[dict]:
         """Record a batch of images' results with ONE fsync (durable when this returns, all or
-        none); returns the entries written. What the daemon calls once per batch."""
+        none); returns the entries written. ``sync=False``: written to the journal (they
+        survive this process dying) but made durable against a power cut only by the next
+        ``sync()`` (the daemon: after the batch's ledger commit, off the message's path)."""
         with self._lock:
             known = len(self.species)
             self.species.extend(s for s in dict.fromkeys(d.species for r in results for d in r.detections or ())
@@ -503,7 +509,7 @@ class MdBatchWriter:
                 entries = [md_image_entry(r.file, r.detections, self.species, image_size=r.image_size,
                                           failure=r.failure, model_classes=self.model_classes) for r in results]
                 lines = ([{"species": list(self.species)}] if len(self.species) > known else [])
-                self._write(lines + [{"image": e} for e in entries], entries)
+                self._write(lines + [{"image": e} for e in entries], entries, sync)
             except BaseException:  # nothing of it on disk: the ids it would have added are not taken
                 del self.species[known:]
                 raise
@@ -513,20 +519,35 @@ class MdBatchWriter:
         """Record a ready-made ``images[]`` entry (its class ids must be this writer's)."""
         entry = dict(entry)
         with self._lock:
-            self._write([{"image": entry}], [entry])
+            self._write([{"image": entry}], [entry], True)
 
-    def _write(self, lines: list[dict], entries: list[dict]) -> None:
-        """Journal ``lines`` (one fsync) and hold ``entries``; when a rewrite is due, the rewrite
-        alone makes them durable (the journal line would be emptied at once)."""
-        due = self._pending + len(entries) >= max(self.flush_every, REWRITE_SHARE * (len(self._images) + len(entries)))
+    def _write(self, lines: list[dict], entries: list[dict], sync: bool) -> None:
+        """Journal ``lines`` (one fsync when ``sync``) and hold ``entries``; when a rewrite is due,
+        the rewrite alone makes them durable (the journal lines would be emptied at once)."""
+        due = sync and self._due(len(entries))
         if not due:
-            self._append_journal(*lines)
+            self._append_journal(*lines, sync=sync)
+            self._unsynced = self._unsynced or not sync
         for entry in entries:
             self._images.pop(entry["file"], None)  # re-added at the end: newest result last
             self._images[entry["file"]] = entry
         self._pending += len(entries)
         if due:  # a failure leaves them held for the next rewrite; the caller retries (a redo replaces)
             self.flush()
+
+    def _due(self, more: int = 0) -> bool:
+        """Is a rewrite due once ``more`` results are added?"""
+        return self._pending + more >= max(self.flush_every, REWRITE_SHARE * (len(self._images) + more))
+
+    def sync(self) -> None:
+        """Make what ``add_many(sync=False)`` wrote durable: the rewrite when it is due, else one
+        fsync of the journal; nothing when nothing waits."""
+        with self._lock:
+            if self._due():
+                self.flush()
+            elif self._unsynced:
+                os.fsync(self._journal.fileno())
+                self._unsynced = False
 
     def document(self) -> dict:
         info = md_info(self.detector, self.classifier, **self._info_args)  # type: ignore[arg-type]
@@ -541,6 +562,7 @@ class MdBatchWriter:
             # holds (a redo replaces, harmlessly), and the next journal fsync makes it durable
             self._journal.truncate(0)
             self._pending = 0
+            self._unsynced = False
 
     def close(self) -> None:
         if self._journal.closed:

@@ -421,3 +421,39 @@ def test_a_batch_costs_one_fsync_and_a_failed_batch_leaves_nothing(tmp_path, mon
     w.close()
     doc = json.loads(path.read_text())
     assert validate_md_output(doc) == [] and doc["classification_categories"][str(len(SPECIES))] == "genet"
+
+
+def _unsynced_child(path: str) -> None:
+    w = _writer(path, flush_every=1000)
+    import edge.records.megadetector as md
+
+    w.add_many([md.MdResult(f"u{i}.jpg", []) for i in range(3)], sync=False)
+    os._exit(0)  # the process dies before sync(): what it wrote is the kernel's now
+
+
+def test_unsynced_lines_survive_the_process_dying_and_sync_makes_them_durable(tmp_path, monkeypatch):
+    """The daemon writes a batch's records before its ledger commit without an fsync (so the
+    messages do not wait for it) and syncs after: a process that dies in between still leaves
+    them in the journal; ``sync()`` costs one fsync, or the rewrite when it is due."""
+    import edge.records.megadetector as md
+
+    path = tmp_path / "md.json"
+    p = multiprocessing.get_context("fork").Process(target=_unsynced_child, args=(str(path),))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    w = _writer(path, flush_every=4)
+    assert len(w) == 3  # replayed from the journal (and rewritten into the JSON at the opening)
+    syncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(md.os, "fsync", lambda fd: syncs.append(fd) or real_fsync(fd))
+    w.add_many([md.MdResult("v.jpg", [])], sync=False)
+    assert syncs == []
+    w.sync()
+    assert len(syncs) == 1
+    w.sync()
+    assert len(syncs) == 1  # nothing waits
+    w.add_many([md.MdResult(f"x{i}.jpg", []) for i in range(3)], sync=False)  # 4 new since the last rewrite
+    w.sync()  # the rewrite is due: it replaces the journal's fsync
+    assert w.journal_path.stat().st_size == 0 and len(json.loads(path.read_text())["images"]) == 7
+    w.close()
