@@ -88,6 +88,15 @@ def _above(dets: list[Detection], entry: ModelEntry) -> list[Detection]:
     return [d for d in dets if d.score >= entry.threshold(d.species)]
 
 
+def _wanted(routes: Mapping[int, Route]) -> dict[str, list[int]]:
+    """Expert group -> the rows whose route needs it."""
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for i, r in routes.items():
+        for g in r.groups:
+            wanted[g].append(i)
+    return wanted
+
+
 def _best(dets: Sequence[Detection]) -> float:
     return max((float(d.score) for d in dets), default=0.0)
 
@@ -138,9 +147,12 @@ class CascadeRunner:
 
         ``events`` (one per image, None = unknown) names each frame's event, in frame order, for
         burst route reuse (``CascadeSettings.route_reuse``; see edge.cascade): a frame whose event
-        has a confident route runs only that route's experts. Within the batch, an event's frames
-        wait for its earlier frame that runs the whole cascade, so they go in waves (one wave when
-        reuse is off or no event is known)."""
+        had a confident route in an earlier batch runs only that route's experts, which ride along
+        in the same expert calls as the other frames' routes. Routes are learnt from earlier
+        batches only: an event's frames in the batch that sets its route run the whole cascade
+        (running them after it, in waves of smaller calls, cost more on a CPU than the skipped
+        global runs saved). A reused frame whose experts are no longer confident runs the whole
+        cascade (a second, small global call)."""
         if prep.n == 0:
             return []
         evs = list(events) if events is not None else [None] * prep.n
@@ -149,47 +161,34 @@ class CascadeRunner:
         t = time.perf_counter()
         feats = self.backbone.run(prep.inputs[self.backbone.entry.imgsz][0]) if self.backbone else None
         run = _Run(self, prep, feats, (time.perf_counter() - t) * 1000.0 / prep.n)
-        if self.policy.route_reuse is None or all(e is None for e in evs):
-            whole = run.cascade(list(range(prep.n)))  # once for the batch (not once per frame)
-            return [whole[i] for i in range(prep.n)]
-        out: dict[int, Classified] = {}
-        pending = list(range(prep.n))
-        while pending:
-            whole, reused, later = self._wave(pending, evs)
-            wave = run.reuse(reused)
-            wave.update(run.cascade(sorted(whole + [i for i in reused if i not in wave]), keep=True))
-            for i in sorted(wave):
-                self.routes.observe(evs[i], wave[i].decision, self.policy)
-            out.update(wave)
-            pending = later
+        reused = self._reusable(evs) if self.policy.route_reuse is not None else {}
+        out = run.cascade([i for i in range(prep.n) if i not in reused], also=reused)  # one pass for the batch
+        if reused:
+            out.update(run.reuse(reused))  # their experts ran above
+            out.update(run.cascade([i for i in reused if i not in out], keep=True))  # no longer confident
+        if self.policy.route_reuse is not None:
+            for i in range(prep.n):  # in frame order: each event's route advances frame by frame
+                self.routes.observe(evs[i], out[i].decision, self.policy)
         return [out[i] for i in range(prep.n)]
 
-    def _wave(self, pending: list[int], evs: list[Hashable | None]
-              ) -> tuple[list[int], dict[int, Route], list[int]]:
-        """One wave: the frames that run the whole cascade, those that reuse their event's route
-        (with it), and those that wait for an earlier frame of their event in this wave."""
-        whole: list[int] = []
+    def _reusable(self, evs: list[Hashable | None]) -> dict[int, Route]:
+        """The frames that reuse their event's route from an earlier batch, with it: at most
+        ``route_reuse_frames`` in a row; once a frame of an event runs the whole cascade, the
+        event's later frames in this batch do too (their route is renewed after the batch)."""
         reused: dict[int, Route] = {}
-        later: list[int] = []
-        hints: dict[Hashable, RouteHint | None] = {}  # event -> its hint as this wave advances it
-        waiting: set[Hashable] = set()  # events with a frame running the whole cascade in this wave
-        for i in pending:
-            ev = evs[i]
-            if ev is None:
-                whole.append(i)
+        hints: dict[Hashable, RouteHint] = {}  # event -> its hint as the batch advances it
+        whole: set[Hashable] = set()  # events with a frame running the whole cascade in this batch
+        for i, ev in enumerate(evs):
+            if ev is None or ev in whole:
                 continue
-            if ev in waiting:
-                later.append(i)
-                continue
-            hint = hints[ev] if ev in hints else self.routes.hint(ev)
+            hint = hints.get(ev) or self.routes.hint(ev)
             route = reuse_route(hint, list(self.experts), self.policy)
             if route is None or hint is None:
-                whole.append(i)
-                waiting.add(ev)
-            else:
-                reused[i] = route
-                hints[ev] = replace(hint, run=hint.run + 1)
-        return whole, reused, later
+                whole.add(ev)
+                continue
+            reused[i] = route
+            hints[ev] = replace(hint, run=hint.run + 1)
+        return reused
 
 
 class _Run:
@@ -232,13 +231,10 @@ class _Run:
         return {**extra, **{n: self.e_ms[n] for n in names if n in self.e_ms}}
 
     def reuse(self, routes: Mapping[int, Route]) -> dict[int, Classified]:
-        """The frames reusing their event's route: only its experts; a frame whose experts are no
-        longer confident is left out (it runs the whole cascade next, keeping these outputs)."""
-        wanted: dict[str, list[int]] = defaultdict(list)
-        for i, r in routes.items():
-            for g in r.groups:
-                wanted[g].append(i)
-        self.experts(wanted)
+        """The frames reusing their event's route: only its experts (already run with the batch's
+        first expert calls, ``cascade(also=...)``); a frame whose experts are no longer confident
+        is left out (it runs the whole cascade next, keeping these outputs)."""
+        self.experts(_wanted(routes))  # nothing left to run, unless called alone
         out = {}
         for i, r in routes.items():
             if not reuse_holds(r, self.e_dets[i], self.o.policy):
@@ -248,9 +244,13 @@ class _Run:
             out[i] = Classified(decision, self.e_raw_best[i], self.timings(i, r.groups, extra), None)
         return out
 
-    def cascade(self, idx: list[int], keep: bool = False) -> dict[int, Classified]:
-        """The whole cascade on the rows ``idx``: the global model, then the experts of each route."""
+    def cascade(self, idx: list[int], keep: bool = False, also: Mapping[int, Route] | None = None
+                ) -> dict[int, Classified]:
+        """The whole cascade on the rows ``idx``: the global model, then the experts of each route.
+        The experts of ``also`` (reused routes of other rows) run in the same first expert calls."""
+        extra = _wanted(also or {})
         if not idx:
+            self.experts(extra)
             return {}
         o, policy = self.o, self.o.policy
         glob = o.global_runner
@@ -263,8 +263,9 @@ class _Run:
         todo = {i: gs for i in idx if (gs := [g for g in routes[i].groups if g in o.experts])}
         one_by_one = {i for i in idx if stop is not None and routes[i].reason == "background"}
         ran: dict[int, list[str]] = {i: [] for i in idx}
-        while todo:
-            wanted: dict[str, list[int]] = defaultdict(list)  # images each expert sees this round
+        while todo or extra:
+            wanted: dict[str, list[int]] = extra  # images each expert sees this round
+            extra = defaultdict(list)
             for i, gs in todo.items():
                 for g in gs[:1] if i in one_by_one else gs:
                     wanted[g].append(i)

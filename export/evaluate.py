@@ -113,10 +113,12 @@ def control_runner(control: Path, like, out: Path):
 
 
 def burst_reuse(runner, arrays: list, truths: list[str], seqs: list[str], per_frame: list[str],
-                per_frame_runs: list[int], batch: int = 8) -> dict:
+                per_frame_runs: list[int], batch: int = 1) -> dict:
     """Burst route reuse simulated with the dataset's sequences as events: ``runner`` (whose policy
-    sets ``route_reuse``) runs the frames in sequence order, batch by batch, each frame's event
-    its sequence; compared with the per-frame answers and runs of the same policy without reuse.
+    sets ``route_reuse``) runs the frames in sequence order, each frame's event its sequence, one
+    frame per batch by default (a live trap: a burst's frames come a second apart, so the daemon
+    classifies them one by one; routes are learnt from earlier batches only); compared with the
+    per-frame answers and runs of the same policy without reuse.
     Returns model runs per frame, animal recall, per-species recall and how many species answers
     changed, with reuse and without."""
     order = sorted(range(len(arrays)), key=lambda i: (seqs[i], i))
@@ -236,7 +238,7 @@ def evaluate(bundle_path: Path, data_yaml: Path, split: str, out: Path, backend:
     report["route_reuse"] = None
     if reuse is not None:  # the deployed policy (gate included) with reuse, against it without
         reusing = CascadeRunner(man, engines, man.cascade.model_copy(update={"route_reuse": reuse}))
-        report["route_reuse"] = burst_reuse(reusing, kept, truths, seqs, preds[CASCADE], runs, batch)
+        report["route_reuse"] = burst_reuse(reusing, kept, truths, seqs, preds[CASCADE], runs)
     if boot:
         report["differences"] = boot["differences"]
         report["n_boot"] = boot["n_boot"]
@@ -287,7 +289,8 @@ def render_markdown(r: dict) -> str:
     if r.get("route_reuse"):
         x = r["route_reuse"]
         lines += [f"Burst route reuse {x['route_reuse']} (at most {x['route_reuse_frames']} frames in a row), "
-                  f"the {x['sequences']} sequences as events: model runs per frame {x['runs_per_frame']:.2f} "
+                  f"the {x['sequences']} sequences as events, frames one by one: model runs per frame "
+                  f"{x['runs_per_frame']:.2f} "
                   f"(without {x['runs_per_frame_without']:.2f}), {x['reused']} of {x['frames']} frames reused a "
                   f"route, animal recall {x['animal_recall']:.3f} (without {x['animal_recall_without']:.3f}), "
                   f"{x['answers_changed']} species answers changed.", ""]

@@ -98,8 +98,9 @@ def test_a_burst_reuses_its_confident_route_and_a_species_entering_later_is_stil
     route_reuse_frames in a row) run only the expert it was routed to; then a frame runs the whole
     cascade again, which finds a fox that walked in beside the lynx."""
     _, _, r = _reusing(tmp_path, route_reuse_frames=3)
-    burst = [RED, RED, _red_and_blue(), RED, _red_and_blue()]
-    out = r.classify_prepared(r.prepare(burst), events=[7] * 5)
+    first = r.classify_prepared(r.prepare([RED]), events=[7])
+    burst = [RED, _red_and_blue(), RED, _red_and_blue()]
+    out = first + r.classify_prepared(r.prepare(burst), events=[7] * 4)
     runs = [c.decision.models_run for c in out]
     assert runs[:4] == [("global", "felids"), ("felids",), ("felids",), ("felids",)]
     assert runs[4][0] == "global" and set(runs[4]) == {"global", "felids", "canids"}
@@ -111,9 +112,13 @@ def test_a_burst_reuses_its_confident_route_and_a_species_entering_later_is_stil
     d = out[1].decision.to_dict()
     assert d["route"]["reused"] is True and type(out[1].decision).from_dict(d).route.reused
     # events unknown or reuse off: every frame runs the whole cascade, with the same answers
-    plain = r.classify(burst)
+    plain = r.classify([RED, *burst])
     assert all(c.decision.models_run[0] == "global" for c in plain)
     assert [c.decision.top for c in plain][:2] == [c.decision.top for c in out][:2]
+    # routes come from earlier batches: a new event's frames in the batch that sets its route all
+    # run the whole cascade (waves of smaller calls cost more than the global runs they save)
+    new = r.classify_prepared(r.prepare([RED, RED]), events=[8, 8])
+    assert [c.decision.models_run for c in new] == [("global", "felids")] * 2
 
 
 def test_reused_route_that_is_no_longer_confident_runs_the_whole_cascade(tmp_path):
@@ -137,12 +142,20 @@ def test_reused_route_that_is_no_longer_confident_runs_the_whole_cascade(tmp_pat
 
 
 def test_events_interleaved_in_one_batch_each_reuse_their_own_route(tmp_path):
+    """Two bursts interleaved: each frame reuses its own event's route, and the reused experts run
+    in the same call as the experts the other frames' routes need (one call per expert)."""
     _, _, r = _reusing(tmp_path)
     green = patch_image(IMGSZ, STRIDE, (2, 2), 1, scale=2)  # Felis silvestris
-    out = r.classify_prepared(r.prepare([RED, green, RED, green, RED]), events=[1, 2, 1, 2, None])
-    assert [c.decision.models_run for c in out] == [("global", "felids"), ("global", "felids"), ("felids",),
-                                                    ("felids",), ("global", "felids")]
-    assert [c.decision.top[0] for c in out] == ["Lynx pardinus", "Felis silvestris"] * 2 + ["Lynx pardinus"]
+    r.classify_prepared(r.prepare([RED, green]), events=[1, 2])
+    calls: list[tuple[str, int]] = []
+    for runner in (r.global_runner, *r.experts.values()):
+        real = runner.engine.infer
+        runner.engine.infer = lambda x, real=real, name=runner.entry.name: calls.append((name, len(x))) or real(x)
+    out = r.classify_prepared(r.prepare([RED, green, RED, green]), events=[1, 2, None, 3])
+    assert [c.decision.models_run for c in out] == [("felids",), ("felids",), ("global", "felids"),
+                                                    ("global", "felids")]
+    assert [c.decision.top[0] for c in out] == ["Lynx pardinus", "Felis silvestris"] * 2
+    assert sorted(calls) == [("felids", 4), ("global", 2)]
     with pytest.raises(ValueError, match="2 events for 1 images"):
         r.classify_prepared(r.prepare([RED]), events=[1, 2])
 
