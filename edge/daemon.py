@@ -852,7 +852,9 @@ class Daemon:
         except STORAGE_ERRORS as e:
             self._storage_failed("reading pending disposals", e)
             return
-        rows = [r for r in rows if r.disposal is None and r.result is not None]
+        # a superseded row's path holds a newer file now (a card formatted and refilled while
+        # its empties waited): disposing of it would delete the new frame, which has its own row
+        rows = [r for r in rows if r.disposal is None and r.result is not None and r.superseded is None]
         step = max(1, self.cfg.engine.max_batch)
         for k in range(0, len(rows), step):
             if self.health.degraded or self._disposal_waiting:
