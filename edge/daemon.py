@@ -13,7 +13,7 @@ Threads and who owns what::
                                    |            v     (no pixels; the model that served travels along)
        complete_many(): a batch's  <--- writer thread: MegaDetector records (written), results +
        results + outbox rows, one       messages (committed), records (fsynced), disposal, event
-       durable transaction              answers; storage retries, telemetry (3 fsyncs per batch)
+       durable transaction              answers; storage retries, telemetry (2 fsyncs per batch)
                                    |
                                    v
                       publisher (MQTT, removes a row on PUBACK)
@@ -27,7 +27,8 @@ on a Jetson the writer's fsyncs and file operations overlap the next batch's inf
 Invariants:
 - Nothing is disposed of before its result is durable: the writer commits a batch's results
   (``Ledger.complete_many``, one fsync) and only then disposes of them (their disposals recorded
-  in one more durable transaction; the file operations are safe to redo). Records are written
+  in one more transaction, not fsynced: the file operations are safe to redo, and a disposal acts
+  only on the file that was classified, not on a newer one under its name). Records are written
   to their journal just before the commit and fsynced just after it (off the messages' path),
   so a committed result always has its record, whenever the process dies; a crash before the
   commit leaves records of frames that are redone, and a redo replaces its record.
@@ -178,6 +179,17 @@ class _Job:
 
 
 _END = object()  # the writer's last job: everything classified before it is written
+
+
+def _same_file(path: Path, row: ImageRow) -> bool:
+    """Is the file at ``path`` the one ``row`` describes (or gone: a redone delete)?"""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return True  # apply() says why it cannot act on it
+    return st.st_size == row.size and st.st_mtime == row.mtime
 
 
 def cpu_temperature() -> float | None:
@@ -695,7 +707,7 @@ class Daemon:
         before the commit leaves records of frames that are redone, and a redo replaces its
         record), then ONE durable transaction (``Ledger.complete_many``: the messages can go),
         then the records' fsync (off the messages' path), and only then are they disposed of
-        (one durable transaction for the batch's disposals). A frame the ledger refuses is
+        (one transaction for the batch's disposals). A frame the ledger refuses is
         skipped alone; a storage error strands the whole batch (nothing of it is durable, so
         nothing of it is disposed of)."""
         alerting: set[tuple[int, str]] = set()  # alerts of this batch, not on record yet
@@ -801,9 +813,11 @@ class Daemon:
                 *([d.move_to] if d.policy == "move" and d.move_to else []), *([d.audit_dir] if d.audit_dir else [])]
 
     def _dispose_many(self, frames: list[tuple[ImageRow, Mapping[str, Any]]]) -> None:
-        """Keep, move or delete frames whose results are committed, then record them all in ONE
-        durable transaction (the file operations are safe to redo: a crash before that commit
-        leaves ``done`` rows that the next start disposes of again). Nothing while degraded (a
+        """Keep, move or delete frames whose results are committed, then record them all in one
+        transaction (the file operations are safe to redo: a crash before that commit leaves
+        ``done`` rows that the next start disposes of again). Only the file that was classified:
+        a file of another size or time at its path is a new frame (a card formatted and
+        refilled while a disposal waited or was redone), left alone. Nothing while degraded (a
         disposal that cannot be recorded waits); an empty that waits for free space stays
         ``done`` (pending) and is disposed of when space returns. Free space is read once per
         folder and batch."""
@@ -814,6 +828,10 @@ class Daemon:
         counts: dict[str, int] = {}
         for row, result in frames:
             path = Path(row.path)
+            if not _same_file(path, row):
+                log.info("%s: a newer file has this name; the disposal of the frame classified before is dropped",
+                         show_path(row.path))
+                continue
             root = next((Path(f) for f in self.cfg.watch.folders if path.is_relative_to(f)), path.parent)
             if root not in free:
                 free[root] = lowest_free_mb(self._disposal_paths(root))

@@ -16,8 +16,9 @@ block) plus ``busy_timeout`` and ``BEGIN IMMEDIATE`` (writers queue instead of f
 Durability: ``synchronous=FULL`` for the commits that must survive a power cut (a result is
 what allows the image file to be deleted afterwards; ``complete_many`` commits a batch's
 results with one fsync, each image's rows all or nothing); ``NORMAL`` for the rest (``see``, acks,
-counters), which WAL keeps crash-consistent and whose loss after a power cut is harmless: the
-start-up scan sees the file again, an un-acked message is sent again.
+counters, a batch's disposals), which WAL keeps crash-consistent and whose loss after a power cut
+is harmless: the start-up scan sees the file again, an un-acked message is sent again, a
+disposal is redone (and counted) again.
 
 State machine of an image::
 
@@ -644,12 +645,15 @@ class Ledger:
 
     def mark_disposed_many(self, done: Sequence[tuple[int, str]], counters: Mapping[str, int] | None = None) -> None:
         """``mark_disposed`` for a batch's frames (image id, how), with counter increments, in ONE
-        durable transaction (one fsync per batch). A row that is not ``done`` (disposed already:
-        a redo after a crash) is left as it is."""
+        transaction, not fsynced: it survives the process dying (WAL), and a power cut that
+        loses it loses its counters with it, so the next start disposes of those ``done`` rows
+        again (the file operations are safe to redo, and the daemon acts only on the file it
+        classified) and counts them once. A row that is not ``done`` (disposed already) is left
+        as it is."""
         if not done and not counters:
             return
         now = _now()
-        with self._tx(durable=True) as db:
+        with self._tx() as db:
             db.executemany("UPDATE images SET state='disposed', disposal=?, updated=? WHERE id=? AND state='done'",
                            [(how, now, int(i)) for i, how in done])
             for name, n in (counters or {}).items():
