@@ -6,24 +6,24 @@ from __future__ import annotations
 import json
 
 import pytest
-from update_helpers import DEMO, relabel_onnx, variant
+from update_helpers import DEMO, demo_file, relabel_onnx, variant
 
 from edge.signing import generate_keypair
 from export.cli import main
 from export.release import publish
 
 KEY, PUB = generate_keypair()
-G2 = (DEMO / "models" / "group2.onnx").read_bytes()
+G2 = (DEMO / demo_file("group2")).read_bytes()
 
 
 def test_publish_lays_files_out_by_hash_and_adds_only_new_ones(tmp_path, capsys):
     v1 = variant(DEMO, tmp_path / "v1", version="demo-1", key=None)
     (tmp_path / "k.key").write_bytes(KEY)
     assert main(["publish", str(v1), "--out", str(tmp_path / "www"), "--sign", str(tmp_path / "k.key")]) == 0
-    assert "8 files, 8 new" in capsys.readouterr().out  # 4 models + 4 samples
+    assert "9 files, 9 new" in capsys.readouterr().out  # 4 heads + the shared backbone + 4 samples
     v2 = variant(DEMO, tmp_path / "v2", version="demo-2", key=KEY, replace={"group2": relabel_onnx(G2, "2")})
     p = publish(v2, tmp_path / "www")
-    assert (p.files, p.new_files, p.new_bytes) == (8, 1, len(G2) + 3)
+    assert (p.files, p.new_files, p.new_bytes) == (9, 1, len(G2) + 3)
     www = tmp_path / "www"
     assert sorted(x.name for x in (www / "manifests").iterdir()) == ["demo-1.json", "demo-1.sig", "demo-2.json",
                                                                      "demo-2.sig"]
@@ -45,8 +45,8 @@ def test_an_unsigned_bundle_is_not_published(tmp_path):
 
 def test_a_corrupt_bundle_is_not_published(tmp_path):
     b = variant(DEMO, tmp_path / "a", version="demo-2", key=KEY)
-    (b / "models" / "group1.onnx").chmod(0o644)
-    (b / "models" / "group1.onnx").write_bytes(b"x")
+    (b / demo_file("group1")).chmod(0o644)
+    (b / demo_file("group1")).write_bytes(b"x")
     with pytest.raises(ValueError, match="sha256 mismatch"):
         publish(b, tmp_path / "www")
     assert not (tmp_path / "www" / "manifests").exists()

@@ -161,3 +161,44 @@ def test_manifest_and_engines_refuse_what_cannot_run(shared, tmp_path):
         f.write(b"\0")
     with pytest.raises(ValueError, match=r"backbone\.onnx: sha256 mismatch"):
         load_bundle(copy)
+
+
+@pytest.mark.parametrize("frozen", [10, 0])
+def test_bundle_shares_by_default_and_falls_back_to_whole_models(whole, tmp_path, monkeypatch, frozen):
+    """`build_bundle` splits the whole models it exported when their frozen layers are shared, and
+    keeps them whole (signed) when nothing can be shared (here: no frozen layers recorded). The
+    export itself (training runs -> ONNX) is replaced by the demo's whole models."""
+    from edge.signing import generate_keypair
+    from export import bundle as bundle_mod
+
+    def exported(*, out: Path, sign_key, **_kw) -> None:  # what _build_whole writes: whole models, unsigned
+        assert sign_key is None  # the split signs, or the fallback does
+        shutil.copytree(whole, out)
+        man = json.loads((out / "manifest.json").read_text())
+        for m in man["models"]:
+            m["frozen_layers"] = frozen
+        (out / "manifest.json").write_bytes(Manifest.model_validate(man).to_bytes())
+
+    monkeypatch.setattr(bundle_mod, "_build_whole", exported)
+    priv, pub = generate_keypair()
+    (tmp_path / "k.pem").write_bytes(priv)
+    (tmp_path / "k.pub").write_bytes(pub)
+    m = bundle_mod.build_bundle(global_run=tmp_path, experts_dir=tmp_path, groups_file=tmp_path / "g.yaml",
+                                out=tmp_path / "B", sign_key=tmp_path / "k.pem")
+    b = load_bundle(tmp_path / "B", public_keys=[tmp_path / "k.pub"], require_signature=True)
+    assert b.manifest == m
+    if frozen:
+        assert m.backbone is not None and all(e.head_inputs for e in m.models)
+    else:
+        assert m.backbone is None and all(not e.head_inputs for e in m.models)
+    assert not list(tmp_path.glob("B.*"))  # no temporary folder left beside it
+
+
+def test_whole_models_command(tmp_path, capsys):
+    from export.cli import main as export_main
+
+    assert export_main(["whole-models", "--bundle", str(DEMO / "bundle"), "--out", str(tmp_path / "W"),
+                        "--public-key", str(DEMO / "keys" / "demo.pub")]) == 0
+    out = capsys.readouterr().out
+    assert "whole models global, group1, group2, group3" in out and "UNSIGNED" in out
+    assert load_bundle(tmp_path / "W").manifest.backbone is None
