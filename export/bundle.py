@@ -328,6 +328,9 @@ def add_cli(sub) -> None:
     p.add_argument("--samples", type=int, default=4, help="sample images for the device self-test")
     p.add_argument("--conf", type=float, default=0.25, help="default per-class threshold")
     p.add_argument("--no-parity", action="store_true", help="skip the PyTorch/ONNX parity check")
+    p.add_argument("--imgsz", type=_input_size_arg, help="every model's input: a side (640) or HEIGHT,WIDTH "
+                   "(480,640: a 4:3 or 3:2 camera's frame on 0.75x the pixels of the square; multiples of 32). "
+                   "Default: each model's training size")
     p.add_argument("--whole-models", action="store_true",
                    help="store every model whole (default: the frozen layers the models share are stored and "
                    "run once, as `share-backbone` does; a model whose frozen layers differ stays whole)")

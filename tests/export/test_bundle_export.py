@@ -141,7 +141,8 @@ def test_a_bundle_at_the_cameras_aspect_runs_on_the_device(bundle, tmp_path):
     b = load_bundle(tmp_path / "R", public_keys=[bundle / "keys" / "test.pub"], require_signature=True)
     assert {m.imgsz for m in b.manifest.models} == {(64, 96)}
     assert json.loads((tmp_path / "R" / "manifest.json").read_text())["models"][0]["imgsz"] == [64, 96]
-    sess = ort.InferenceSession(str(tmp_path / "R" / "models" / "global.onnx"), providers=["CPUExecutionProvider"])
+    assert b.manifest.backbone is not None and b.manifest.backbone.imgsz == (64, 96)  # shared, at the rectangle
+    sess = ort.InferenceSession(str(b.root / b.manifest.backbone.file), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].shape[1:] == [3, 64, 96]
     report = selftest(b, "onnxruntime", runs=1)
     assert report.ok, [m.problems for m in report.models]
@@ -149,18 +150,18 @@ def test_a_bundle_at_the_cameras_aspect_runs_on_the_device(bundle, tmp_path):
     assert runner.input_sizes == [(64, 96)] and runner.input_side == 96
     frame = cv2.imread(str(next((bundle / "ds" / "images" / "val").glob("*.jpg"))))
     frames = [frame, np.zeros((30, 200, 3), np.uint8)]
-    whole = runner.classify(frames)
-    assert len(whole) == 2
+    split = runner.classify(frames)
+    assert len(split) == 2
     # the shared backbone over the rectangle: same decisions as the whole models
-    from export.backbone import share_backbone
+    from export.backbone import join_backbone
 
-    report = share_backbone(tmp_path / "R", tmp_path / "RS")
-    assert report["shared"], report
-    shared = load_bundle(tmp_path / "RS")
-    assert shared.manifest.backbone is not None and shared.manifest.backbone.imgsz == (64, 96)
-    assert selftest(shared, "onnxruntime", runs=1).ok
-    again = CascadeRunner(shared.manifest, load_engines(shared)).classify(frames)
-    assert [c.decision for c in again] == [c.decision for c in whole]
+    report = join_backbone(tmp_path / "R", tmp_path / "RW")
+    assert report["joined"], report
+    whole = load_bundle(tmp_path / "RW")
+    assert whole.manifest.backbone is None and {m.imgsz for m in whole.manifest.models} == {(64, 96)}
+    assert selftest(whole, "onnxruntime", runs=1).ok
+    again = CascadeRunner(whole.manifest, load_engines(whole)).classify(frames)
+    assert [c.decision for c in again] == [c.decision for c in split]
     with pytest.raises(SystemExit):
         export_main(["bundle", "--global", "g", "--experts", "e", "--groups", "y", "--out", "o", "--imgsz", "60,96"])
 
