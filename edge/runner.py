@@ -155,7 +155,7 @@ class CascadeRunner:
         cascade (a second, small global call)."""
         if prep.n == 0:
             return []
-        evs = list(events) if events is not None else [None] * prep.n
+        evs: list[Hashable | None] = list(events) if events is not None else [None] * prep.n
         if len(evs) != prep.n:
             raise ValueError(f"classify: {len(evs)} events for {prep.n} images")
         t = time.perf_counter()

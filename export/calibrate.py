@@ -248,8 +248,8 @@ def calibrate(bundle_dir: Path, data_yaml: Path, split: str = "val",
     if not any(f.animal for f in frames):
         raise ValueError(f"{data_yaml}: the {split} split has no labelled animal frames to calibrate on")
     c = man.cascade
-    kw = {"stop": c.background_stop, "floor": c.expert_floor, "confidence": confidence}
-    best, rows, without = choose_settings(frames, len(man.experts), max_recall_drop, c.route_threshold, **kw,
+    best, rows, without = choose_settings(frames, len(man.experts), max_recall_drop, c.route_threshold,
+                                          stop=c.background_stop, floor=c.expert_floor, confidence=confidence,
                                           caps=None if cap else [None])
     level = confidence or REPORT_CONFIDENCE
     report = {"bundle": str(bundle_dir), "data": str(data_yaml), "split": split,
