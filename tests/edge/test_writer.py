@@ -196,7 +196,7 @@ def test_a_writer_that_dies_stops_the_daemon_and_its_pings(tmp_path, monkeypatch
 def test_a_stuck_writer_stops_the_watchdog_pings(tmp_path, monkeypatch):
     """The inference loop pings systemd only while the writer makes progress: a loop waiting on
     a writer stuck in a write must let the watchdog restart the service."""
-    monkeypatch.setattr(edge.daemon, "watchdog_interval", lambda: 0.6)  # pings every 0.2 s, stuck after 0.6 s
+    monkeypatch.setattr(edge.daemon, "watchdog_interval", lambda: 1.2)  # pings every 0.4 s, stuck after 1.2 s
     dev = _device(tmp_path, policy="keep")
     pings = Pings()
     live = Live(dev, notifier=pings)
@@ -204,17 +204,17 @@ def test_a_stuck_writer_stops_the_watchdog_pings(tmp_path, monkeypatch):
     gate = Gate(d.ledger, monkeypatch)
     live.go()
     try:
-        time.sleep(1.2)
+        time.sleep(2.0)
         assert len(pings.pings) >= 2  # an idle daemon pings (each turn of its loop: at least every 0.5 s)
         drop(dev.watch, "F0.JPG", lynx_frame(0))
         wait_until(gate.entered.is_set, 30, "the writer held")
         held = time.monotonic()
-        time.sleep(1.5)
-        assert [t for t in pings.pings if t > held + 0.6 + 0.25] == []  # none once it stalled
+        time.sleep(3.0)
+        assert [t for t in pings.pings if t > held + 1.2 + 0.6] == []  # none once it stalled
         gate.open.set()
         dev.wait_done(1)
-        time.sleep(1.0)
-        assert pings.pings[-1] > time.monotonic() - 0.7  # pinging again
+        time.sleep(1.5)
+        assert pings.pings[-1] > time.monotonic() - 1.2  # pinging again
     finally:
         gate.open.set()
         live.close()
