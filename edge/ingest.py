@@ -20,7 +20,9 @@ while the daemon is down. So :class:`Ingest` combines
   prefix and the writer's close would pass the file on again), or unchanged for ``stale_s``
   (then it is passed on anyway so the reader can quarantine it instead of it waiting forever);
 - a scan at start-up and every ``reconcile_every`` seconds, which only passes on files whose
-  (size, mtime) it has not passed on before.
+  (size, mtime) it has not passed on before. Within a folder, a frame is not passed on while an
+  older frame a scan found still settles (a backlog goes before the frames written after a
+  restart, so a burst stays one event; at most ``stale_s`` of waiting).
 
 Repeated events for one path are coalesced (one pending entry per path; a version of a file
 already passed on is not passed on again). The ledger stays the judge of what is new: this only
@@ -249,7 +251,7 @@ class Ingest:
                 if do_scan:
                     self._scan_requested = False
                     self._next_reconcile = now + self.reconcile_every
-                due = [p for p, it in self._pending.items() if it.due <= now]
+                due = self._in_order([p for p, it in self._pending.items() if it.due <= now], now)
                 if not do_scan and not due:
                     wake = min([it.due for it in self._pending.values()] + [self._next_reconcile])
                     self._cv.wait(timeout=max(0.005, min(wake - now, 1.0)))
@@ -297,6 +299,34 @@ class Ingest:
             for d in (self._known, self._rejected):
                 for p in [p for p in d if p not in seen]:
                     del d[p]
+
+    def _in_order(self, due: list[str], now: float) -> list[str]:
+        """``due`` less the frames an older frame of their folder still settles before (called with
+        the lock held): those wait until it has been looked at. A backlog the start-up scan found
+        (written while the daemon was down) settles first, while a frame renamed into place just
+        after the start is complete at once; passed on first, it made the burst's later frames a
+        new event (and the backlog a third). A frame waits at most ``stale_s`` (an older file still
+        being written is passed on by then); another folder (camera) never waits."""
+        settling: dict[str, list[_Pending]] = {}
+        for p, it in self._pending.items():
+            if it.due > now and it.mtime_ns >= 0:  # found by a scan: its mtime is known
+                settling.setdefault(os.path.dirname(p), []).append(it)
+        if not settling:
+            return due
+        ready = []
+        for p in due:
+            older = settling.get(os.path.dirname(p))
+            if older:
+                try:
+                    mtime_ns = os.lstat(p).st_mtime_ns
+                except OSError:
+                    mtime_ns = -1  # gone: _look drops it
+                blockers = [it for it in older if it.mtime_ns <= mtime_ns]
+                if blockers:
+                    self._pending[p].due = max(it.due for it in blockers)  # after them, in _run's wait
+                    continue
+            ready.append(p)
+        return ready
 
     def _look(self, path: str) -> None:
         now = time.monotonic()

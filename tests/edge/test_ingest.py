@@ -366,3 +366,30 @@ def test_a_file_finished_while_its_end_marker_is_read_is_passed_on_once(tmp_path
     ing._pending[str(p)] = ingest_mod._Pending(due=0.0, complete=False)  # a later scan or event
     ing._look(str(p))
     assert sink.candidates == [p] and sink.complete_at_call[p]
+
+
+def test_a_backlog_found_at_start_is_passed_on_before_newer_frames_of_its_folder(tmp_path, jpeg):
+    """Frames a camera wrote while the daemon was down are found by the start-up scan and settle
+    first; frames written right after the start are complete at once. Passed on in the order they
+    arrive, the newer frames went first: the event of the burst cut in three across a restart
+    (seen by running a daemon killed mid-burst and restarted while the camera kept writing). A
+    newer frame now waits for the older frames of its folder that are still settling; another
+    folder (camera) does not wait."""
+    watch, other = tmp_path / "watch", tmp_path / "other"
+    watch.mkdir()
+    other.mkdir()
+    t0 = time.time() - 5
+    backlog = [watch / f"B{k:02d}.JPG" for k in range(5)]
+    for k, p in enumerate(backlog):  # written while the daemon was down
+        p.write_bytes(jpeg)
+        os.utime(p, (t0 + k * 0.1, t0 + k * 0.1))
+    sink = Sink()
+    with ingest(sink, watch, other, settle=1.0):
+        for name, folder in (("LIVE.JPG", watch), ("ELSEWHERE.JPG", other)):  # renamed into place: complete
+            tmp = folder / f".{name}.part"
+            tmp.write_bytes(jpeg)
+            os.replace(tmp, folder / name)
+        assert sink.wait(lambda s: len(s.candidates) >= 7)
+    names = sink.names()
+    assert names.index("ELSEWHERE.JPG") < names.index("B00.JPG")  # another camera's frame is not held back
+    assert [n for n in names if n != "ELSEWHERE.JPG"] == [p.name for p in backlog] + ["LIVE.JPG"]
