@@ -122,6 +122,16 @@ def test_every_session_of_a_bundle_gets_one_thread_pool_policy(bundle_dir, tmp_p
     finally:
         for eng in engines.values():
             eng.close()
+    from edge.demo import DEMO_BUNDLE  # a shared backbone: the backbone's session and every head's alike
+
+    engines = load_engines(load_bundle(DEMO_BUNDLE), "onnxruntime", intra_op_threads=1)
+    try:
+        sessions = [e._session for e in engines.values()] + [next(iter(engines.values())).backbone._session]
+        assert len(sessions) == 5
+        assert all(_spinning(s) == ("0", "0") and s.get_session_options().intra_op_num_threads == 1 for s in sessions)
+    finally:
+        for eng in engines.values():
+            eng.close()
     e = _entry(tmp_path / "g.onnx", yolo_like(2), ["a", "b"])
     with create_engine("onnxruntime", tmp_path / "g.onnx", e, allow_spinning=True) as eng:
         assert _spinning(eng._session) == ("1", "1")
