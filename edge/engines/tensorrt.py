@@ -31,7 +31,8 @@ What it does, and the API facts it relies on:
   The backbone's outputs stay in device memory (:class:`DeviceRows`); a head over every row
   of the batch gets those buffers' addresses as its inputs (no copy), a head over some rows
   first copies each chosen row device to device (``memcpy_dtod_async``, one copy per run of
-  consecutive rows) into its own input buffer, on its own stream. Backbone and heads live on
+  consecutive rows) into its own input buffer, on its own stream. Tensor addresses must be
+  256-byte aligned (``setTensorAddress``): rows that start elsewhere are copied too. Backbone and heads live on
   different threads but push the same primary context, so device pointers are valid in all;
   the backbone synchronises its stream before ``run`` returns, so the features are complete
   before any head reads them, and a head refuses rows of an earlier backbone run (the buffers
@@ -105,6 +106,9 @@ class TensorRTConfig(EngineConfig):
     rebuild: bool = Field(default=False, title="Rebuild",
                           description="ignore a cached plan and build it again (e.g. after a JetPack upgrade "
                           "that kept the TensorRT version string)")
+
+
+ALIGNMENT = 256  # bytes: TensorRT's rule for every tensor address (NvInferRuntime.h, setTensorAddress)
 
 
 @dataclass
@@ -323,7 +327,8 @@ class _TrtGraph:
         """Every IO tensor's address (``addresses``, else its own buffer), then the run, on the stream."""
         ctx = self._context
         for t in self._io:  # every IO tensor needs an address before execute_async_v3
-            ctx.set_tensor_address(t.name, int(addresses.get(t.name, int(t.device))))
+            if not ctx.set_tensor_address(t.name, int(addresses.get(t.name, int(t.device)))):
+                raise RuntimeError(f"{self._spec.name}: TensorRT refused the address of {t.name!r} (see its log)")
         if not ctx.execute_async_v3(self._stream.handle):
             raise RuntimeError(f"{self._spec.name}: TensorRT execute_async_v3 failed (see its log)")
         for t in self._io:
@@ -513,7 +518,14 @@ class TensorRTBackbone(_TrtGraph):
             self._set_shapes(c)
             np.copyto(inp.host[:c], x[s:s + c])
             cuda.memcpy_htod_async(inp.device, inp.host[:c], self._stream)
-            self._enqueue(c, {t.name: self._out(t) + s * t.row_bytes for t in outs})
+            # a chunk is written where it belongs when that address is aligned, else into the IO buffer
+            # and copied there on the device (TensorRT wants 256-byte aligned tensor addresses)
+            there = {t.name: self._out(t) + s * t.row_bytes for t in outs}
+            direct = {k: a for k, a in there.items() if a % ALIGNMENT == 0}
+            self._enqueue(c, direct)
+            for t in outs:
+                if t.name not in direct:
+                    cuda.memcpy_dtod_async(there[t.name], int(t.device), c * t.row_bytes, self._stream)
             self._stream.synchronize()  # the pinned input is refilled by the next chunk
         self.generation += 1
         return {t.name: DeviceRows(self, t.name, self._out(t), t.per_image, t.dtype, list(range(n)), self.generation)
@@ -593,13 +605,14 @@ class TensorRTHeadEngine(TensorRTEngine):
                 if f.per_image != t.per_image or f.dtype != t.dtype:
                     raise ValueError(f"{self.name}: input {name!r} is {t.dtype}{list(t.per_image)}, the backbone "
                                      f"gives {f.dtype}{list(f.per_image)}")
-                if len(runs) == 1:  # consecutive rows: read the backbone's buffer where it lies
-                    addresses[name] = f.ptr + chunk[0] * f.row_bytes
+                start = f.ptr + chunk[0] * f.row_bytes
+                if len(runs) == 1 and start % ALIGNMENT == 0:  # consecutive rows: read them where they lie
+                    addresses[name] = start
                     continue
                 for dst, src, k in runs:  # a device-side gather of the chosen rows
                     cuda.memcpy_dtod_async(int(t.device) + dst * f.row_bytes, f.ptr + src * f.row_bytes,
                                            k * f.row_bytes, self._stream)
-            if len(runs) == 1:
+            if addresses:
                 self.zero_copy_runs += 1
             else:
                 self.gathered_rows += c

@@ -25,7 +25,8 @@ What it enforces, because these are the mistakes that bite people on a real Jets
   feature tensors): each input needs a profile and a shape; output shapes are known once every
   input's is set. ``memcpy_dtod(_async)`` copies between device buffers (any pointer inside an
   allocation), and ``gpu.copied`` counts the bytes of each kind of copy, so a test can see that
-  features never went through host memory.
+  features never went through host memory. A tensor address must be 256-byte aligned
+  (``setTensorAddress`` in NvInferRuntime.h), so an offset into a buffer is not always one.
 - The calibrator subclass must call the base ``__init__`` (pybind11 raises otherwise), and
   calibration batches must match the calibration profile's opt shape.
 
@@ -833,6 +834,8 @@ def _make_trt(gpu: FakeGPU) -> types.ModuleType:
                 return self._err(f"setTensorAddress: no tensor named {name}")
             if not isinstance(memory, int):
                 raise TypeError("set_tensor_address: memory must be an int device pointer")
+            if memory % 256:  # NvInferRuntime.h, setTensorAddress: "at least 256-byte alignment"
+                return self._err(f"setTensorAddress: the address of {name} ({memory:#x}) is not 256-byte aligned")
             self.addresses[name] = memory
             return True
 

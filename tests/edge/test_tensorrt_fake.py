@@ -38,7 +38,7 @@ from edge.engines.tensorrt import (
     int8_gate,
 )
 from edge.engines.trt_cache import PlanKey, plan_path
-from edge.manifest import ModelEntry
+from edge.manifest import BackboneEntry, ModelEntry
 from edge.runner import CascadeRunner
 from edge.selftest import decision_differences, selftest
 from edge.vision import letterbox_batch
@@ -559,6 +559,76 @@ def test_heads_read_any_rows_on_the_gpu_and_refuse_stale_ones(demo, tmp_path):
     finally:
         _close(engines)
     assert gpu.live_allocations() == 0
+
+
+def _odd_split(tmp_path: Path) -> tuple[Path, BackboneEntry, Path, ModelEntry]:
+    """A tiny backbone whose feature row is 300 bytes ([3, 5, 5] float32, not a multiple of 256)
+    and a head over it: offsets into the backbone's buffer are mostly not 256-byte aligned."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def save(graph, name: str) -> tuple[Path, str]:
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        p = tmp_path / name
+        onnx.save(m, str(p))
+        return p, hashlib.sha256(p.read_bytes()).hexdigest()
+
+    bb_path, bb_sha = save(helper.make_graph(
+        [helper.make_node("AveragePool", ["images"], ["feat"], kernel_shape=[3, 3], strides=[3, 3])], "bb",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 3, 5, 5])]), "backbone.onnx")
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(75, 8)).astype(np.float32), "w")
+    head_path, head_sha = save(helper.make_graph(
+        [helper.make_node("Flatten", ["feat"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["out"])], "head",
+        [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8])], [w]), "head.onnx")
+    bb = BackboneEntry(file="models/backbone.onnx", sha256=bb_sha, imgsz=16, outputs=["feat"], frozen_layers=1)
+    entry = ModelEntry(name="global", file="models/heads/global.onnx", sha256=head_sha, role="global",
+                       classes=["a", "b", "c", "d"], imgsz=16, layout="yolov8", head_inputs=["feat"])
+    return bb_path, bb, head_path, entry
+
+
+def test_rows_at_unaligned_offsets_are_copied_not_addressed(tmp_path):
+    """TensorRT takes only 256-byte aligned tensor addresses (the fake refuses others, as
+    setTensorAddress documents): with 300-byte feature rows, the backbone's chunks after the first
+    land via a device copy, and a head reads consecutive rows in place only where they are aligned."""
+    import onnxruntime as ort
+
+    bb_path, bb_entry, head_path, entry = _odd_split(tmp_path)
+    gpu = FakeGPU()
+    cfg = TensorRTConfig(cache_dir=tmp_path / "c", max_batch=3, precision="fp32")
+    bb = TensorRTBackbone(bb_path, bb_entry, cfg, trt=gpu.trt, cuda=gpu.cuda)
+    head = TensorRTHeadEngine(head_path, entry, cfg, bb, trt=gpu.trt, cuda=gpu.cuda)
+    try:
+        x = np.random.default_rng(1).random((7, 3, 16, 16), dtype=np.float32)
+        feats = ort.InferenceSession(str(bb_path)).run(None, {"images": x})[0]
+        want = ort.InferenceSession(str(head_path)).run(None, {"feat": feats})[0]
+        rows = bb.run(x)  # chunks of 3 rows: the second starts at byte 900, not aligned
+        np.testing.assert_allclose(head.run_features(rows), want, rtol=1e-5, atol=1e-5)
+        before = head.gathered_rows
+        np.testing.assert_allclose(head.run_features({"feat": rows["feat"][[1, 2]]}), want[[1, 2]],
+                                   rtol=1e-5, atol=1e-5)  # consecutive, but 300 bytes in: copied
+        assert head.gathered_rows == before + 2
+        assert not any("not 256-byte aligned" in m for m in gpu.errors)
+    finally:
+        head.close()
+    assert gpu.live_allocations() == 0
+    # the rule the engine keeps, as the fake enforces it
+    gpu.cuda.init()
+    ctx = gpu.cuda.Device(0).retain_primary_context()
+    ctx.push()
+    try:
+        logger = gpu.trt.Logger(gpu.trt.Logger.WARNING)
+        engine = gpu.trt.Runtime(logger).deserialize_cuda_engine(head.plan_path.read_bytes())  # type: ignore[union-attr]
+        context = engine.create_execution_context()
+        buf = gpu.cuda.mem_alloc(1024)
+        assert context.set_tensor_address("feat", int(buf))
+        assert not context.set_tensor_address("feat", int(buf) + 300)
+        assert "not 256-byte aligned" in gpu.errors[-1]
+        buf.free()
+    finally:
+        gpu.cuda.Context.pop()
 
 
 def test_selftest_and_compile_on_a_shared_bundle(demo, tmp_path, monkeypatch, capsys):
