@@ -42,6 +42,7 @@ from edge.engines.onnxruntime import OnnxRuntimeConfig
 from edge.imageio import DEFAULT_MAX_MEGAPIXELS, PILLOW_MAX_MEGAPIXELS
 from edge.keys import SYSTEM_KEYS_DIR
 from edge.manifest import CascadeSettings
+from edge.numbers import NoBoolNumbers
 from edge.updates_config import UpdatesSection
 
 DEFAULT_CONFIG_PATH = Path("/etc/camtrap-edge/config.yaml")
@@ -49,7 +50,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/camtrap-edge")
 
 
 # --- building blocks -------------------------------------------------------------------------
-class Section(BaseModel):
+class Section(NoBoolNumbers):
     """Base of every config section: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=False)

@@ -18,9 +18,10 @@ import re
 from collections.abc import Sequence
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from edge.detection import SAME_ANIMAL_IOU
+from edge.numbers import NoBoolNumbers
 
 SCHEMA_VERSION: Literal[1] = 1
 Layout = Literal["yolov5", "yolov8", "end2end"]
@@ -49,7 +50,7 @@ def _one_size(v: object) -> object:
 _CODE = re.compile(r"^[a-z0-9]{1,8}$")
 
 
-class _Strict(BaseModel):
+class _Strict(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

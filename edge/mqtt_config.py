@@ -26,7 +26,9 @@ import unicodedata
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from edge.numbers import NoBoolNumbers
 
 from .messages import Topics, prefix_problem, topics
 
@@ -34,7 +36,7 @@ PASSWORD_FILE_FORBIDDEN = 0o037  # group write, and any access by others
 CLIENT_ID_MAX = 128  # bytes; brokers must accept 23, Mosquitto accepts 65535
 
 
-class TlsConfig(BaseModel):
+class TlsConfig(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid")
 
     ca_file: Path | None = Field(None, description="CA bundle (PEM) that signed the broker's certificate; "
@@ -51,7 +53,7 @@ class TlsConfig(BaseModel):
         return self
 
 
-class QosConfig(BaseModel):
+class QosConfig(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid")
 
     detection: Literal[0, 1, 2] = Field(1, description="QoS of detection messages")
@@ -61,7 +63,7 @@ class QosConfig(BaseModel):
     status: Literal[0, 1, 2] = Field(1, description="QoS of the retained status and of the last will")
 
 
-class MqttConfig(BaseModel):
+class MqttConfig(NoBoolNumbers):
     """Broker connection, topics and the outbox policy."""
 
     model_config = ConfigDict(extra="forbid")

@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Union
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 
 from edge.configpath import ConfigPath
 from edge.detection import Detection, iou
 from edge.manifest import ModelEntry
+from edge.numbers import NoBoolNumbers
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(NoBoolNumbers):
     """Settings every backend shares; a backend's config adds its own fields and ``type``."""
 
     model_config = ConfigDict(extra="forbid")

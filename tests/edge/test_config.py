@@ -309,3 +309,50 @@ def test_yaml_aliases_are_refused_at_once(tmp_path):
     assert time.monotonic() - t0 < 5
     assert e.value.lines == [f"{p}: line 4: not valid YAML: alias *a refused (anchors and aliases are not "
                              "allowed in the config)"]
+
+
+# --- true/false is not a number (edge.numbers) ------------------------------------------------------
+def _numeric(annotation) -> bool:
+    import typing
+
+    return annotation in (int, float) or any(_numeric(a) for a in typing.get_args(annotation))
+
+
+def _number_fields() -> list[tuple[type[BaseModel], str]]:
+    """Every field of the config's sections, the engines' configs and the manifest's entries whose
+    type is a number and not a boolean."""
+    from edge import manifest
+    from edge.numbers import takes_bool
+
+    engines = list(cfgmod._tagged_models(Config.model_fields["engine"].annotation).values())
+    ours = {m for m in _models(Config, set()) if m.__module__.startswith("edge.")} | set(engines)
+    ours |= {m for m in vars(manifest).values() if isinstance(m, type) and issubclass(m, BaseModel)
+             and m.__module__ == "edge.manifest"}
+    return sorted(((m, n) for m in ours for n, f in m.model_fields.items()
+                   if _numeric(f.annotation) and not takes_bool(f.annotation)),
+                  key=lambda mn: (mn[0].__name__, mn[1]))
+
+
+def test_a_boolean_given_for_a_number_is_refused_naming_the_field():
+    """pydantic reads true as 1: `route_reuse: yes` meant "on" and was a threshold of 1.0 (never
+    reused), `background_max_experts: true` one expert, a manifest's `imgsz: true` a 1 px input."""
+    fields = _number_fields()
+    names = {n for _, n in fields}
+    assert {"route_reuse", "background_max_experts", "imgsz", "intra_op_threads", "gap_s"} <= names
+    taken = []
+    for model, name in fields:
+        try:
+            model.model_validate({name: True})
+            taken.append(f"{model.__name__}.{name}")
+        except ValidationError as e:
+            if not any(err["loc"][:1] == (name,) for err in e.errors()):
+                taken.append(f"{model.__name__}.{name}")
+    assert taken == []
+
+
+@pytest.mark.parametrize("text", ["cascade: {route_reuse: yes}", "cascade: {background_max_experts: true}",
+                                  "engine: {intra_op_threads: true}"])
+def test_a_boolean_for_a_number_in_the_config_is_one_line(tmp_path, text):
+    lines = _errors(tmp_path, MINIMAL + text + "\n")
+    section, key = text.split(":")[0], text.split("{")[1].split(":")[0]
+    assert len(lines) == 1 and f"{section}.{key}: Input should be a valid" in lines[0], lines
