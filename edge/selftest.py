@@ -32,8 +32,8 @@ class ModelCheck:
     name: str
     images: int
     problems: list[str] = field(default_factory=list)
-    mean_ms: float = 0.0
-    p95_ms: float = 0.0
+    mean_ms: float | None = None  # None: not timed (the shared-path checks)
+    p95_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -288,7 +288,8 @@ def run_selftest(args: argparse.Namespace) -> int:
           f"backend {report.backend}, {len(bundle.manifest.samples)} samples")
     print(f"  {'model':<16} {'images':>6} {'result':>7} {'mean ms':>8} {'p95 ms':>8}")
     for m in report.models:
-        print(f"  {m.name:<16} {m.images:>6} {'ok' if m.ok else 'FAIL':>7} {m.mean_ms:>8.1f} {m.p95_ms:>8.1f}")
+        ms = "".join(f" {'-' if v is None else f'{v:.1f}':>8}" for v in (m.mean_ms, m.p95_ms))
+        print(f"  {m.name:<16} {m.images:>6} {'ok' if m.ok else 'FAIL':>7}{ms}")
         for p in m.problems[:20]:
             print(f"      {p}")
     c = report.cascade
