@@ -365,7 +365,9 @@ def _text(v: object) -> str | None:
 
 
 def parse_exif_datetime(value: object, subsec: object = None, offset: object = None) -> datetime | None:
-    """'YYYY:MM:DD HH:MM:SS' (+ SubSecTime, + OffsetTime '+01:00') -> datetime, None if unset/bad."""
+    """'YYYY:MM:DD HH:MM:SS' (+ SubSecTime, + OffsetTime '+01:00') -> datetime, None if unset/bad;
+    a bad sub-second or offset field is dropped. Never raises: it runs inside the reader thread,
+    whose failure stops the daemon."""
     s = _text(value)
     if not s or s.startswith("0000"):
         return None
@@ -377,10 +379,10 @@ def parse_exif_datetime(value: object, subsec: object = None, offset: object = N
         except ValueError:
             return None
     sub = _text(subsec)
-    if sub and sub.isdigit():
+    if sub and sub.isascii() and sub.isdigit():  # Latin-1 '²' is a digit to isdigit(), not to int()
         dt = dt.replace(microsecond=int((sub + "000000")[:6]))
     off = _text(offset)
-    if off and len(off) == 6 and off[0] in "+-" and off[3] == ":":
+    if off and len(off) == 6 and off[0] in "+-" and off[3] == ":" and off.isascii():
         try:
             sign = 1 if off[0] == "+" else -1
             dt = dt.replace(tzinfo=timezone(sign * timedelta(hours=int(off[1:3]), minutes=int(off[4:6]))))

@@ -339,3 +339,43 @@ def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path, reader):
         assert isinstance(outcome[0], imageio.ImageError) and "not a regular file" in str(outcome[0])
     else:
         assert outcome[0] is False
+
+
+def _exif_jpeg(tags: dict[int, str], patch: dict[str, bytes]) -> bytes:
+    """A small JPEG whose Exif sub-IFD holds ``tags`` as ASCII, with ``patch`` replacing placeholder
+    text by raw bytes of the same length in the EXIF block (what a camera's firmware writes, not
+    what Pillow would)."""
+    exif = Image.Exif()
+    for tag, text in tags.items():
+        exif.get_ifd(0x8769)[tag] = text
+    raw = exif.tobytes()
+    for placeholder, data in patch.items():
+        assert len(placeholder) == len(data) and raw.count(placeholder.encode()) == 1
+        raw = raw.replace(placeholder.encode(), data)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buf, "JPEG", exif=raw)
+    return buf.getvalue()
+
+
+def test_odd_characters_in_exif_time_fields_never_raise():
+    """EXIF ASCII fields are read as Latin-1, where ¹ ² ³ are 'digits' to str.isdigit() but not to
+    int(): a SubSecTimeOriginal byte 0xB2 raised ValueError out of read_image, killing the reader
+    thread (the daemon stopped; the frame counted as a crash until quarantined). Every Latin-1
+    character in every position of the date, sub-second and offset fields: a datetime or None."""
+    base, sub, off = "2026:11:30 10:00:00", "12", "+01:00"
+    for code in range(256):
+        c = bytes([code]).decode("latin-1")
+        for k in range(len(base)):
+            parse_exif_datetime(base[:k] + c + base[k + 1:], sub, off)
+        for k in range(len(sub)):
+            parse_exif_datetime(base, sub[:k] + c + sub[k + 1:], off)
+        for k in range(len(off)):
+            parse_exif_datetime(base, sub, off[:k] + c + off[k + 1:])
+    assert parse_exif_datetime(base, "\u00b2", None) == datetime(2026, 11, 30, 10)  # the sub-second part is dropped
+
+
+def test_a_frame_with_a_latin1_digit_in_its_subsecond_field_is_read_with_its_time(tmp_path):
+    p = tmp_path / "sup.jpg"
+    p.write_bytes(_exif_jpeg({0x9003: "2026:11:30 10:00:00", 0x9291: "Q", 0x9011: "+RR:00"},
+                             {"Q": b"\xb2", "RR": b"\xb9\xb9"}))
+    assert read_image(p).taken_at == datetime(2026, 11, 30, 10)
