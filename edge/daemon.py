@@ -97,6 +97,7 @@ from edge.messages import (
     Topics,
     encode_detection_json,
     message_from_decision,
+    telemetry_counts,
     telemetry_payload,
 )
 from edge.mqtt_commands import CommandRegistry, Request
@@ -994,12 +995,7 @@ class Daemon:
     def _telemetry(self) -> None:
         c = self.ledger.counters()
         states = self.ledger.state_counts()
-        counts = {"processed": states.get("done", 0) + states.get("disposed", 0),
-                  "empty": c.get("empty", 0), "discarded": c.get("discarded", 0),
-                  "quarantined": states.get("quarantined", 0),
-                  "gone": states.get("gone", 0),
-                  "dropped": sum(v for k, v in c.items() if k.startswith("dropped_")),
-                  "rejected": c.get("rejected", 0)}
+        counts = telemetry_counts(states, c)
         ms = sum(self._infer_ms) / len(self._infer_ms) if self._infer_ms else None
         disk = min(lowest_free_mb(self._disposal_paths(Path(f))) for f in self.cfg.watch.folders)
         alarm = self.health.reason or self._disposal_alarm
@@ -1111,6 +1107,7 @@ def status_report(cfg: Config, last: int = 5) -> str:
         lines = [f"ledger {path}",
                  "images: " + ", ".join(f"{k} {v}" for k, v in states.items()),
                  f"outbox: {led.outbox_depth()} message(s) waiting for the broker",
+                 "totals: " + ", ".join(f"{k} {v}" for k, v in telemetry_counts(states, counters).items()),
                  "counters: " + (", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "none")]
         for r in led.latest(last, with_result=True):
             res = r.result or {}

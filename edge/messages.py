@@ -590,6 +590,19 @@ def status_payload(state: str, *, time: int, model: str | None, boot_id: str, ve
 TELEMETRY_COUNTS = ("processed", "empty", "discarded", "quarantined", "gone", "dropped", "rejected")
 
 
+def telemetry_counts(states: Mapping[str, int], counters: Mapping[str, int]) -> dict[str, int]:
+    """The telemetry ``c`` counts (``TELEMETRY_COUNTS``, in that order) from the ledger's image
+    states and counters: the one place they are derived, so telemetry and ``camtrap-edge status``
+    agree. Frames (processed, quarantined, gone) are counted from their rows, not from counters of
+    events: a frame quarantined, requeued and quarantined again is one quarantined frame."""
+    derived = {"processed": states.get("done", 0) + states.get("disposed", 0),
+               "empty": counters.get("empty", 0), "discarded": counters.get("discarded", 0),
+               "quarantined": states.get("quarantined", 0), "gone": states.get("gone", 0),
+               "dropped": sum(v for k, v in counters.items() if k.startswith("dropped_")),
+               "rejected": counters.get("rejected", 0)}
+    return {k: derived[k] for k in TELEMETRY_COUNTS}
+
+
 def telemetry_payload(*, time: int, counts: Mapping[str, int], queue: int, outbox: int,
                       infer_ms: float | None = None, disk_free_mb: float | None = None,
                       temp_c: float | None = None, extra: Mapping[str, object] | None = None) -> bytes:

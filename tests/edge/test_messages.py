@@ -419,3 +419,18 @@ def test_the_documented_example_decodes_as_documented():
     line = re.search(r"^\$ camtrap-edge decode .*\n(\{.*\})$", doc, re.M).group(1)  # type: ignore[union-attr]
     decoded = decode_detection_binary(b, ["lyn", "fel", "vul"], ["large", "medium", "micro"])
     assert json.loads(line) == {**decoded, "format": "binary (25 bytes)"}
+
+
+def test_telemetry_counts_come_from_rows_and_counters_in_one_order():
+    """Telemetry and `camtrap-edge status` derive their totals here: frames from their rows
+    (a frame quarantined twice is one), events of the daemon from its counters."""
+    from edge.messages import TELEMETRY_COUNTS, telemetry_counts
+
+    states = {"seen": 4, "processing": 1, "done": 2, "disposed": 5, "quarantined": 1, "gone": 3}
+    counters = {"empty": 6, "discarded": 4, "quarantined": 2, "dropped_detections": 2, "dropped_status": 1,
+                "rejected": 7, "storage_retries": 9}
+    c = telemetry_counts(states, counters)
+    assert tuple(c) == TELEMETRY_COUNTS
+    assert c == {"processed": 7, "empty": 6, "discarded": 4, "quarantined": 1, "gone": 3, "dropped": 3,
+                 "rejected": 7}
+    assert telemetry_counts({}, {}) == dict.fromkeys(TELEMETRY_COUNTS, 0)
