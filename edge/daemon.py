@@ -1080,7 +1080,10 @@ class Daemon:
 
 
 def run_daemon(cfg: Config) -> int:
+    from edge.statelock import lock_state_dir
+
     os.umask(UMASK)  # our own, not the caller's (see the module docstring)
+    lock = lock_state_dir(cfg.paths.state_dir)  # before anything touches the state (edge/statelock.py)
     d = Daemon(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: d.stop())
@@ -1089,6 +1092,8 @@ def run_daemon(cfg: Config) -> int:
         d.run()
     finally:
         d.close()
+        if lock is not None:
+            lock.close()
     return 1 if d.fatal is not None else 0
 
 

@@ -693,3 +693,39 @@ def test_a_pending_empty_whose_path_holds_a_new_file_is_not_disposed_of(device, 
     [new] = dev.wait_done(1)
     assert path.exists() and json.loads(new["result"])["species"] == "Lynx pardinus"
     assert dev.terminate() == 0
+
+
+def test_a_second_daemon_on_the_same_state_refuses_before_touching_it(device):
+    """A ranger runs `camtrap-edge run` by hand while the service runs. The second daemon opened
+    the ledger and ran recover(), which puts every 'processing' row back (the running daemon's
+    frames, counted as crashes), and was stopped only by the MegaDetector journal's lock (with
+    records.md_json off, not at all: two daemons classified and published the same frames). It
+    must refuse first, in one line, and leave the running daemon's frames alone."""
+    from edge.ledger import Ledger
+
+    dev = device(policy="keep").start()
+    drop(dev.watch, "F000.JPG", lynx_frame(0))
+    dev.wait_done(1)
+    dev.proc.send_signal(signal.SIGSTOP)  # the running daemon, caught in the middle of a frame
+    try:
+        frame = drop(dev.watch, "F001.JPG", lynx_frame(1))
+        with Ledger(dev.state / "ledger.sqlite3") as led:
+            st = frame.stat()
+            led.see(frame, st.st_size, st.st_mtime)
+            [row] = led.claim(1)
+            led.in_flight([row.id], "inference")
+        second = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(dev.config)],
+                                capture_output=True, text=True, timeout=60)
+        [after] = [r for r in dev.rows() if r["id"] == row.id]
+    finally:
+        dev.proc.send_signal(signal.SIGCONT)
+    assert second.returncode != 0
+    untouched = ("processing", "inference", 0, 0)
+    assert (after["state"], after["in_flight"], after["attempts"], after["suspect"]) == untouched
+    out = (second.stdout + second.stderr).strip().splitlines()
+    assert "another camtrap-edge daemon" in out[-1] and str(dev.state) in out[-1], out[-3:]
+    assert "Traceback" not in second.stderr
+    assert dev.terminate() == 0
+    dev.start()  # the lock goes with the process: the next start takes it (and redoes the faked claim)
+    dev.wait_done(2)
+    assert dev.terminate() == 0
