@@ -46,7 +46,14 @@ class BackboneGraph:
         missing = set(entry.outputs) - names
         if missing:
             raise ValueError(f"{self.path}: the backbone graph lacks outputs {sorted(missing)} the manifest names")
-        self.input_name = self._session.get_inputs()[0].name
+        inp = self._session.get_inputs()[0]
+        self.input_name = inp.name
+        dims, want = list(inp.shape), (3, *entry.input_hw)
+        if len(dims) != 4 or any(isinstance(d, int) and d != w for d, w in zip(dims[1:], want, strict=True)):
+            # before any run: a warm-up at a size the graph cannot take fails in ONNX Runtime, or
+            # allocates first (an absurd size: tens of GB)
+            raise ValueError(f"{self.path}: the backbone's input {dims} does not match the manifest's "
+                             f"[N, {', '.join(map(str, want))}]")
         self.last_ms = 0.0
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:

@@ -170,6 +170,29 @@ def test_model_that_does_not_match_the_manifest_is_refused(tmp_path):
         create_engine("onnxruntime", tmp_path / "bad.onnx", e)
 
 
+@pytest.mark.parametrize("imgsz", [[128, 160], 161, 60000])
+def test_a_backbone_graph_that_does_not_take_the_manifests_size_is_refused_before_any_run(tmp_path, imgsz):
+    """The whole-model check above, for the shared backbone: a manifest whose backbone and heads
+    say a size the backbone graph does not take failed in the warm-up run, as ONNX Runtime's
+    dimension error or (60000 px) a MemoryError allocating the warm-up batch (tens of GB: on a
+    Jetson, the OOM killer rather than a refusal). Refused when the session opens, naming both."""
+    import shutil
+
+    from edge.demo import DEMO_BUNDLE
+
+    out = tmp_path / "b"
+    shutil.copytree(DEMO_BUNDLE, out)
+    (out / "manifest.sig").unlink()
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["backbone"]["imgsz"] = imgsz
+    for m in raw["models"]:
+        m["imgsz"] = imgsz
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"backbone\.onnx: the backbone's input \[.*160, 160\] does not match "
+                                         r"the manifest's \[N, 3, \d+, \d+\]"):
+        load_engines(load_bundle(out), "onnxruntime")
+
+
 # --- registry and typed config ---------------------------------------------------------------------
 
 
