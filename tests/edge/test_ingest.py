@@ -384,7 +384,11 @@ def test_a_backlog_found_at_start_is_passed_on_before_newer_frames_of_its_folder
         p.write_bytes(jpeg)
         os.utime(p, (t0 + k * 0.1, t0 + k * 0.1))
     sink = Sink()
-    with ingest(sink, watch, other, settle=1.0):
+    with ingest(sink, watch, other, settle=1.0) as ing:
+        deadline = time.monotonic() + DEADLINE
+        while ing.counts["scans"] < 1 and time.monotonic() < deadline:  # the backlog is found, settling
+            time.sleep(0.01)
+        time.sleep(0.1)  # inotify watches are added on the observer's own thread
         for name, folder in (("LIVE.JPG", watch), ("ELSEWHERE.JPG", other)):  # renamed into place: complete
             tmp = folder / f".{name}.part"
             tmp.write_bytes(jpeg)
