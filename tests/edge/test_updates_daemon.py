@@ -229,7 +229,9 @@ def test_an_explicit_rollback_on_probation_and_after_a_commit(env, tmp_path):
 
 def test_sigkill_at_each_step_then_restart_is_consistent(env, tmp_path):
     make, srv, broker = env
-    box = make(probation={"frames": 3, "min_frames": 100, "minutes": 60}).start()
+    # Four kills; when a step is over before its kill lands (a fast build), two of them land in
+    # probation, which the crash-loop rule (tested above with max_crashes 2) would roll back.
+    box = make(probation={"frames": 3, "min_frames": 100, "minutes": 60, "max_crashes": 5}).start()
     _publish(srv, tmp_path, "demo-2", replace={"group2": relabel_onnx(G2, "kill")})
     srv.delay_s = 0.2  # ~13 s for the expert: time to kill mid-transfer
     killed_at = []
