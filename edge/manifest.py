@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from edge.detection import SAME_ANIMAL_IOU
 from edge.numbers import NoBoolNumbers
@@ -26,7 +26,12 @@ from edge.numbers import NoBoolNumbers
 SCHEMA_VERSION: Literal[1] = 1
 Layout = Literal["yolov5", "yolov8", "end2end"]
 
-InputSize = Union[PositiveInt, tuple[PositiveInt, PositiveInt]]  # noqa: UP007 - pydantic evaluates it at run time
+MAX_INPUT_SIDE = 4096
+"""The largest input side a manifest may ask for (MegaDetector v5 runs at 1280). A graph with a
+dynamic input would otherwise be warmed up at whatever a manifest says: a batch at 60000 px is
+tens of GB, the out-of-memory killer on a Jetson in the middle of an update's build."""
+InputSide = Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE)]
+InputSize = Union[InputSide, tuple[InputSide, InputSide]]  # noqa: UP007 - pydantic evaluates it at run time
 """A model's letterboxed input in pixels: a square's side (640), or [height, width] ([480, 640]) for a
 model exported at the camera's aspect: a 2048x1440 frame fills 640x450 of a 640 px square, so a
 [480, 640] input gives the same answer on 0.75x the pixels (ultralytics' predict uses that rectangle)."""

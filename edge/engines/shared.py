@@ -24,6 +24,7 @@ images routed to a head, and ``head.run_features`` takes them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ import numpy as np
 from edge.engines.base import Engine
 from edge.engines.onnxruntime import OnnxRuntimeConfig, make_session
 from edge.manifest import BackboneEntry, ModelEntry
+
+log = logging.getLogger(__name__)
 
 
 class BackboneGraph:
@@ -48,6 +51,9 @@ class BackboneGraph:
             raise ValueError(f"{self.path}: the backbone graph lacks outputs {sorted(missing)} the manifest names")
         inp = self._session.get_inputs()[0]
         self.input_name = inp.name
+        if inp.name != entry.input_name:  # as for whole models: the graph's own name is what binds
+            log.info("backbone: input is named %r, the manifest says %r; using the graph's", inp.name,
+                     entry.input_name)
         dims, want = list(inp.shape), (3, *entry.input_hw)
         if len(dims) != 4 or any(isinstance(d, int) and d != w for d, w in zip(dims[1:], want, strict=True)):
             # before any run: a warm-up at a size the graph cannot take fails in ONNX Runtime, or

@@ -239,3 +239,15 @@ def test_files_outside_the_single_folder_are_refused(signed, tmp_path):
     arc = _tar(tmp_path / "mixed.tar.gz", signed, arcroot="bundle", extra=[_info("README.txt")])
     with pytest.raises(BundleError, match=r"no manifest\.json|outside"):
         load_bundle(arc, extract_to=tmp_path / "d")
+
+
+@pytest.mark.parametrize("imgsz", [60000, [480, 5000], [5000, 5000], 0, [0, 640]])
+def test_an_absurd_input_size_is_refused_naming_the_field(tmp_path, imgsz):
+    """A manifest's input size is bounded (MAX_INPUT_SIDE): a graph with a dynamic input would be
+    warmed up at whatever it says (tens of GB at 60000 px) before anything else could refuse it."""
+    root = write_test_bundle(tmp_path / "m", with_samples=False)
+    m = json.loads((root / "manifest.json").read_text())
+    m["models"][0]["imgsz"] = imgsz
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"manifest\.json: models\.0\.imgsz"):
+        load_bundle(root)

@@ -170,12 +170,13 @@ def test_model_that_does_not_match_the_manifest_is_refused(tmp_path):
         create_engine("onnxruntime", tmp_path / "bad.onnx", e)
 
 
-@pytest.mark.parametrize("imgsz", [[128, 160], 161, 60000])
+@pytest.mark.parametrize("imgsz", [[128, 160], 161, 4096])
 def test_a_backbone_graph_that_does_not_take_the_manifests_size_is_refused_before_any_run(tmp_path, imgsz):
     """The whole-model check above, for the shared backbone: a manifest whose backbone and heads
     say a size the backbone graph does not take failed in the warm-up run, as ONNX Runtime's
-    dimension error or (60000 px) a MemoryError allocating the warm-up batch (tens of GB: on a
-    Jetson, the OOM killer rather than a refusal). Refused when the session opens, naming both."""
+    dimension error or a MemoryError allocating the warm-up batch (60000 px: tens of GB, now
+    refused by the manifest's MAX_INPUT_SIDE; 4096 is within it). Refused when the session opens,
+    naming both."""
     import shutil
 
     from edge.demo import DEMO_BUNDLE
