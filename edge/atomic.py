@@ -69,7 +69,11 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
 @contextlib.contextmanager
 def building(out: Path) -> Iterator[Path]:
     """Yield an empty ``OUT.tmp-<pid>`` to fill; on success it replaces ``out``, on any error it
-    is removed, so a reader never sees a half-written folder and a failed run leaves nothing."""
+    is removed, so a reader never sees a half-written folder and a failed run leaves nothing.
+    An existing ``out`` that is not a folder is refused before any work: it is somebody's file,
+    not an earlier build to replace."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; give a new or folder path to write into")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -75,13 +75,18 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
     root = Path(relative_to).resolve() if relative_to is not None else image_root(paths)
     names = {f: relative_name(f, root) for f in files}  # every file checked before any work
     out = Path(out)
-    if out.exists():
-        out.unlink()  # a fresh run: MdBatchWriter would otherwise resume the old file
+    if batch < 1:
+        raise ValueError(f"batch: {batch} images per batch; give 1 or more")
+    if out.is_dir():
+        raise ValueError(f"{out}: is a folder; --out names the results JSON file to write")
     with tempfile.TemporaryDirectory(prefix="camtrap-bundle-") as tmp:
         bundle = load_bundle(bundle_path, public_keys=public_keys, require_signature=require_signature,
                              extract_to=tmp)
         man = bundle.manifest
         engines = load_engines(bundle, backend)
+        # a fresh run (MdBatchWriter would otherwise resume the old file), and only once the bundle
+        # and its engines loaded: a bad bundle or backend leaves the previous results in place
+        out.unlink(missing_ok=True)
         runner = CascadeRunner(man, engines)
         writer = MdBatchWriter(out, detector=f"{man.global_model.name}@{man.bundle_version}",
                                classifier=f"cascade@{man.bundle_version}", species=man.global_model.classes,
@@ -117,6 +122,13 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
     return counts
 
 
+def _batch_size(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
 def _cmd(args: argparse.Namespace) -> int:
     t = trust_from_args(args)
     c = classify_paths(args.paths, args.bundle, args.out, backend=args.backend, batch=args.batch,
@@ -135,7 +147,7 @@ def add_cli(sub) -> None:
     p.add_argument("--out", required=True, help="results JSON to write")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="engine the models run on")
-    p.add_argument("--batch", type=int, default=4, help="images per inference batch")
+    p.add_argument("--batch", type=_batch_size, default=4, help="images per inference batch")
     p.add_argument("--relative-to", metavar="ROOT",
                    help="image root the output's file names are relative to (default: the deepest folder "
                    "holding every input)")

@@ -9,6 +9,8 @@ import importlib
 import logging
 import sys
 
+log = logging.getLogger(__name__)
+
 # module (under edge/) -> registers one or more commands
 COMMAND_MODULES = ["classify", "selftest", "commands.messages", "daemon", "commands.records", "config", "demo"]
 
@@ -53,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # input errors: one clear line, no traceback
+    except (ValueError, OSError, ImportError) as e:  # input errors: one clear line, no traceback
+        # OSError: a path that is a folder, unreadable or unwritable (its message names the path);
+        # ImportError: a backend whose modules this machine lacks (e.g. pycuda off a Jetson).
+        log.debug("%s failed", args.command, exc_info=True)
         print(f"camtrap-edge {args.command}: error: {e}", file=sys.stderr)
         return 2
 

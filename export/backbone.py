@@ -109,6 +109,13 @@ def _parity(whole: Path, backbone: Path, head: Path, x: np.ndarray, cut: list[st
     return float(np.abs(ref - got).max())
 
 
+def _not_in_place(src: Path, out: Path) -> None:
+    """Refuse ``out`` naming the source bundle: the swap would replace the signed original with
+    its converted (unsigned unless --sign) copy, leaving no bundle of the first form."""
+    if out.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"{out}: is the source bundle; --out must name a new folder")
+
+
 def share_backbone(src: Path, out: Path, sign_key: Path | None = None,
                    public_keys: list[Path] | None = None, require_signature: bool = False) -> dict:
     """Write a shared-backbone copy of the bundle folder ``src`` into ``out`` (see module doc)."""
@@ -120,6 +127,7 @@ def share_backbone(src: Path, out: Path, sign_key: Path | None = None,
     from edge.manifest import BackboneEntry
     from edge.vision import letterbox_batch
 
+    _not_in_place(src, out)
     bundle = load_bundle(src, public_keys=public_keys or None, require_signature=require_signature)
     man = bundle.manifest
     if man.backbone is not None:
@@ -258,6 +266,7 @@ def join_backbone(src: Path, out: Path, sign_key: Path | None = None,
     from edge.engines import read_samples
     from edge.vision import letterbox_batch
 
+    _not_in_place(src, out)
     bundle = load_bundle(src, public_keys=public_keys or None, require_signature=require_signature)
     man = bundle.manifest
     bb = man.backbone

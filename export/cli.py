@@ -11,6 +11,8 @@ import sys
 
 from edge.cli import use_defaults_formatter
 
+log = logging.getLogger(__name__)
+
 # module (under export/) -> registers one or more commands
 COMMAND_MODULES = ["synth", "datasets", "train", "grouping", "experts", "pipeline", "bundle", "backbone", "evaluate",
                    "calibrate", "release", "update"]
@@ -38,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # input errors: one clear line, no traceback
+    except (ValueError, OSError, ImportError) as e:  # input errors: one clear line, no traceback
+        # OSError: a path that is a folder, unreadable or unwritable (its message names the path);
+        # ImportError: a backend whose modules this machine lacks (e.g. pycuda off a Jetson).
+        log.debug("%s failed", args.command, exc_info=True)
         print(f"camtrap-export {args.command}: error: {e}", file=sys.stderr)
         return 2
 

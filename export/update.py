@@ -92,7 +92,10 @@ class Fleet:
         if username:
             self.client.username_pw_set(username, password)
         if ca_file:
-            self.client.tls_set(ca_certs=str(ca_file))
+            try:  # ssl's own errors do not name the file (a folder: "[Errno 21] Is a directory")
+                self.client.tls_set(ca_certs=str(ca_file))
+            except OSError as e:
+                raise ValueError(f"--ca-file {ca_file}: not a readable PEM CA bundle ({e})") from None
         self._lock = threading.Lock()
         self._inbox: list[tuple[str, bytes]] = []
         self._connected = threading.Event()

@@ -38,6 +38,15 @@ def media_results_from_ledger(
     if not p.is_file():
         raise FileNotFoundError(f"ledger not found: {p}")
     try:
+        # a reader: an empty file or a database without a ledger schema is refused, not given a
+        # fresh schema (Ledger() creates one, which would turn any file named here into a ledger)
+        probe = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            version = probe.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            probe.close()
+        if version == 0:
+            raise ValueError(f"{p}: not a ledger (empty, or a database with no ledger schema)")
         with Ledger(p) as ledger:
             rows = ledger.images()
     except sqlite3.DatabaseError as e:  # another file given as --ledger

@@ -1,0 +1,86 @@
+"""Device commands misused the way a hostile user would: a folder where a file belongs, an
+empty file given as a ledger, absurd numbers, a backend this machine lacks. Each must end in one
+clear line naming the path or field, a non-zero exit, no traceback, and nothing of the user's
+changed or left half-written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from edge.atomic import building
+from edge.cli import main
+from edge.demo import DEMO_BUNDLE, DEMO_FRAMES, DEMO_KEYS
+
+PUB = str(DEMO_KEYS / "demo.pub")
+
+
+def _one_clear_line(capsys, rc: int, names: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert "error:" in last and names in last, err
+    return last
+
+
+@pytest.mark.parametrize("misuse", ["public_key_is_folder", "out_is_folder"])
+def test_classify_folder_where_a_file_belongs(tmp_path, capsys, misuse):
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    out = tmp_path / "out.json"
+    argv = ["classify", "--bundle", str(DEMO_BUNDLE), "--out", str(out), "--public-key", PUB, str(DEMO_FRAMES)]
+    if misuse == "public_key_is_folder":
+        argv[argv.index(PUB)] = str(folder)
+    else:
+        argv[argv.index(str(out))] = str(folder)
+    _one_clear_line(capsys, main(argv), str(folder))
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("batch", ["0", "-5"])
+def test_classify_refuses_a_batch_below_one(tmp_path, capsys, batch):
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--bundle", str(DEMO_BUNDLE), "--out", str(out), "--public-key", PUB,
+              "--batch", batch, str(DEMO_FRAMES)])
+    assert e.value.code == 2
+    assert "--batch" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_classify_keeps_the_previous_results_when_the_bundle_fails(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    out.write_text('{"images": ["earlier results"]}')
+    rc = main(["classify", "--bundle", str(tmp_path / "no-such-bundle"), "--out", str(out),
+               "--public-key", PUB, str(DEMO_FRAMES)])
+    _one_clear_line(capsys, rc, "no-such-bundle")
+    assert out.read_text() == '{"images": ["earlier results"]}'
+
+
+def test_a_backend_whose_modules_are_missing_is_one_line(monkeypatch, capsys):
+    for mod in ("tensorrt", "pycuda", "pycuda.driver"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError, as off a Jetson
+    rc = main(["compile", "--bundle", str(DEMO_BUNDLE), "--public-key", PUB, "--backend", "tensorrt"])
+    _one_clear_line(capsys, rc, "tensorrt")  # names the missing module
+
+
+def test_export_camtrapdp_refuses_an_empty_file_as_ledger_and_leaves_it_alone(tmp_path, capsys):
+    empty = tmp_path / "notes.txt"
+    empty.write_bytes(b"")
+    rc = main(["export-camtrapdp", "--ledger", str(empty), "--out", str(tmp_path / "dp"),
+               "--latitude", "10", "--longitude", "5"])
+    _one_clear_line(capsys, rc, str(empty))
+    assert empty.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_building_refuses_to_replace_a_file(tmp_path):
+    victim = tmp_path / "results.json"
+    victim.write_text("keep me")
+    with pytest.raises(ValueError, match="not a folder"), building(victim) as tmp:
+        (tmp / "x").write_text("new")
+    assert victim.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
