@@ -127,6 +127,7 @@ class Updater:
         self._rec: UpdateRecord | None = self.state.load()
         self._old: tuple[Bundle, Any] | None = None  # what served before the switch (for a fast rollback)
         self._last_save = 0.0
+        self._observed_at: float | None = None  # time.monotonic() of the last observe() in this process
 
     # -- records ----------------------------------------------------------------------------
     @property
@@ -388,7 +389,9 @@ class Updater:
             if old is not None:
                 self.store.activate(old)  # the old model never stopped serving; disk says so again
             raise UpdateError(f"switch failed: {type(e).__name__}: {e}") from None
-        self._save(rec.to("probation", "on probation", probation={"since": time.time()}, clean_stop=False))
+        self._observed_at = time.monotonic()  # this probation's run time starts now
+        self._save(rec.to("probation", "on probation", probation={"since": time.time(), "elapsed_s": 0.0},
+                            clean_stop=False))
         self._clear_downloads()
 
     # -- probation (the daemon's processing loop) ---------------------------------------------
@@ -405,12 +408,21 @@ class Updater:
             p = dict(rec.probation)
             for k, v in (("frames", frames), ("errors", errors), ("empty", empty), ("ms_total", ms_total)):
                 p[k] = p.get(k, 0) + v
-            p.setdefault("since", time.time())
+            p.setdefault("since", time.time())  # for people reading state.json; never measured against
+            # Time on probation is time run, summed from the monotonic clock (kept across restarts in
+            # elapsed_s): a wall clock that jumps (NTP's first answer on a box without an RTC, a zone
+            # fixed by hand) must neither commit a model early nor hold it on probation for ever.
+            now = time.monotonic()
+            if "elapsed_s" not in p:  # a probation begun by an earlier release: its age once, then run time
+                p["elapsed_s"] = max(0.0, time.time() - float(p["since"]))
+            elif self._observed_at is not None:
+                p["elapsed_s"] = float(p["elapsed_s"]) + max(0.0, now - self._observed_at)
+            self._observed_at = now
             rec = rec.to("probation", rec.step, probation=p)
             self._rec = rec
             counters = Counters(frames=int(p.get("frames", 0)), errors=int(p.get("errors", 0)),
                                 empty=int(p.get("empty", 0)), ms_total=float(p.get("ms_total", 0.0)),
-                                crashes=int(p.get("crashes", 0)), elapsed_s=time.time() - float(p["since"]))
+                                crashes=int(p.get("crashes", 0)), elapsed_s=float(p["elapsed_s"]))
             b = rec.baseline
             base = Baseline(frames=int(b.get("frames") or 0), empty_rate=b.get("empty_rate"), mean_ms=b.get("mean_ms"))
             verdict = judge(counters, self.cfg.probation, base)

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,25 @@ def test_an_update_that_did_not_go_through_is_logged_as_a_problem_with_its_reaso
                for level, msg in lines), lines
     assert any(level == logging.WARNING and "update demo-3: rolled_back" in msg and "2 inference errors" in msg
                for level, msg in lines), lines
+
+
+def test_probation_time_is_time_run_not_what_the_wall_clock_says(box, monkeypatch):
+    """A box without a battery-backed clock jumps a day (or years) when NTP first answers, and back
+    when an operator fixes a bad zone: neither may commit a model on probation or hold it there."""
+    box.publish("demo-2", replace={"group2": relabel_onnx(G2, "x")})
+    box.update("demo-2")
+    box.upd.observe(frames=1)
+    wall, mono = time.time, time.monotonic
+    monkeypatch.setattr(time, "time", lambda: wall() + 86_400)  # forward a day
+    box.upd.observe(frames=1)
+    assert box.upd.record.state == "probation"
+    monkeypatch.setattr(time, "time", lambda: wall() - 2 * 86_400)  # back two days
+    box.upd.observe(frames=1)
+    assert box.upd.record.state == "probation"
+    # the minutes still run: an hour (and a second) of running commits it, whatever the wall clock
+    minutes = box.cfg.probation.minutes
+    monkeypatch.setattr(time, "monotonic", lambda: mono() + minutes * 60 + 1)
+    box.upd.observe(frames=0)
+    monkeypatch.setattr(time, "monotonic", mono)
+    assert box.upd.record.state == "committed", box.upd.record
+    assert f"{minutes:g} minutes on probation" in box.upd.record.reason
