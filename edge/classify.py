@@ -86,7 +86,7 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
         engines = load_engines(bundle, backend)
         # a fresh run (MdBatchWriter would otherwise resume the old file), and only once the bundle
         # and its engines loaded: a bad bundle or backend leaves the previous results in place
-        out.unlink(missing_ok=True)
+        MdBatchWriter.discard(out)
         runner = CascadeRunner(man, engines)
         writer = MdBatchWriter(out, detector=f"{man.global_model.name}@{man.bundle_version}",
                                classifier=f"cascade@{man.bundle_version}", species=man.global_model.classes,

@@ -385,7 +385,7 @@ class MdBatchWriter:
         import fcntl
 
         self.path = Path(path)
-        self.journal_path = self.path.with_name(self.path.name + ".journal")
+        self.journal_path = self.journal_of(self.path)
         self.detector, self.classifier = detector, classifier
         self._info_args = {
             "typical_threshold": typical_threshold,
@@ -415,6 +415,17 @@ class MdBatchWriter:
         except BaseException:  # e.g. a full disk: release the lock now, so a retry can take it
             self._journal.close()
             raise
+
+    @staticmethod
+    def journal_of(path: Path) -> Path:
+        return path.with_name(path.name + ".journal")
+
+    @classmethod
+    def discard(cls, path: str | os.PathLike[str]) -> None:
+        """Remove a results file and its journal, for a fresh run: a journal left by a killed run
+        would otherwise be replayed into the new file (results of images the new run never saw)."""
+        for p in (Path(path), cls.journal_of(Path(path))):
+            p.unlink(missing_ok=True)
 
     # -- recovery ---------------------------------------------------------------------------
     def _load_existing(self) -> None:

@@ -6,6 +6,7 @@ changed or left half-written.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -84,3 +85,20 @@ def test_building_refuses_to_replace_a_file(tmp_path):
         (tmp / "x").write_text("new")
     assert victim.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_fresh_classify_run_ignores_what_a_killed_run_left_in_its_journal(tmp_path, capsys):
+    from edge.records.megadetector import MdBatchWriter
+
+    out = tmp_path / "out.json"
+    w = MdBatchWriter(out, "d", "c", ["a"], flush_every=1000)
+    w.add("elsewhere/old-run.jpg", failure="from a run killed before its flush")
+    journal = w.journal_path
+    left = journal.read_bytes()
+    w.close()
+    journal.write_bytes(left)  # what kill -9 leaves: the results file plus an unflushed journal
+    rc = main(["classify", "--bundle", str(DEMO_BUNDLE), "--out", str(out), "--public-key", PUB, str(DEMO_FRAMES)])
+    assert rc == 0, capsys.readouterr().err
+    files = [im["file"] for im in json.loads(out.read_text())["images"]]
+    assert "elsewhere/old-run.jpg" not in files
+    assert len(files) == len(list(DEMO_FRAMES.glob("*.JPG")))
