@@ -8,11 +8,26 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 # module (under edge/) -> registers one or more commands
 COMMAND_MODULES = ["classify", "selftest", "commands.messages", "daemon", "commands.records", "config", "demo"]
+
+
+def number_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` to ``high``. Plain ``float`` takes 'nan' and
+    'inf', and nan compares false with everything: ``selftest --tolerance nan`` passed any model,
+    ``demo --interval inf`` crashed in time.sleep."""
+
+    def number(text: str) -> float:
+        x = float(text)
+        if not low <= x <= high:  # false for nan too
+            raise argparse.ArgumentTypeError(f"must be a number from {low:.10g} to {high:.10g}, got {text!r}")
+        return x
+
+    return number
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):

@@ -368,11 +368,14 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: Any) -> None:
+    from edge.cli import number_in
+
     p = sub.add_parser("demo", help="run the daemon on the shipped demo bundle and frames, with an embedded broker",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=Path, help=f"folder of .jpg frames to drop (default: the shipped {DEMO_FRAMES})")
     p.add_argument("--broker", help="HOST:PORT of an MQTT broker (default: an embedded amqtt on a free port)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (config, ledger, records)")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for all results (default 60)")
+    p.add_argument("--interval", type=number_in(0, 3600), default=1.0, help="seconds between frames (default 1)")
+    p.add_argument("--timeout", type=number_in(0, 86_400), default=60.0,
+                   help="seconds to wait for all results (default 60)")
     p.set_defaults(func=_cmd)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge.cli import number_in
 from edge.keys import add_trust_options, describe, trust_from_args
 
 if TYPE_CHECKING:
@@ -325,8 +326,8 @@ def add_cli(sub: Any) -> None:
     c.set_defaults(func=run_compile)
     s = sub.add_parser("selftest", help="run the bundle's samples and compare with the expected outputs")
     _common(s, "onnxruntime")
-    s.add_argument("--tolerance", type=float, default=0.02, help="largest score difference accepted")
-    s.add_argument("--iou", type=float, default=0.9, help="smallest box IoU accepted")
+    s.add_argument("--tolerance", type=number_in(0, 1), default=0.02, help="largest score difference accepted")
+    s.add_argument("--iou", type=number_in(0, 1), default=0.9, help="smallest box IoU accepted")
     s.add_argument("--runs", type=int, default=20, help="timed single-image runs per model")
     s.add_argument("--whole", help="the same models as whole graphs (`camtrap-export whole-models`): compare the "
                    "shared-backbone cascade's decisions and time with theirs")

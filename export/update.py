@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.cli import number_in
 from edge.messages import DEFAULT_PREFIX, Topics, prefix_problem, topics
 from edge.updates_command import DEFAULT_LIFETIME_S, make_command
 from edge.updates_state import TERMINAL
@@ -281,5 +282,6 @@ def add_cli(sub) -> None:
     p.add_argument("--username")
     p.add_argument("--password-file", help="file holding the MQTT password")
     p.add_argument("--ca-file", help="CA certificate for a TLS broker")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the boxes (default 3600)")
+    p.add_argument("--timeout", type=number_in(0, 30 * 86_400), default=3600,
+                   help="seconds to follow the boxes (default 3600)")
     p.set_defaults(func=_cmd_update)

@@ -102,3 +102,20 @@ def test_a_fresh_classify_run_ignores_what_a_killed_run_left_in_its_journal(tmp_
     files = [im["file"] for im in json.loads(out.read_text())["images"]]
     assert "elsewhere/old-run.jpg" not in files
     assert len(files) == len(list(DEMO_FRAMES.glob("*.JPG")))
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["selftest", "--bundle", str(DEMO_BUNDLE), "--public-key", PUB, "--tolerance", "nan"], "--tolerance"),
+    (["selftest", "--bundle", str(DEMO_BUNDLE), "--public-key", PUB, "--iou", "inf"], "--iou"),
+    (["selftest", "--bundle", str(DEMO_BUNDLE), "--public-key", PUB, "--tolerance", "-1"], "--tolerance"),
+    (["demo", "--interval", "inf"], "--interval"),
+    (["demo", "--interval", "-1"], "--interval"),
+    (["demo", "--timeout", "nan"], "--timeout"),
+])
+def test_a_number_option_refuses_nan_infinity_and_out_of_range(capsys, argv, option):
+    """nan compares false with everything: a nan tolerance passed any model's self-test."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err and "selftest: ok" not in err
