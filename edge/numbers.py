@@ -5,7 +5,8 @@ pydantic's lax mode reads a YAML/JSON boolean as 1 or 0 wherever a number is exp
 ``background_max_experts: true`` ran one expert on every empty frame, and ``imgsz: true`` a
 1 px input: a wrong type taken silently. :class:`NoBoolNumbers` is the base of the config's
 sections, the engine configs and the manifest's entries: a boolean given to a field that
-does not take one is refused with the field's name (one line, like every other bad value).
+does not take one is refused with the field's name (one line, like every other bad value),
+and so are infinity and nan.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 def takes_bool(annotation: Any) -> bool:
@@ -37,7 +38,11 @@ class _Boolean:
 class NoBoolNumbers(BaseModel):
     """A model whose non-boolean fields refuse true/false (see the module docstring). A model
     validator rather than a field validator: pydantic allows none on a discriminator (the
-    engine's ``type``)."""
+    engine's ``type``). Nor does any number take infinity or nan (``allow_inf_nan``): an
+    infinite ``settle_s`` never read a frame, an infinite camera height wrote ``Infinity`` (not
+    JSON) into Camtrap DP, and nan slips past every bound (it compares false)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # subclasses' own model_config merges with it
 
     @model_validator(mode="before")
     @classmethod

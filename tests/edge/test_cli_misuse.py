@@ -119,3 +119,42 @@ def test_a_number_option_refuses_nan_infinity_and_out_of_range(capsys, argv, opt
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert option in err and "Traceback" not in err and "selftest: ok" not in err
+
+
+def _number_fields(model, prefix=()):
+    """Every float field of a config model, as a path of keys."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, f in model.model_fields.items():
+        args = typing.get_args(f.annotation) or (f.annotation,)
+        for a in args:
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                yield from _number_fields(a, (*prefix, name))
+        if float in args:
+            yield (*prefix, name)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_no_config_number_takes_infinity_or_nan(tmp_path, capsys, value):
+    """An infinite settle_s never read a frame that merely appeared, an infinite poll interval
+    never polled, an infinite camera height wrote 'Infinity' (not JSON) into Camtrap DP."""
+    from edge.config import Config
+
+    paths = list(_number_fields(Config))
+    assert len(paths) > 10  # the walk found the config's numbers
+    for path in paths:
+        cfg: dict = {"device": {"id": "t1"}, "watch": {"folders": [str(tmp_path)]}}
+        cur = cfg
+        for k in path[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[path[-1]] = "VALUE"
+        f = tmp_path / "config.yaml"
+        import yaml
+
+        f.write_text(yaml.safe_dump(cfg).replace("VALUE", value))
+        rc = main(["check-config", str(f)])
+        out = capsys.readouterr()
+        assert rc == 2, (".".join(path), value, out.out)
+        assert f"{'.'.join(path)}:" in out.out + out.err, (value, out)
