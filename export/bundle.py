@@ -317,6 +317,8 @@ def _input_size_arg(text: str) -> int | tuple[int, int]:
 
 
 def add_cli(sub) -> None:
+    from edge.cli import number_in
+
     p = sub.add_parser("bundle", help="export models to ONNX and write a (signed) bundle")
     p.add_argument("--global", dest="global_run", required=True, help="global model run folder")
     p.add_argument("--experts", required=True, help="folder with one expert run per group")
@@ -326,7 +328,7 @@ def add_cli(sub) -> None:
     p.add_argument("--sign", help="Ed25519 private key (PEM) from `camtrap-export keygen`")
     p.add_argument("--version", help="bundle version (default: UTC date)")
     p.add_argument("--samples", type=int, default=4, help="sample images for the device self-test")
-    p.add_argument("--conf", type=float, default=0.25, help="default per-class threshold")
+    p.add_argument("--conf", type=number_in(0, 1), default=0.25, help="default per-class threshold")
     p.add_argument("--no-parity", action="store_true", help="skip the PyTorch/ONNX parity check")
     p.add_argument("--imgsz", type=_input_size_arg, help="every model's input: a side (640) or HEIGHT,WIDTH "
                    "(480,640: a 4:3 or 3:2 camera's frame on 0.75x the pixels of the square; multiples of 32). "

@@ -317,6 +317,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
+    from edge.cli import number_in
     from edge.keys import add_trust_options
 
     p = sub.add_parser("calibrate", help="pick the background gate and expert cap on labelled frames; "
@@ -325,7 +326,7 @@ def add_cli(sub) -> None:
     p.add_argument("--data", required=True, help="data.yaml from `prepare` (frames the bundle was not trained on)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"],
                    help="split to calibrate on (default: val)")
-    p.add_argument("--max-recall-drop-pp", type=float, default=DEFAULT_MAX_RECALL_DROP * 100,
+    p.add_argument("--max-recall-drop-pp", type=number_in(0, 100), default=DEFAULT_MAX_RECALL_DROP * 100,
                    help="animal recall the settings may cost, in percentage points of the all-experts recall "
                    "(default 0.5)")
     p.add_argument("--confidence", type=float, default=None,

@@ -866,6 +866,8 @@ def _csv_list(text: str) -> list[str]:
 
 
 def add_cli(sub) -> None:
+    from edge.cli import number_in
+
     p = sub.add_parser("prepare", help="COCO Camera Traps / labels CSV + MegaDetector / YOLO -> a split YOLO dataset",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="output dataset folder (must not exist unless --overwrite)")
@@ -874,14 +876,16 @@ def add_cli(sub) -> None:
     src.add_argument("--labels", type=Path, help="image-level labels CSV with header file,species (needs --md-json)")
     src.add_argument("--yolo", type=Path, help="an existing YOLO data.yaml (splits kept unless --resplit)")
     p.add_argument("--md-json", type=Path, help="MegaDetector batch output (format 1.x) supplying animal boxes")
-    p.add_argument("--md-threshold", type=float, default=0.2, help="MegaDetector animal confidence (default 0.2)")
+    p.add_argument("--md-threshold", type=number_in(0, 1), default=0.2,
+                   help="MegaDetector animal confidence (default 0.2)")
     p.add_argument("--images", type=Path, help="image root (default: the JSON's folder or an images/ folder beside "
                    "it, whichever holds the listed files; the CSV's folder for --labels)")
     p.add_argument("--test-locations", type=_csv_list, help="comma-separated locations held out as test")
     p.add_argument("--val-locations", type=_csv_list, help="comma-separated locations for validation "
                    "(default: --val-frac of the other images, by sequence)")
-    p.add_argument("--val-frac", type=float, default=0.15, help="validation share, by sequence (default 0.15)")
-    p.add_argument("--test-frac", type=float, default=0.15, help="test share, by sequence (default 0.15)")
+    p.add_argument("--val-frac", type=number_in(0, 1), default=0.15,
+                   help="validation share, by sequence (default 0.15)")
+    p.add_argument("--test-frac", type=number_in(0, 1), default=0.15, help="test share, by sequence (default 0.15)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--resplit", action="store_true", help="re-split a --yolo dataset instead of keeping its splits")
     p.add_argument("--link", choices=LINK_MODES, default="hardlink",

@@ -334,6 +334,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
+    from edge.cli import number_in
+
     p = sub.add_parser("evaluate", help="single stage vs cascade on a split, through the device code")
     p.add_argument("--bundle", required=True, help="bundle folder or .tar/.tar.gz")
     p.add_argument("--data", required=True, help="data.yaml from `prepare`")
@@ -343,7 +345,7 @@ def add_cli(sub) -> None:
     p.add_argument("--control", help="the fair control: a training run folder (or its .pt) of the global "
                    "model fine-tuned for the experts' extra epochs (`camtrap-export train --control-of`; "
                    "`pipeline` makes WORKDIR/control); scored as a single stage beside the cascade")
-    p.add_argument("--route-reuse", type=float, default=None,
+    p.add_argument("--route-reuse", type=number_in(0, 1), default=None,
                    help="simulate burst route reuse at this confidence on the split's sequences (default: the "
                    "bundle's cascade.route_reuse; off when it has none)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over sequences (0 = none)")

@@ -634,6 +634,8 @@ def _k_arg(v: str) -> int | str:
 
 
 def add_cli(sub) -> None:
+    from edge.cli import number_in
+
     p = sub.add_parser("group", help="look-alike groups from a confusion matrix or a trained model",
                        description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -642,8 +644,8 @@ def add_cli(sub) -> None:
     p.add_argument("--data", type=Path, help="data.yaml of the prepared dataset (with --run)")
     p.add_argument("--k", type=_k_arg, default="auto", help="number of groups, or 'auto' (default)")
     p.add_argument("--out", type=Path, required=True, help="groups.yaml to write (PNGs go beside it)")
-    p.add_argument("--conf", type=float, default=0.25, help="deployment confidence for hard counts")
-    p.add_argument("--soft-conf", type=float, default=0.01, help="low confidence for soft evidence")
+    p.add_argument("--conf", type=number_in(0, 1), default=0.25, help="deployment confidence for hard counts")
+    p.add_argument("--soft-conf", type=number_in(0, 1), default=0.01, help="low confidence for soft evidence")
     p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the model's)")
     p.add_argument("--min-support", type=int, default=20, help="report species with fewer val boxes")
     p.add_argument("--allow-singletons", action="store_true", help="allow one-species groups")

@@ -62,3 +62,23 @@ def test_update_names_a_bad_ca_file(tmp_path, capsys, ca):
     rc = main(["update", "--device", "box", "--version", "2", "--sign", str(key),
                "--broker", "127.0.0.1:1", "--ca-file", str(bad), "--timeout", "1"])
     _one_clear_line(capsys, rc, str(bad))
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["evaluate", "--bundle", "b", "--data", "d", "--out", "o", "--route-reuse", "nan"], "--route-reuse"),
+    (["evaluate", "--bundle", "b", "--data", "d", "--out", "o", "--route-reuse", "7"], "--route-reuse"),
+    (["calibrate", "--bundle", "b", "--data", "d", "--max-recall-drop-pp", "nan"], "--max-recall-drop-pp"),
+    (["prepare", "--coco", "c.json", "--md-threshold", "nan", "out"], "--md-threshold"),
+    (["prepare", "--coco", "c.json", "--val-frac", "inf", "out"], "--val-frac"),
+    (["group", "--conf", "nan"], "--conf"),
+    (["bundle", "--global", "g", "--experts", "e", "--groups", "x", "--out", "o", "--conf", "nan"], "--conf"),
+    (["update", "--device", "x", "--sign", "k", "--broker", "127.0.0.1:1", "--timeout", "inf"], "--timeout"),
+])
+def test_a_probability_or_share_option_refuses_nan_and_out_of_range(capsys, argv, option):
+    """Refused while parsing, before any file is read: nan passes every comparison, so a nan
+    route-reuse threshold or confidence silently meant 'never'."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err, err
