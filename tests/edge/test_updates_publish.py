@@ -79,3 +79,17 @@ def test_workstation_commands_refuse_bad_places_in_one_line(tmp_path, capsys, ar
     assert rc == 2 and "Traceback" not in err, err
     [line] = err.strip().splitlines()
     assert says.format(**fill) in line
+
+
+def test_sign_re_signs_a_bundle_another_key_signed(tmp_path):
+    """--sign signs now: the bundle's own manifest.sig (the builder's key) is replaced in the
+    published folder, not checked against the publisher's key."""
+    other, _ = generate_keypair()
+    b = variant(DEMO, tmp_path / "b", version="demo-2", key=other)
+    (tmp_path / "ops.key").write_bytes(KEY)
+    publish(b, tmp_path / "www", sign_key=tmp_path / "ops.key")
+    from edge.signing import verify
+
+    www = tmp_path / "www" / "manifests"
+    verify((www / "demo-2.json").read_bytes(), (www / "demo-2.sig").read_bytes(), [PUB])
+    assert (b / "manifest.sig").is_file()  # the bundle itself is left as it was
