@@ -17,12 +17,19 @@ from edge.messages import decode_detection_binary, decode_detection_json, wire_l
 def payload_bytes(arg: str) -> bytes:
     """A file path, or the payload itself: JSON text, hex (spaces/0x allowed) or base64."""
     p = Path(arg)
+    if arg and p.is_dir():  # a folder name can also read as base64 ('adir' is 3 bytes)
+        raise ValueError(f"{arg}: is a folder; give a payload file or the payload itself")
     try:
         if p.is_file():
-            return p.read_bytes()
+            data = p.read_bytes()
+            if not data:
+                raise ValueError(f"{arg}: empty file, no payload in it")
+            return data
     except OSError:
         pass
     s = arg.strip()
+    if not s:
+        raise ValueError("empty payload: give a file, JSON, hex or base64")
     if s.startswith("{"):
         return s.encode()
     h = re.sub(r"\s+|0x", "", s)

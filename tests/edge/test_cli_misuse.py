@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,18 @@ def test_no_config_number_takes_infinity_or_nan(tmp_path, capsys, value):
         out = capsys.readouterr()
         assert rc == 2, (".".join(path), value, out.out)
         assert f"{'.'.join(path)}:" in out.out + out.err, (value, out)
+
+
+@pytest.mark.parametrize("what", ["folder", "empty file", "empty text"])
+def test_decode_names_a_folder_or_an_empty_payload(tmp_path, monkeypatch, capsys, what):
+    """A folder's name can read as base64 ('adir' is 3 bytes) and an empty file as an empty
+    payload: both were decoded and answered about the wrong problem (too few bytes)."""
+    monkeypatch.chdir(tmp_path)  # relative names, as typed
+    arg = {"folder": "adir", "empty file": "p.bin", "empty text": ""}[what]
+    if what == "folder":
+        Path(arg).mkdir()
+    elif what == "empty file":
+        Path(arg).write_bytes(b"")
+    rc = main(["decode", "--species", "a,b", arg])
+    line = _one_clear_line(capsys, rc, arg)
+    assert line.endswith("give a payload file or the payload itself") if what == "folder" else "empty" in line
