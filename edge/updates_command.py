@@ -169,7 +169,11 @@ class ReplayStore:
             seen = self._read()
             if cmd.nonce in seen:
                 raise CommandError(f"cmd/{cmd.name}: replayed command refused (nonce {cmd.nonce[:12]}... seen before)")
-            seen = {k: v for k, v in seen.items() if v > t - CLOCK_SKEW_S}
+            # forget a nonce only once its command expired by the box's clock AND by the signer's
+            # (cmd.issued, a signed time): a box clock running ahead (NTP not yet answered) would
+            # otherwise forget commands still valid, replayable once the clock comes back
+            horizon = min(t, cmd.issued)
+            seen = {k: v for k, v in seen.items() if v > horizon - CLOCK_SKEW_S}
             seen[cmd.nonce] = cmd.expires
             atomic_write_bytes(self.path, json.dumps(seen, sort_keys=True).encode())
 

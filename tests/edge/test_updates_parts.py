@@ -466,3 +466,19 @@ def test_a_server_that_drips_bytes_is_a_stalled_transfer_not_an_endless_one(tmp_
         assert (tmp_path / "out.part").exists()  # what came is kept: the next attempt resumes it
     finally:
         srv.close()
+
+
+def test_a_wall_clock_jump_forward_does_not_forget_nonces_still_valid(tmp_path):
+    """A box whose clock runs a day ahead (NTP not yet answered) accepts a 24 h command and
+    prunes; pruning by that clock alone forgot the nonces of commands still valid in true time,
+    and once the clock came back one of them could be replayed."""
+    from edge.updates_command import Command
+
+    store = ReplayStore(tmp_path / "nonces.json")
+    t = 1_800_000_000
+    hour = Command("update", "cam-1", "a" * 32, issued=t, expires=t + 3600)
+    store.claim(hour, now=t)
+    day = Command("update", "cam-1", "b" * 32, issued=t + 60, expires=t + 86_400)
+    store.claim(day, now=t + 80_000)  # the box's clock is 22 h ahead of the workstation's
+    with pytest.raises(CommandError, match="replayed"):
+        store.claim(hour, now=t + 120)  # the clock is right again; the hour command has not expired
