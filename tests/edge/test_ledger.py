@@ -490,12 +490,22 @@ def test_an_event_is_closed_once_with_its_message(ledger: Ledger) -> None:
     assert ledger.max_event_id() == 8
 
 
-def test_v1_ledger_is_migrated_to_events_table(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
+def _ledger_at(path: Path, version: int) -> sqlite3.Connection:
+    """An open SQLite file holding the ledger schema as version ``version`` left it (the first
+    schema, then the migrations up to it), for the migration tests to fill and close."""
     db = sqlite3.connect(path)
     for stmt in ledger_mod._split_sql(ledger_mod._SCHEMA_V1):
         db.execute(stmt)
-    db.execute("PRAGMA user_version=1")
+    for v in range(1, version):
+        for stmt in ledger_mod._split_sql(ledger_mod.MIGRATIONS[v]):  # type: ignore[arg-type]
+            db.execute(stmt)
+    db.execute(f"PRAGMA user_version={version}")
+    return db
+
+
+def test_v1_ledger_is_migrated_to_events_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = _ledger_at(path, 1)
     db.commit()
     db.close()
     with Ledger(path) as led:
@@ -507,12 +517,9 @@ def test_v2_ledger_is_migrated_and_old_claim_counts_are_cleared(tmp_path: Path) 
     """Before v3, ``attempts`` counted claims (read-ahead rows were blamed for other frames'
     crashes): those counts are cleared, a quarantine stays."""
     path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    for stmt in ledger_mod._split_sql(ledger_mod._SCHEMA_V1) + ledger_mod._split_sql(ledger_mod.MIGRATIONS[1]):
-        db.execute(stmt)
+    db = _ledger_at(path, 2)
     db.execute("INSERT INTO images (path, size, mtime, state, attempts, created, updated) "
                "VALUES ('/w/a.jpg', 1, 1, 'seen', 2, 0, 0), ('/w/b.jpg', 1, 1, 'quarantined', 3, 0, 0)")
-    db.execute("PRAGMA user_version=2")
     db.commit()
     db.close()
     with Ledger(path) as led:
@@ -570,18 +577,12 @@ def test_v3_ledger_is_migrated_and_waiting_frames_keep_their_folder(tmp_path: Pa
     """v4 stores each image's folder for ``waiting_in``: a v3 ledger's waiting rows (a backlog
     left by the old version, a Latin-1 name among them) still hold their camera's events open."""
     path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    for stmt in ledger_mod._split_sql(ledger_mod._SCHEMA_V1):
-        db.execute(stmt)
-    for v in (1, 2):
-        for stmt in ledger_mod._split_sql(ledger_mod.MIGRATIONS[v]):  # type: ignore[arg-type]
-            db.execute(stmt)
+    db = _ledger_at(path, 3)
     latin = os.fsencode("/w/c\udce9m/a.jpg")  # not UTF-8: stored as a BLOB
     db.execute("INSERT INTO images (path, size, mtime, state, created, updated) VALUES "
                "('/w/cam1/a.jpg', 1, 1, 'seen', 0, 0), ('/w/cam2/b.jpg', 1, 1, 'processing', 0, 0), "
                "(?, 1, 1, 'seen', 0, 0)",
                (latin,))
-    db.execute("PRAGMA user_version=3")
     db.commit()
     db.close()
     with Ledger(path) as led:
@@ -635,16 +636,10 @@ def test_mark_disposed_many_records_a_batch_and_its_counters_at_once(ledger: Led
 def _v3_ledger(path: Path) -> None:
     """A ledger as schema 3 left it: a quarantined frame requeued and quarantined again (the
     old counter said 2), and a waiting frame."""
-    db = sqlite3.connect(path)
-    for stmt in ledger_mod._split_sql(ledger_mod._SCHEMA_V1):
-        db.execute(stmt)
-    for v in (1, 2):
-        for stmt in ledger_mod._split_sql(ledger_mod.MIGRATIONS[v]):  # type: ignore[arg-type]
-            db.execute(stmt)
+    db = _ledger_at(path, 3)
     db.execute("INSERT INTO images (path, size, mtime, state, attempts, error, created, updated) "
                "VALUES ('/w/a.jpg', 1, 1, 'seen', 0, NULL, 0, 0), ('/w/b.jpg', 1, 1, 'quarantined', 0, 'bad', 0, 0)")
     db.execute("INSERT INTO counters (name, value) VALUES ('quarantined', 2), ('empty', 4)")
-    db.execute("PRAGMA user_version=3")
     db.commit()
     db.close()
 
