@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edge.cli import int_at_least
 from edge.keys import add_trust_options, describe, trust_from_args
 
 log = logging.getLogger(__name__)
@@ -122,13 +123,6 @@ def classify_paths(paths: Iterable[str | Path], bundle_path: str | Path, out: st
     return counts
 
 
-def _batch_size(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
-    return n
-
-
 def _cmd(args: argparse.Namespace) -> int:
     t = trust_from_args(args)
     c = classify_paths(args.paths, args.bundle, args.out, backend=args.backend, batch=args.batch,
@@ -147,7 +141,7 @@ def add_cli(sub) -> None:
     p.add_argument("--out", required=True, help="results JSON to write")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="engine the models run on")
-    p.add_argument("--batch", type=_batch_size, default=4, help="images per inference batch")
+    p.add_argument("--batch", type=int_at_least(1), default=4, help="images per inference batch")
     p.add_argument("--relative-to", metavar="ROOT",
                    help="image root the output's file names are relative to (default: the deepest folder "
                    "holding every input)")

@@ -30,6 +30,19 @@ def number_in(low: float, high: float) -> Callable[[str], float]:
     return number
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``low`` or more (``classify --batch 0`` crashed in
+    range(), -5 wrote an empty results file)."""
+
+    def number(text: str) -> int:
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {n}")
+        return n
+
+    return number
+
+
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's help ends with its default (unless it says its default itself, or is a switch
     or an empty list). Used by both command lines (`camtrap-edge`, `camtrap-export`)."""

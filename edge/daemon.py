@@ -85,6 +85,7 @@ from zoneinfo import ZoneInfo
 
 from edge import __version__
 from edge.cascade import Decision, event_decision
+from edge.cli import int_at_least
 from edge.config import Config, load_config
 from edge.detection import Detection
 from edge.disposal import DisposalPolicy, apply, lowest_free_mb, plan_disposal
@@ -1155,10 +1156,7 @@ def _cmd_requeue(args: argparse.Namespace) -> int:
 
 def _count(text: str) -> int:
     """A count of rows, 0 or more; a huge one means all (SQLite's LIMIT takes 64-bit numbers only)."""
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
-    return min(n, 2**62)
+    return min(int_at_least(0)(text), 2**62)
 
 
 def add_cli(sub) -> None:
